@@ -1,3 +1,10 @@
 """Llama-family decoder in Flax (NNX) with layer-path execution over a pool of layers."""
 
 from hm3jax.models.config import ConfigError, ModelConfig, RopeScaling
+from hm3jax.models.decoder import forward, forward_path, init_params
+from hm3jax.models.pool import SKIP, LayerPool, PoolError, build_pool, shell_of
+
+__all__ = [
+    "ConfigError", "ModelConfig", "RopeScaling", "forward", "forward_path", "init_params",
+    "SKIP", "LayerPool", "PoolError", "build_pool", "shell_of",
+]

@@ -137,3 +137,14 @@ def iter_leaves(tree: dict, prefix: Path = ()) -> Iterator[tuple[Path, Any]]:
             yield from iter_leaves(v, prefix + (k,))
         else:
             yield prefix + (k,), v
+
+
+def to_hf_tensors(cfg: ModelConfig, params: dict) -> Iterator[tuple[str, Any]]:
+    """(HF tensor name, array) for every tensor of `params`, layer tensors split per layer."""
+    for path in param_shapes(cfg):
+        a = get_path(params, path)
+        if path[0] == "layers":
+            for i in range(cfg.num_hidden_layers):
+                yield hf_name(path, i), a[i]
+        else:
+            yield hf_name(path), a

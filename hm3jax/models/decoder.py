@@ -1,0 +1,114 @@
+"""The decoder forward pass: one `lax.scan` over a path of layer indices into a pool.
+
+`forward` is `forward_path` on the identity path over the model's own layers, so the plain model and
+every architecture-space candidate share one code path. The scan gathers `pool[path[t]]` at each
+step; a candidate model is never materialised, and vmapping over a batch of paths costs one layer
+slice per candidate per step.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hm3jax.models.config import ModelConfig
+from hm3jax.models.layers import DecoderLayer, rms_norm, rope_tables
+from hm3jax.models.pool import LayerPool, shell_of
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_graphdef(cfg: ModelConfig):
+    """NNX graph definition of one layer (static; the weights come from the params pytree)."""
+    abstract = nnx.eval_shape(lambda: DecoderLayer(cfg, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract)[0]
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
+    """Random params (normal(0.02) projections, unit norms) in the pytree layout of params.py."""
+    k_layers, k_embed, k_head = jax.random.split(key, 3)
+
+    def one_layer(k):
+        return nnx.to_pure_dict(nnx.state(DecoderLayer(cfg, dtype=dtype, rngs=nnx.Rngs(k))))
+
+    layers = jax.vmap(one_layer)(jax.random.split(k_layers, cfg.num_hidden_layers))
+    embed = 0.02 * jax.random.normal(k_embed, (cfg.vocab_size, cfg.hidden_size), jnp.float32)
+    params = {
+        "embed_tokens": {"weight": embed.astype(dtype)},
+        "layers": layers,
+        "norm": {"weight": jnp.ones((cfg.hidden_size,), dtype)},
+    }
+    if not cfg.tie_word_embeddings:
+        head = 0.02 * jax.random.normal(k_head, (cfg.vocab_size, cfg.hidden_size), jnp.float32)
+        params["lm_head"] = {"weight": head.astype(dtype)}
+    return params
+
+
+def attention_mask_4d(cfg: ModelConfig, attention_mask: jax.Array) -> jax.Array:
+    """bool [B, 1, 1, S, S]: causal, padding keys masked, Mistral's sliding window if set."""
+    S = attention_mask.shape[-1]
+    q = jnp.arange(S)[:, None]
+    k = jnp.arange(S)[None, :]
+    allowed = k <= q
+    if cfg.sliding_window is not None:
+        allowed &= (q - k) < cfg.sliding_window
+    keys = attention_mask.astype(bool)[:, None, None, None, :]
+    return allowed[None, None, None] & keys
+
+
+def _embed(shell: dict, tokens: jax.Array) -> jax.Array:
+    return jnp.take(shell["embed_tokens"]["weight"], tokens, axis=0)
+
+
+def forward_path(cfg: ModelConfig, shell: dict, pool: LayerPool, path: jax.Array,
+                 tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    """Run the layers `pool[path[0]], pool[path[1]], ...` between `shell`'s embeddings and head.
+
+    Args:
+      cfg: config giving the attention layout, RoPE and norms (shared by every pool layer).
+      shell: {"embed_tokens", "norm", optional "lm_head"} of one model (see `shell_of`).
+      pool: LayerPool (or a params pytree's `layers` wrapped by `build_pool`).
+      path: int [T] pool indices; -1 skips the step. Any T; jit compiles once per T.
+      tokens: int [B, S].
+      attention_mask: optional 0/1 [B, S]; positions count only unmasked tokens, so left padding
+        gives the same positions as unpadded input.
+    Returns:
+      float32 logits [B, S, vocab].
+    """
+    return _forward_path(cfg, shell, pool.layers, jnp.asarray(path, jnp.int32), tokens,
+                         attention_mask)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_path(cfg, shell, layers, path, tokens, attention_mask):
+    B, S = tokens.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((B, S), jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+    cos, sin = rope_tables(cfg, positions)
+    mask = attention_mask_4d(cfg, attention_mask)
+    graphdef = _layer_graphdef(cfg)
+
+    def step(h, idx):
+        layer_params = jax.tree.map(lambda a: a[jnp.maximum(idx, 0)], layers)
+        out = nnx.merge(graphdef, layer_params)(h, cos, sin, mask)
+        return jnp.where(idx >= 0, out, h), None
+
+    h = _embed(shell, tokens)
+    h, _ = jax.lax.scan(step, h, path)
+    h = rms_norm(h, shell["norm"]["weight"], cfg.rms_norm_eps)
+    head = shell["lm_head"]["weight"] if "lm_head" in shell else shell["embed_tokens"]["weight"]
+    return jnp.einsum("bsd,vd->bsv", h, head, preferred_element_type=jnp.float32)
+
+
+def forward(cfg: ModelConfig, params: dict, tokens: jax.Array,
+            attention_mask: jax.Array | None = None) -> jax.Array:
+    """Logits of the plain model: float32 [B, S, vocab] for int tokens [B, S].
+
+    Runs the identity path over the model's own layers through `forward_path`.
+    """
+    n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+    return _forward_path(cfg, shell_of(params), params["layers"], jnp.arange(n_layers, dtype=jnp.int32),
+                         tokens, attention_mask)
