@@ -97,7 +97,8 @@ def _forward_path(cfg, shell, layers, path, tokens, attention_mask):
         return jnp.where(idx >= 0, out, h), None
 
     h = _embed(shell, tokens)
-    h, _ = jax.lax.scan(step, h, path)
+    if path.shape[0]:  # an empty pool (zero-layer model) cannot even be indexed
+        h, _ = jax.lax.scan(step, h, path)
     h = rms_norm(h, shell["norm"]["weight"], cfg.rms_norm_eps)
     head = shell["lm_head"]["weight"] if "lm_head" in shell else shell["embed_tokens"]["weight"]
     return jnp.einsum("bsd,vd->bsv", h, head, preferred_element_type=jnp.float32)
