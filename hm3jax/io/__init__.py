@@ -1,0 +1,22 @@
+"""Checkpoints in and out: HF directories (safetensors, sharded), GGUF import, atomic writing."""
+
+from hm3jax.io.atomic import OutputExistsError, atomic_output_dir
+from hm3jax.io.errors import CheckpointError, CheckpointNotFoundError, PickleCheckpointError
+from hm3jax.io.gguf import load_gguf
+from hm3jax.io.hf import load_pretrained, load_tokenizer, save_pretrained
+from hm3jax.io.safetensors_io import CheckpointReader, ShardedWriter, parse_size
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CheckpointReader",
+    "OutputExistsError",
+    "PickleCheckpointError",
+    "ShardedWriter",
+    "atomic_output_dir",
+    "load_gguf",
+    "load_pretrained",
+    "load_tokenizer",
+    "parse_size",
+    "save_pretrained",
+]

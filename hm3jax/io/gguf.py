@@ -1,0 +1,205 @@
+"""GGUF (llama.cpp) import: metadata -> ModelConfig, dequantised tensors -> params pytree.
+
+Follows transformers' own GGUF loader (integrations/ggml.py, modeling_gguf_pytorch_utils.py): the
+same metadata keys, `tie_word_embeddings` when there is no `output.weight`, and the same inverse of
+llama.cpp's rotary row permutation of the q/k projections.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from hm3jax.io.assemble import float_dtype, params_from_source
+from hm3jax.io.errors import CheckpointError, CheckpointNotFoundError
+from hm3jax.models.config import ModelConfig, RopeScaling
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+_LAYER_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_SHELL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_ROPE_FREQS = "rope_freqs.weight"
+_REQUIRED = object()
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """The HF name of a llama GGUF tensor (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`)."""
+    m = _BLK_RE.match(gguf_name)
+    if m and m.group(2) in _LAYER_TENSORS:
+        return f"model.layers.{m.group(1)}.{_LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
+    base, _, suffix = gguf_name.rpartition(".")
+    if base in _SHELL_TENSORS and suffix in ("weight", "bias"):
+        return f"{_SHELL_TENSORS[base]}.{suffix}"
+    return None
+
+
+def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order: inverse of `w.reshape(n, 2, r//n//2, *rest).swapaxes(1, 2)`.
+
+    llama.cpp interleaves each head's two rotary halves; HF keeps them as two blocks.
+    `n_head` is the number of heads of that projection (query heads for q, kv heads for k).
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise CheckpointError(f"cannot unpermute a tensor of {rows} rows over {n_head} heads")
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama3_rope_factors(theta: float, head_dim: int, factor: float, low: float = 1.0, high: float = 4.0,
+                         original: int = 8192) -> np.ndarray:
+    # The per-frequency divisors llama.cpp's converter stores as `rope_freqs` for llama3 rope scaling.
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, np.float32)
+
+
+class _GGUFSource:
+    """Tensors of a GGUF file under their HF names, dequantised to float32 and unpermuted on read."""
+
+    def __init__(self, reader, path: str, n_head: int, n_kv_head: int):
+        self.path = path
+        self._tensors = {}
+        for t in reader.tensors:
+            if t.name == _ROPE_FREQS:
+                continue
+            self._tensors[hf_tensor_name(t.name) or t.name] = t
+        self.names = list(self._tensors)
+        self._heads = {"q_proj": n_head, "k_proj": n_kv_head}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        # GGUF lists dimensions innermost first; numpy/HF order is the reverse.
+        return tuple(int(d) for d in reversed(self._tensors[name].shape))
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(np.float32)
+
+    def get(self, name: str) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        t = self._tensors[name]
+        try:
+            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(self.shape(name))
+        except NotImplementedError as e:
+            raise CheckpointError(f"{self.path}: tensor {t.name}: {e}") from None
+        proj = name.split(".")[-2]
+        if proj in self._heads:
+            w = unpermute_rotary(w, self._heads[proj])
+        return w
+
+
+def _field(reader, key: str, path: str, default: Any = _REQUIRED) -> Any:
+    f = reader.get_field(key)
+    if f is None:
+        if default is _REQUIRED:
+            raise CheckpointError(f"{path}: GGUF metadata key {key!r} is missing")
+        return default
+    return f.contents()
+
+
+def _rope_scaling(reader, path: str, theta: float, head_dim: int) -> RopeScaling:
+    kind = _field(reader, "llama.rope.scaling.type", path, "none")
+    if kind == "linear":
+        return RopeScaling(rope_type="linear", factor=float(_field(reader, "llama.rope.scaling.factor", path)))
+    if kind != "none":
+        raise CheckpointError(f"{path}: llama.rope.scaling.type {kind!r} is not supported; supported: none, linear")
+    freqs = next((t for t in reader.tensors if t.name == _ROPE_FREQS), None)
+    if freqs is None:
+        return RopeScaling()
+    # llama3 scaling is stored only as its per-frequency result; recover the standard parameters
+    # (the factor is the largest divisor) and accept them only if they reproduce the tensor.
+    stored = np.asarray(freqs.data, np.float32).reshape(-1)
+    factor = float(stored.max())
+    expect = _llama3_rope_factors(theta, head_dim, factor)
+    if stored.shape != expect.shape or not np.allclose(stored, expect, rtol=1e-4, atol=1e-6):
+        raise CheckpointError(
+            f"{path}: tensor {_ROPE_FREQS} is not llama3 rope scaling with low_freq_factor=1, "
+            f"high_freq_factor=4, original_max_position_embeddings=8192; other rope scalings are not supported")
+    return RopeScaling(rope_type="llama3", factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
+                       original_max_position_embeddings=8192)
+
+
+def gguf_config(reader, path: str = "<gguf>") -> ModelConfig:
+    """ModelConfig from the metadata (and tensor list) of an open `gguf.GGUFReader`."""
+    arch = _field(reader, "general.architecture", path)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(f"{path}: general.architecture is {arch!r}; supported GGUF architectures: "
+                              f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama 2/3, SmolLM2, Mistral exported as llama)")
+    names = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in names:
+        raise CheckpointError(f"{path}: no token_embd.weight tensor")
+    n_head = int(_field(reader, "llama.attention.head_count", path))
+    hidden = int(_field(reader, "llama.embedding_length", path))
+    head_dim = _field(reader, "llama.rope.dimension_count", path, None)
+    head_dim = int(head_dim) if head_dim is not None else hidden // n_head
+    theta = float(_field(reader, "llama.rope.freq_base", path, 10000.0))
+    defaults = ModelConfig()
+    return ModelConfig(
+        model_type="llama",
+        vocab_size=int(names["token_embd.weight"].shape[-1]),
+        hidden_size=hidden,
+        intermediate_size=int(_field(reader, "llama.feed_forward_length", path)),
+        num_hidden_layers=int(_field(reader, "llama.block_count", path)),
+        num_attention_heads=n_head,
+        num_key_value_heads=int(_field(reader, "llama.attention.head_count_kv", path, n_head)),
+        head_dim=head_dim,
+        rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", path, defaults.rms_norm_eps)),
+        rope_theta=theta,
+        rope_scaling=_rope_scaling(reader, path, theta, head_dim),
+        max_position_embeddings=int(_field(reader, "llama.context_length", path,
+                                           defaults.max_position_embeddings)),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id", path, defaults.bos_token_id),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id", path, defaults.eos_token_id),
+        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id", path, None),
+        torch_dtype="float32",
+    )
+
+
+def load_gguf(path: str | os.PathLike, dtype: Any = None) -> tuple[ModelConfig, dict]:
+    """Load a llama-architecture GGUF file as (ModelConfig, params pytree of jax arrays).
+
+    Quantised tensors are dequantised with `gguf.quants.dequantize` to float32 (then cast to `dtype`
+    if given), and q/k rows are put back in HF order, so the result equals what transformers'
+    `from_pretrained(..., gguf_file=...)` loads.
+    """
+    import gguf
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(f"{path}: no such GGUF file", path)
+    out_dt = None if dtype is None else float_dtype(dtype)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
+    cfg = gguf_config(reader, path)
+    source = _GGUFSource(reader, path, cfg.num_attention_heads, cfg.num_key_value_heads)
+    params = params_from_source(cfg, source, dtype=out_dt, where=path)
+    if out_dt is not None:
+        cfg = cfg.replace(torch_dtype=out_dt.name)
+    return cfg, params

@@ -1,0 +1,376 @@
+"""Safetensors checkpoints read as memory-mapped numpy views and written shard by shard.
+
+The safetensors header is parsed here (8-byte little-endian length, then JSON) rather than through
+the `safetensors` package because its numpy framework cannot return bfloat16. Reading maps each shard
+once and hands out zero-copy views; writing lays out every shard's header up front so tensors can be
+written in any order, one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from typing import Any, Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from hm3jax.io.errors import CheckpointError, CheckpointNotFoundError, short_list
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+
+# Little-endian explicitly: the format is little-endian whatever the host is.
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_CODES = {dt: code for code, dt in DTYPES.items()}
+_MAX_HEADER = 100 * 2**20  # the reference implementation's limit; a larger value means a corrupt file
+
+
+def to_numpy_dtype(dtype: Any) -> np.dtype:
+    """A numpy dtype from a numpy/jax/ml_dtypes dtype, its name ("bfloat16"), or a safetensors code ("BF16")."""
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"not a dtype: {dtype!r}") from None
+
+
+def dtype_code(dtype: Any) -> str:
+    """The safetensors dtype code ("F32", "BF16", ...) of a dtype."""
+    dt = to_numpy_dtype(dtype)
+    if dt not in _CODES:
+        raise CheckpointError(f"dtype {dt} cannot be stored in safetensors; supported: {', '.join(DTYPES)}")
+    return _CODES[dt]
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "5GB" (10**9) or "500MiB" (2**20), as transformers reads them."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        n = int(size)
+    else:
+        m = _SIZE_RE.match(str(size))
+        if not m:
+            raise ValueError(f"max_shard_size {size!r}: expected bytes as an int or a string like '5GB', '500MiB'")
+        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+    if n <= 0:
+        raise ValueError(f"max_shard_size {size!r} must be positive")
+    return n
+
+
+# --------------------------------------------------------------------------------------------- reading
+def read_header(path: str) -> tuple[int, dict[str, dict]]:
+    """(byte offset of the data section, {name: {"dtype", "shape", "data_offsets"}}) of one shard.
+
+    Validates dtypes, shapes and that every tensor's bytes lie inside the file.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (shorter than the 8-byte header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(f"{path}: corrupt safetensors header (declared length {n} bytes, file {size})")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{path}: no such safetensors file", path) from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (JSON is not an object)")
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    for name, info in header.items():
+        try:
+            code, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}: {info!r}") from None
+        if code not in DTYPES:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has dtype {code!r}; supported: {', '.join(DTYPES)}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[code].itemsize
+        if end - begin != nbytes or begin < 0 or data_start + end > size:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} offsets {[begin, end]} do not fit shape {list(shape)} {code} "
+                f"in a file of {size} bytes (truncated or corrupt)")
+        info["shape"] = shape
+    return data_start, header
+
+
+class CheckpointReader:
+    """Lazy, memory-mapped access to the tensors of an HF safetensors checkpoint.
+
+    `path` is a directory holding `model.safetensors`, or shards listed by
+    `model.safetensors.index.json` (or, failing both, any `*.safetensors` files), or a single
+    `.safetensors` file. Only headers are read up front; `get` maps a shard on first use.
+
+    Attributes:
+      names: tensor names in checkpoint order.
+      config: the directory's config.json as a dict, or None when there is none.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = os.fspath(path)
+        self.path = path
+        self._maps: dict[str, np.memmap] = {}
+        if os.path.isfile(path):
+            root, shard_of = os.path.dirname(path), None
+            files = [path]
+        elif os.path.isdir(path):
+            root = path
+            files, shard_of = self._find_shards(path)
+        else:
+            raise CheckpointNotFoundError(f"{path}: no such checkpoint file or directory", path)
+        self._headers = {f: read_header(f) for f in files}
+        self._where: dict[str, str] = {}
+        if shard_of is not None:
+            for name, f in shard_of.items():
+                if name not in self._headers[f][1]:
+                    raise CheckpointError(
+                        f"{os.path.join(path, INDEX_FILE)}: tensor {name!r} is listed in shard "
+                        f"{os.path.basename(f)} but that shard does not contain it")
+                self._where[name] = f
+        else:
+            for f in files:
+                for name in self._headers[f][1]:
+                    if name in self._where:
+                        raise CheckpointError(
+                            f"tensor {name!r} appears in both {self._where[name]} and {f}")
+                    self._where[name] = f
+        self.names: list[str] = list(self._where)
+        self.config: dict | None = None
+        cfg_path = os.path.join(root, CONFIG_FILE)
+        if os.path.isfile(cfg_path):
+            try:
+                with open(cfg_path) as fh:
+                    self.config = json.load(fh)
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+
+    @staticmethod
+    def _find_shards(root: str) -> tuple[list[str], dict[str, str] | None]:
+        index = os.path.join(root, INDEX_FILE)
+        if os.path.isfile(index):
+            try:
+                with open(index) as fh:
+                    weight_map = json.load(fh)["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index (expected a JSON object with "
+                                      f"a 'weight_map' of tensor name -> shard file): {e!r}") from None
+            shard_of = {name: os.path.join(root, shard) for name, shard in weight_map.items()}
+            files = list(dict.fromkeys(shard_of.values()))
+            for f in files:
+                if not os.path.isfile(f):
+                    raise CheckpointNotFoundError(
+                        f"{index} names shard {os.path.basename(f)}, which does not exist in {root}", f)
+            return files, shard_of
+        single = os.path.join(root, SINGLE_FILE)
+        if os.path.isfile(single):
+            return [single], None
+        files = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".safetensors"))
+        if not files:
+            raise CheckpointNotFoundError(
+                f"{root}: no safetensors weights (looked for {SINGLE_FILE}, {INDEX_FILE}, *.safetensors)", root)
+        return files, None
+
+    def _info(self, name: str) -> dict:
+        try:
+            return self._headers[self._where[name]][1][name]
+        except KeyError:
+            raise KeyError(f"tensor {name!r} is not in checkpoint {self.path}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor `name` (from the header; no data is read)."""
+        return self._info(name)["shape"]
+
+    def dtype(self, name: str) -> np.dtype:
+        """numpy dtype of tensor `name` (bfloat16 as `ml_dtypes.bfloat16`)."""
+        return DTYPES[self._info(name)["dtype"]]
+
+    def shard_of(self, name: str) -> str:
+        """Path of the file holding tensor `name`."""
+        self._info(name)
+        return self._where[name]
+
+    def get(self, name: str) -> np.ndarray:
+        """Tensor `name` as a read-only, zero-copy view into the memory-mapped shard."""
+        info = self._info(name)
+        f = self._where[name]
+        dt = DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        if begin == end:
+            return np.zeros(info["shape"], dt)
+        m = self._maps.get(f)
+        if m is None:
+            m = self._maps[f] = np.memmap(f, dtype=np.uint8, mode="r")
+        start = self._headers[f][0]
+        return m[start + begin:start + end].view(dt).reshape(info["shape"])
+
+    def close(self) -> None:
+        """Drop this reader's maps; arrays already returned stay valid (they hold their own reference)."""
+        self._maps.clear()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointReader({self.path!r}, {len(self.names)} tensors in {len(self._headers)} file(s))"
+
+
+# --------------------------------------------------------------------------------------------- writing
+class ShardedWriter:
+    """Write a safetensors checkpoint tensor by tensor, in any order, holding one tensor at a time.
+
+    Args:
+      out_dir: directory to write into (created if missing).
+      specs: ordered mapping name -> (shape, dtype) of every tensor that will be written.
+      max_shard_size: bytes per shard (int or a string like "5GB"); a tensor larger than this gets a
+        shard of its own. One shard is named `model.safetensors`; several are named
+        `model-00001-of-0000N.safetensors` and listed in `model.safetensors.index.json`.
+
+    Every shard's header is written, and the file sized, at construction. `write(name, array)` puts
+    the bytes at their offset; `close()` checks that every tensor was written and writes the index.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, specs: Mapping[str, tuple[tuple[int, ...], Any]],
+                 max_shard_size: int | str = 5 * 2**30):
+        self.out_dir = os.fspath(out_dir)
+        limit = parse_size(max_shard_size)
+        self._specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        for name, (shape, dtype) in specs.items():
+            shape = tuple(int(d) for d in shape)
+            dt = to_numpy_dtype(dtype)
+            dtype_code(dt)  # fail now on dtypes safetensors cannot hold
+            self._specs[name] = (shape, dt)
+
+        groups: list[list[str]] = [[]]
+        used = 0
+        for name, (shape, dt) in self._specs.items():
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            if groups[-1] and used + nbytes > limit:
+                groups.append([])
+                used = 0
+            groups[-1].append(name)
+            used += nbytes
+        n = len(groups)
+        self.files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+        os.makedirs(self.out_dir, exist_ok=True)
+        # A leftover index or shard from another save would be read in place of (or mixed with) ours.
+        stale = [f for f in os.listdir(self.out_dir) if f.endswith(".safetensors") or f == INDEX_FILE]
+        if stale:
+            raise CheckpointError(f"{self.out_dir} already holds safetensors files ({', '.join(sorted(stale))}); "
+                                  "write into an empty directory")
+        self._loc: dict[str, tuple[str, int]] = {}  # name -> (file, absolute byte offset)
+        self._written: set[str] = set()
+        self._closed = False
+        for fname, group in zip(self.files, groups):
+            self._layout_shard(os.path.join(self.out_dir, fname), group)
+
+    def _layout_shard(self, path: str, names: list[str]) -> None:
+        # Contiguous data (the format allows no gaps), largest itemsize first so each tensor starts
+        # aligned to its own itemsize; the header is space-padded so the data starts at a multiple of 8.
+        order = sorted(names, key=lambda k: -self._specs[k][1].itemsize)
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name in order:
+            shape, dt = self._specs[name]
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            header[name] = {"dtype": dtype_code(dt), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        start = 8 + len(raw)
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            f.truncate(start + offset)
+        for name in order:
+            self._loc[name] = (path, start + header[name]["data_offsets"][0])
+
+    def shard_of(self, name: str) -> str:
+        """File name (inside out_dir) that tensor `name` goes to."""
+        return os.path.basename(self._loc[name][0])
+
+    def write(self, name: str, array: Any) -> None:
+        """Write tensor `name`; `array` (numpy or jax) must have exactly the declared shape and dtype."""
+        if self._closed:
+            raise CheckpointError(f"{self.out_dir}: writer is closed; cannot write tensor {name!r}")
+        if name not in self._specs:
+            raise CheckpointError(f"tensor {name!r} was not declared to this writer ({self.out_dir})")
+        if name in self._written:
+            raise CheckpointError(f"tensor {name!r} was already written to {self.out_dir}")
+        shape, dt = self._specs[name]
+        arr = np.asarray(array)
+        if arr.shape != shape or arr.dtype != dt:
+            raise CheckpointError(
+                f"tensor {name!r}: declared {list(shape)} {dt}, got {list(arr.shape)} {arr.dtype}")
+        path, offset = self._loc[name]
+        data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+        self._written.add(name)
+
+    def close(self) -> None:
+        """Check that every declared tensor was written; write the index when there are several shards."""
+        if self._closed:
+            return
+        missing = [k for k in self._specs if k not in self._written]
+        if missing:
+            raise CheckpointError(
+                f"{self.out_dir}: {len(missing)} declared tensor(s) never written: {short_list(missing)}")
+        self._closed = True
+        if len(self.files) > 1:
+            total = sum(int(np.prod(s, dtype=np.int64)) * dt.itemsize for s, dt in self._specs.values())
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {k: self.shard_of(k) for k in self._specs}}
+            with open(os.path.join(self.out_dir, INDEX_FILE), "w") as f:
+                json.dump(index, f, indent=2)
+                f.write("\n")
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._closed = True
