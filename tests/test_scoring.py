@@ -116,3 +116,32 @@ def test_path_scorer_vmaps_and_chunks(monkeypatch, tokenizer):
     assert em_k.shape == (3, 3)
     np.testing.assert_allclose(em_k.mean(axis=1), em, rtol=1e-6)
     np.testing.assert_allclose(ll_k.mean(axis=1), ll, rtol=1e-5)
+
+
+def test_path_scorer_on_the_decoder(tokenizer):
+    from hm3jax import models
+
+    cfg = models.ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=64)
+    base = models.init_params(cfg, jax.random.PRNGKey(0))
+    # A second "model" whose layers differ from the first (one init is the slow part of this test).
+    params = [base, {**base, "layers": jax.tree.map(lambda x: -x, base["layers"])}]
+    pool = models.build_pool(params)
+    shell = models.shell_of(params[0])
+    batch = make_suite_batch(tasks(seed=0, n_eval=6, n_train=0), "search", tokenizer)
+    score = make_path_scorer(cfg, shell, pool, batch, num_tasks=3, chunk_size=4)
+
+    logits = models.forward(cfg, params[0], batch.tokens, batch.attention_mask)
+    want_em = task_means(exact_match(logits, batch), batch, 3)
+    want_ll = task_means(answer_loglik(logits, batch), batch, 3)
+    em, ll = score(jnp.array([0, 1]))  # model 0's own layers: the plain model
+    np.testing.assert_allclose(em, want_em)
+    np.testing.assert_allclose(ll, want_ll, rtol=1e-5)
+
+    # Same path length throughout: one compilation for the single path, one for the vmapped batch.
+    paths = jnp.array([[0, 1], [2, -1], [-1, 3], [-1, -1]])
+    em_v, ll_v = jax.vmap(score)(paths)
+    np.testing.assert_allclose(em_v[0], em)
+    np.testing.assert_allclose(ll_v[0], ll, rtol=1e-5)
+    assert np.all(np.asarray(ll_v) < 0) and not np.allclose(ll_v[1], ll_v[2])
