@@ -1,0 +1,36 @@
+"""Parameter-space merging: pure JAX merge methods over parameter pytrees, mergekit YAML recipes,
+and out-of-core merging of checkpoints on disk (`python -m hm3jax.merge CONFIG.yml OUT_DIR`).
+
+Each method is a `MergeMethod`; `METHODS[name].merge(base, models, weights, key, **params)` merges
+whole pytrees, and the module-level names below (`merging.ties(...)`, ...) are those same functions.
+"""
+
+from hm3jax.merging.averaging import stack_layers
+from hm3jax.merging.base import REQUIRED, MergeMethod, Param, tensor_key
+from hm3jax.merging.methods import METHODS, UnknownMethodError, get_method, register
+from hm3jax.merging.sparsify import (della_drop, della_probs, keep_count, magnitude, magnitude_outliers,
+                                     random_drop, rescale_masked, topk_mask)
+
+linear = METHODS["linear"].merge
+task_arithmetic = METHODS["task_arithmetic"].merge
+ties = METHODS["ties"].merge
+dare_linear = METHODS["dare_linear"].merge
+dare_ties = METHODS["dare_ties"].merge
+della = METHODS["della"].merge
+della_linear = METHODS["della_linear"].merge
+breadcrumbs = METHODS["breadcrumbs"].merge
+breadcrumbs_ties = METHODS["breadcrumbs_ties"].merge
+slerp = METHODS["slerp"].merge
+nuslerp = METHODS["nuslerp"].merge
+model_stock = METHODS["model_stock"].merge
+sce = METHODS["sce"].merge
+karcher = METHODS["karcher"].merge
+passthrough = METHODS["passthrough"].merge
+
+__all__ = [
+    "METHODS", "MergeMethod", "Param", "REQUIRED", "UnknownMethodError", "get_method", "register",
+    "tensor_key", "stack_layers", "keep_count", "topk_mask", "magnitude", "magnitude_outliers",
+    "random_drop", "della_probs", "della_drop", "rescale_masked",
+    "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear",
+    "breadcrumbs", "breadcrumbs_ties", "slerp", "nuslerp", "model_stock", "sce", "karcher", "passthrough",
+]

@@ -1,0 +1,52 @@
+"""python -m hm3jax.merge CONFIG.yml OUT_DIR: run a mergekit YAML recipe out of core.
+
+Also reachable as `python -m hm3jax.merging`. Exit status 0 on success, 2 on a usage or input error
+(message on stderr), 1 on an unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m hm3jax.merge",
+        description="Merge models with a mergekit YAML recipe (same tensors as mergekit-yaml), "
+                    "tensor by tensor from memory-mapped safetensors.")
+    p.add_argument("config", help="mergekit YAML recipe")
+    p.add_argument("out_dir", help="output directory (HF model: config.json, safetensors, tokenizer)")
+    p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    p.add_argument("--max-shard-size", default="5B",
+                   help="bytes per output shard: an int, 5B/500M/100k (10^9/10^6/10^3, as mergekit) or "
+                        "5GB/500MiB (default 5B)")
+    p.add_argument("--random-seed", type=int, default=0, help="seed of random methods (default 0)")
+    p.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false",
+                   help="do not copy tokenizer files into out_dir")
+    p.add_argument("--prefetch", type=int, default=2, help="tensors loaded ahead of the merge (default 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Imported here so `--help` answers without loading JAX.
+    from hm3jax.merging.stream import merge_recipe
+
+    try:
+        out = merge_recipe(args.config, args.out_dir, overwrite=args.overwrite,
+                           max_shard_size=args.max_shard_size, seed=args.random_seed,
+                           copy_tokenizer=args.copy_tokenizer, prefetch=max(0, args.prefetch),
+                           progress=not args.quiet)
+    except (ValueError, OSError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(f"merged model written to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

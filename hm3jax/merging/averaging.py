@@ -1,0 +1,144 @@
+"""Averaging merges: linear, model_stock, sce, and passthrough (per tensor); semantics of mergekit 0.1.5."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from hm3jax.merging.base import REQUIRED, MergeMethod, Param
+from hm3jax.merging.sparsify import topk_mask
+from hm3jax.merging.task_arithmetic import _per_model, consensus_mask
+
+
+# --------------------------------------------------------------------------------------- linear
+def linear_tensor(base, models: jax.Array, weights: jax.Array, key=None, *, normalize: bool = True):
+    """Weighted average Σ w_i θ_i / Σ w_i (no division when `normalize` is off).
+
+    `base` is ignored: a recipe's base model is one more weighted input, as in mergekit. No guard
+    against Σ w_i = 0 (mergekit has none either). models `[M, *S]`, weights `[M]` -> `[*S]`.
+    """
+    del base, key
+    w = jnp.asarray(weights, models.dtype)
+    out = jnp.sum(models * _per_model(w, models.ndim), axis=0)
+    return out / jnp.sum(w) if normalize else out
+
+
+linear = MergeMethod(
+    name="linear", base="ignored", random=False, merge_tensor=linear_tensor,
+    params={"weight": Param(REQUIRED, per_model=True, doc="coefficient of each model"),
+            "normalize": Param(True, static=True, doc="divide by the sum of weights")},
+    doc="weighted average of parameters (arXiv:2203.05482)")
+
+
+# --------------------------------------------------------------------------------------- model stock
+def model_stock_tensor(base: jax.Array, models: jax.Array, weights=None, key=None, *,
+                       filter_wise: bool = False) -> jax.Array:
+    """Model Stock: t·mean(θ_i) + (1 − t)·θ_0 with t = N·c / (1 + (N − 1)·c).
+
+    c is the mean pairwise cosine between the offsets θ_i − θ_0 (norm product clamped to >= 1e-6,
+    cosines clamped to [-1, 1]); where |1 + (N − 1)c| < 1e-6 (no finite estimate) t = 0 keeps the
+    base. `filter_wise` computes c per row (last axis) instead of over the whole tensor.
+    base `[*S]`, models `[M, *S]` with M >= 2 -> `[*S]`.
+    """
+    del weights, key
+    shape = base.shape
+    if filter_wise:
+        w0 = base[None] if base.ndim == 1 else base
+        ws = models[:, None] if base.ndim == 1 else models
+    else:
+        w0, ws = base.reshape(-1), models.reshape(models.shape[0], -1)
+    offsets = ws - w0[None]
+    norms = jnp.linalg.norm(offsets, axis=-1)
+    n = models.shape[0]
+    cos = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            dot = jnp.sum(offsets[i] * offsets[j], axis=-1)
+            cos.append(jnp.clip(dot / jnp.maximum(norms[i] * norms[j], 1e-6), -1, 1))
+    c = jnp.mean(jnp.stack(cos), axis=0)[..., None]
+    den = 1 + (n - 1) * c
+    singular = jnp.abs(den) < 1e-6
+    t = jnp.where(singular, 0, n * c / jnp.where(singular, 1, den))
+    avg = jnp.sum(ws, axis=0) / n
+    return (t * avg + (1 - t) * w0).reshape(shape)
+
+
+model_stock = MergeMethod(
+    name="model_stock", base="required", random=False, merge_tensor=model_stock_tensor, min_models=2,
+    params={"filter_wise": Param(False, static=True, doc="one interpolation ratio per row")},
+    doc="geometric interpolation towards the base (arXiv:2403.19522)")
+
+
+# --------------------------------------------------------------------------------------- SCE
+def sce_tensor(base: jax.Array, models: jax.Array, weights=None, key=None, *, select_topk=1.0,
+               int8_mask: bool = False) -> jax.Array:
+    """SCE: select high-variance entries, weight task vectors by their energy, erase sign conflicts.
+
+    τ_i = θ_i − θ_base. With select_topk < 1, keep (for every model) the k = int(count_nonzero(var) ·
+    select_topk) entries of largest variance across models (population variance; the product is
+    float32, as in mergekit where a torch int tensor times a float is float32; ties by index).
+    Weights w_i = mean(τ_i²) / Σ_j mean(τ_j²) (uniform when that sum < 1e-6); entries whose sign
+    disagrees with sign(Σ τ) get weight 0; result θ_base + Σ w_i m_i τ_i / max(Σ w_i m_i, 1e-6).
+    base `[*S]`, models `[M, *S]` -> `[*S]`. select_topk scalar (may be traced).
+    """
+    del weights, key, int8_mask
+    tvs = models - base[None]
+    m = models.shape[0]
+    topk = jnp.asarray(select_topk, jnp.float32)
+    var = jnp.var(tvs, axis=0)
+    k = jnp.floor(jnp.count_nonzero(var).astype(jnp.float32) * topk).astype(jnp.int32)
+    keep = jnp.where(topk >= 1, True, jnp.where(topk <= 0, False, topk_mask(var, k)))
+    tvs = jnp.where(keep[None], tvs, 0)
+    agree = consensus_mask(tvs, "sum")
+    energy = jnp.mean(jnp.square(tvs).reshape(m, -1), axis=1)
+    total = jnp.sum(energy)
+    w = jnp.where(jnp.abs(total) < 1e-6, jnp.full_like(energy, 1 / m), energy / total)
+    ew = jnp.where(agree, _per_model(w, tvs.ndim), 0)
+    merged = jnp.sum(tvs * ew, axis=0) / jnp.maximum(jnp.sum(ew, axis=0), 1e-6)
+    return base + merged
+
+
+sce = MergeMethod(
+    name="sce", base="required", random=False, merge_tensor=sce_tensor,
+    params={"select_topk": Param(1.0, doc="fraction of highest-variance entries kept"),
+            "int8_mask": Param(False, static=True, doc="mergekit memory option; no effect")},
+    doc="select, calculate, erase (arXiv:2408.07990)")
+
+
+# --------------------------------------------------------------------------------------- passthrough
+def passthrough_tensor(base, models: jax.Array, weights=None, key=None, *, scale=None) -> jax.Array:
+    """The single input tensor, times `scale` when given. models `[1, *S]` -> `[*S]`."""
+    del base, weights, key
+    x = models[0]
+    if scale is None:
+        return x
+    return x * jnp.reshape(jnp.asarray(scale, x.dtype), (-1,))[0]
+
+
+passthrough = MergeMethod(
+    name="passthrough", base="ignored", random=False, merge_tensor=passthrough_tensor, max_models=1,
+    params={"scale": Param(None, per_model=True, doc="optional factor applied to the tensor")},
+    doc="copy one model's tensors; with `slices`, stack layer ranges of several models")
+
+
+def stack_layers(models, slices) -> dict:
+    """Passthrough layer stacking on params pytrees (the `slices` recipe form).
+
+    Args:
+      models: sequence of params pytrees (models/params.py layout; layer axis first under "layers").
+      slices: sequence of (model index, start, end): output layers are models[i] layers [start, end),
+        concatenated in order. Embeddings come from the first slice's model, the final norm and head
+        from the last slice's model (as mergekit does).
+    Returns a params pytree with sum(end − start) layers.
+    """
+    if not slices:
+        raise ValueError("stack_layers: no slices")
+    first, last = models[slices[0][0]], models[slices[-1][0]]
+    out = {k: v for k, v in first.items() if k not in ("layers", "norm", "lm_head")}
+    for k in ("norm", "lm_head"):
+        if k in last:
+            out[k] = last[k]
+    out["layers"] = jax.tree.map(
+        lambda *xs: jnp.concatenate(xs, axis=0),
+        *[jax.tree.map(lambda x, a=a, b=b: x[a:b], models[i]["layers"]) for i, a, b in slices])
+    return out

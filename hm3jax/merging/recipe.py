@@ -1,0 +1,314 @@
+"""mergekit YAML recipes: parse and validate them, and evaluate parameter settings per tensor.
+
+Accepted top-level keys: merge_method, base_model, models (each `model` + optional `parameters`),
+slices (each `sources` of `model` + `layer_range` [+ `parameters`], optional `base_model` and
+`parameters`), parameters, dtype, out_dtype, tokenizer_source (`base` or a model path), tokenizer
+(only `source`). Exactly one of `models` / `slices`. Anything else is an error that names the key and
+lists the accepted ones; so is an unknown merge method or a parameter the method does not declare
+(mergekit silently ignores unknown parameter names).
+
+A parameter setting is a scalar, a gradient (list of scalars: interpolated over layer depth), or a
+list of `{filter, value}` entries (first entry whose `filter` is a substring of the tensor name wins;
+no filter, or "*", matches every tensor). See `evaluate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+import yaml
+
+from hm3jax.merging.base import REQUIRED, MergeMethod
+from hm3jax.merging.methods import get_method
+
+TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+            "tokenizer_source", "tokenizer")
+UNSUPPORTED_KEYS = {
+    "modules": "per-module recipes (multimodal models) are not supported",
+    "chat_template": "chat templates are not rewritten; copy one into the output directory",
+}
+MODEL_KEYS = ("model", "parameters")
+SLICE_KEYS = ("sources", "base_model", "parameters")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
+DTYPES = ("float32", "float16", "bfloat16")  # float64 would need jax_enable_x64
+
+
+class RecipeError(ValueError):
+    """A merge recipe that cannot be used; the message names the file and key at fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditional:
+    """One `{filter, value}` entry of a parameter setting (filter None matches every tensor)."""
+
+    value: Any
+    filter: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """An input model of an output slice; `layer_range` None = all its layers (the `models` form)."""
+
+    model: str
+    layer_range: tuple[int, int] | None = None
+    parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSlice:
+    sources: tuple[Source, ...]
+    base_model: str | None = None
+    parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A parsed recipe. Settings are kept unevaluated (see `evaluate`)."""
+
+    method: MergeMethod
+    base_model: str | None
+    models: tuple[Source, ...] | None
+    slices: tuple[OutputSlice, ...] | None
+    parameters: Mapping[str, Any]
+    dtype: str | None
+    out_dtype: str | None
+    tokenizer_source: str | None
+    source: str  # where the recipe came from, for messages
+    text: str = ""  # the YAML as written (copied next to the merged model)
+
+
+# ------------------------------------------------------------------------------------------ parsing
+def load_recipe(src: str | os.PathLike | Mapping[str, Any]) -> Recipe:
+    """Parse a recipe from a YAML file path or an already-loaded dict. Raises RecipeError."""
+    text = ""
+    if isinstance(src, Mapping):
+        raw, where = dict(src), "recipe"
+    else:
+        where = os.fspath(src)
+        try:
+            with open(where, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise RecipeError(f"{where}: no such recipe file") from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{where}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: a recipe is a YAML mapping (merge_method, models, ...)")
+    _check_keys(raw, TOP_KEYS, where, extra=UNSUPPORTED_KEYS)
+    if "merge_method" not in raw:
+        raise RecipeError(f"{where}: missing merge_method")
+    try:
+        method = get_method(raw["merge_method"])
+    except ValueError as e:
+        raise RecipeError(f"{where}: {e}") from None
+    if ("models" in raw) == ("slices" in raw) or not (raw.get("models") or raw.get("slices")):
+        raise RecipeError(f"{where}: give exactly one of 'models' or 'slices'")
+    models = slices = None
+    if raw.get("models") is not None:
+        models = tuple(_parse_model(m, method, f"{where}: models[{i}]") for i, m in enumerate(raw["models"]))
+    else:
+        slices = tuple(_parse_slice(s, method, f"{where}: slices[{i}]") for i, s in enumerate(raw["slices"]))
+    tok = raw.get("tokenizer_source")
+    if raw.get("tokenizer") is not None:
+        if tok is not None:
+            raise RecipeError(f"{where}: give tokenizer_source or tokenizer, not both")
+        if not isinstance(raw["tokenizer"], dict):
+            raise RecipeError(f"{where}: tokenizer must be a mapping with a 'source' key")
+        _check_keys(raw["tokenizer"], ("source",), f"{where}: tokenizer")
+        tok = raw["tokenizer"].get("source")
+    if tok == "union":
+        raise RecipeError(f"{where}: tokenizer_source 'union' (vocabulary surgery) is not supported; "
+                          "supported: 'base' or a model path")
+    if tok is not None and not isinstance(tok, str):
+        raise RecipeError(f"{where}: tokenizer_source must be 'base' or a model path, got {tok!r}")
+    return Recipe(
+        method=method,
+        base_model=_model_ref(raw.get("base_model"), f"{where}: base_model", optional=True),
+        models=models, slices=slices,
+        parameters=_parse_params(raw.get("parameters"), method, f"{where}: parameters"),
+        dtype=_dtype(raw.get("dtype"), f"{where}: dtype"),
+        out_dtype=_dtype(raw.get("out_dtype"), f"{where}: out_dtype"),
+        tokenizer_source=tok, source=where, text=text)
+
+
+def _check_keys(d: Mapping, allowed: tuple, where: str, extra: Mapping[str, str] | None = None) -> None:
+    for k in d:
+        if extra and k in extra:
+            raise RecipeError(f"{where}: key {k!r} is not supported ({extra[k]}); supported keys: "
+                              f"{', '.join(allowed)}")
+        if k not in allowed:
+            raise RecipeError(f"{where}: unknown key {k!r}; supported keys: {', '.join(allowed)}")
+
+
+def _model_ref(v: Any, where: str, optional: bool = False) -> str | None:
+    if v is None and optional:
+        return None
+    if isinstance(v, dict) and set(v) <= {"model"} and isinstance(v.get("model"), str):
+        v = v["model"]  # mergekit's long form {model: path}
+    if not isinstance(v, str) or not v:
+        raise RecipeError(f"{where}: expected a model path (a local HF directory), got {v!r}")
+    if "+" in v:
+        raise RecipeError(f"{where}: {v!r}: LoRA references (model+lora) are not supported")
+    return v
+
+
+def _dtype(v: Any, where: str) -> str | None:
+    if v is None:
+        return None
+    name = str(v).removeprefix("torch.")
+    if name not in DTYPES:
+        raise RecipeError(f"{where}: {v!r} is not supported; supported: {', '.join(DTYPES)}")
+    return name
+
+
+def _parse_model(m: Any, method: MergeMethod, where: str) -> Source:
+    if isinstance(m, str):
+        m = {"model": m}
+    if not isinstance(m, dict):
+        raise RecipeError(f"{where}: expected a mapping with 'model' (and optional 'parameters')")
+    _check_keys(m, MODEL_KEYS, where)
+    return Source(model=_model_ref(m.get("model"), f"{where}.model"),
+                  parameters=_parse_params(m.get("parameters"), method, f"{where}.parameters"))
+
+
+def _parse_slice(s: Any, method: MergeMethod, where: str) -> OutputSlice:
+    if not isinstance(s, dict) or not isinstance(s.get("sources"), list) or not s["sources"]:
+        raise RecipeError(f"{where}: expected a mapping with a non-empty 'sources' list")
+    _check_keys(s, SLICE_KEYS, where)
+    sources = []
+    for i, src in enumerate(s["sources"]):
+        w = f"{where}.sources[{i}]"
+        if not isinstance(src, dict):
+            raise RecipeError(f"{w}: expected a mapping with 'model' and 'layer_range'")
+        _check_keys(src, SOURCE_KEYS, w)
+        lr = src.get("layer_range")
+        if (not isinstance(lr, (list, tuple)) or len(lr) != 2 or not all(isinstance(x, int) for x in lr)
+                or not 0 <= lr[0] < lr[1]):
+            raise RecipeError(f"{w}.layer_range: expected [start, end] with 0 <= start < end, got {lr!r}")
+        sources.append(Source(model=_model_ref(src.get("model"), f"{w}.model"), layer_range=tuple(lr),
+                              parameters=_parse_params(src.get("parameters"), method, f"{w}.parameters")))
+    lengths = {src.layer_range[1] - src.layer_range[0] for src in sources}
+    if len(lengths) > 1:
+        raise RecipeError(f"{where}: all sources of a slice must have the same number of layers, got "
+                          f"{[list(src.layer_range) for src in sources]}")
+    return OutputSlice(sources=tuple(sources),
+                       base_model=_model_ref(s.get("base_model"), f"{where}.base_model", optional=True),
+                       parameters=_parse_params(s.get("parameters"), method, f"{where}.parameters"))
+
+
+def _parse_params(p: Any, method: MergeMethod, where: str) -> Mapping[str, Any]:
+    if p is None:
+        return {}
+    if not isinstance(p, dict):
+        raise RecipeError(f"{where}: expected a mapping of parameter name -> setting")
+    for k in p:
+        if k not in method.params:
+            raise RecipeError(f"{where}: merge method {method.name!r} has no parameter {k!r}; its "
+                              f"parameters: {', '.join(method.params) or 'none'}")
+    return {k: _parse_setting(v, f"{where}.{k}") for k, v in p.items()}
+
+
+def _parse_setting(v: Any, where: str) -> Any:
+    scalar = (bool, int, float, str)
+    if isinstance(v, scalar):
+        return v
+    if isinstance(v, dict):
+        return (_parse_conditional(v, where),)
+    if isinstance(v, list) and v:
+        if all(isinstance(e, scalar) for e in v):
+            return list(v)  # a gradient
+        if all(isinstance(e, dict) for e in v):
+            return tuple(_parse_conditional(e, f"{where}[{i}]") for i, e in enumerate(v))
+    raise RecipeError(f"{where}: expected a value, a list of values (gradient) or a list of "
+                      f"{{filter, value}} entries, got {v!r}")
+
+
+def _parse_conditional(d: dict, where: str) -> Conditional:
+    _check_keys(d, ("value", "filter"), where)
+    if "value" not in d:
+        raise RecipeError(f"{where}: a filtered setting needs a 'value'")
+    f = d.get("filter")
+    if f is not None and not isinstance(f, str):
+        raise RecipeError(f"{where}.filter: expected a string, got {f!r}")
+    value = d["value"]
+    if not (isinstance(value, (bool, int, float, str))
+            or (isinstance(value, list) and value and all(isinstance(e, (bool, int, float, str)) for e in value))):
+        raise RecipeError(f"{where}.value: expected a value or a list of values, got {value!r}")
+    return Conditional(value=value, filter=f)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def value_type(method: MergeMethod, name: str) -> type:
+    """The Python type a parameter's values are coerced to (from its declared default)."""
+    d = method.params[name].default
+    if isinstance(d, bool):
+        return bool
+    if isinstance(d, (int, float, str)):
+        return type(d)
+    return float  # required or None default: numeric (weight, t, scale)
+
+
+def coerce(v: Any, typ: type, where: str) -> Any:
+    """Coerce a YAML scalar to a parameter's type (YAML may give 1 for 1.0, or '1e-3' as a string)."""
+    try:
+        if typ is bool:
+            if isinstance(v, str) and v.lower() in ("true", "false"):
+                return v.lower() == "true"
+            if isinstance(v, (bool, int)) and v in (0, 1):
+                return bool(v)
+            raise ValueError
+        if typ in (int, float) and isinstance(v, bool):
+            raise ValueError
+        if typ is int:
+            f = float(v)
+            if f != int(f):
+                raise ValueError
+            return int(f)
+        return typ(v)
+    except (TypeError, ValueError):
+        raise RecipeError(f"{where}: {v!r} is not a valid {typ.__name__}") from None
+
+
+def evaluate(setting: Any, tensor_name: str, t: float, typ: type, where: str = "") -> Any:
+    """The value of a setting for one tensor at relative layer depth t in [0, 1]; None if no filter matches.
+
+    Gradients of numbers interpolate linearly between neighbouring entries (position t·(n − 1));
+    gradients of booleans/strings take entry int(t·(n − 1)). Tensors outside the layer stack are
+    evaluated at t = 0 (the first value), as mergekit does.
+    """
+    if isinstance(setting, tuple):  # filtered entries
+        for c in setting:
+            if c.filter is None or c.filter == "*" or (tensor_name and c.filter in tensor_name):
+                return evaluate(c.value, tensor_name, t, typ, where)
+        return None
+    if isinstance(setting, list):
+        values = [coerce(v, typ, where) for v in setting]
+        pos = t * (len(values) - 1)
+        if typ not in (int, float):
+            return values[int(pos)]
+        i0 = int(pos)
+        i1 = min(len(values) - 1, i0 + 1)
+        frac = pos - i0
+        return coerce((1 - frac) * values[i0] + frac * values[i1], typ, where)
+    return coerce(setting, typ, where)
+
+
+def resolve(method: MergeMethod, name: str, scopes: list[Mapping[str, Any]], tensor_name: str, t: float,
+            where: str) -> Any:
+    """A parameter's value for one tensor: the first scope (highest precedence first) whose setting
+    matches, else the declared default; a required parameter with no value raises RecipeError."""
+    typ = value_type(method, name)
+    for scope in scopes:
+        if name in scope:
+            v = evaluate(scope[name], tensor_name, t, typ, where)
+            if v is not None:
+                return v
+    default = method.params[name].default
+    if default is REQUIRED:
+        raise RecipeError(f"{where}: merge method {method.name!r} needs parameter {name!r} for tensor "
+                          f"{tensor_name} and no setting gives it")
+    return default

@@ -1,0 +1,151 @@
+"""Spherical merges: slerp, nuslerp and the Karcher mean (per tensor); semantics of mergekit 0.1.5."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from hm3jax.merging.base import REQUIRED, MergeMethod, Param
+
+
+# --------------------------------------------------------------------------------------- slerp
+def slerp_pair(t, v0: jax.Array, v1: jax.Array, dot_threshold: float = 0.9995, eps: float = 1e-8):
+    """Spherical interpolation of two whole tensors (one angle per tensor).
+
+    The angle comes from the normalised tensors (a norm <= eps counts as 1); the interpolation is
+    applied to the raw tensors. When |cos| > dot_threshold (nearly collinear or antipodal) it falls
+    back to (1 − t)·v0 + t·v1. t = 0 gives v0 exactly.
+    """
+    a, b = v0.reshape(-1), v1.reshape(-1)
+    t = jnp.asarray(t, a.dtype)
+    na, nb = jnp.linalg.norm(a), jnp.linalg.norm(b)
+    na, nb = jnp.where(na > eps, na, 1), jnp.where(nb > eps, nb, 1)
+    dot = jnp.clip(jnp.sum((a / na) * (b / nb)), -1, 1)
+    lin = jnp.abs(dot) > dot_threshold
+    theta = jnp.arccos(jnp.where(lin, 0, dot))
+    sin_theta = jnp.where(lin, 1, jnp.sin(theta))
+    ca = jnp.where(lin, 1 - t, jnp.sin((1 - t) * theta) / sin_theta)
+    cb = jnp.where(lin, t, jnp.sin(t * theta) / sin_theta)
+    return (ca * a + cb * b).reshape(v0.shape)
+
+
+def slerp_tensor(base: jax.Array, models: jax.Array, weights=None, key=None, *, t) -> jax.Array:
+    """SLERP from the base (t = 0) to the one other model (t = 1). models `[1, *S]` -> `[*S]`."""
+    del weights, key
+    return slerp_pair(t, base, models[0])
+
+
+slerp = MergeMethod(
+    name="slerp", base="required", random=False, merge_tensor=slerp_tensor, max_models=1,
+    params={"t": Param(REQUIRED, doc="interpolation factor: 0 = base, 1 = the other model")},
+    doc="spherical linear interpolation between the base and one model")
+
+
+# --------------------------------------------------------------------------------------- nuslerp
+def _nuslerp(t, v0: jax.Array, v1: jax.Array, row_wise: bool, flatten: bool, eps: float = 1e-8):
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise and v0.ndim > 1:
+        v0, v1 = jnp.swapaxes(v0, 0, -1), jnp.swapaxes(v1, 0, -1)
+
+    def unit(x):
+        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-7)
+
+    cos = jnp.clip(jnp.sum(unit(v0) * unit(v1), axis=-1, keepdims=True), -1, 1)
+    colinear = (1 - jnp.square(cos)) <= eps ** 2
+    theta = jnp.arccos(jnp.where(colinear, 0, cos))
+    sin_theta = jnp.where(colinear, 1, jnp.sin(theta))
+    res = (jnp.sin((1 - t) * theta) * v0 + jnp.sin(t * theta) * v1) / sin_theta
+    res = jnp.where(colinear, (1 - t) * v0 + t * v1, res)
+    if not flatten and row_wise and res.ndim > 1:
+        res = jnp.swapaxes(res, 0, -1)
+    return res.reshape(shape)
+
+
+def nuslerp_tensor(base, models: jax.Array, weights: jax.Array, key=None, *, nuslerp_row_wise: bool = False,
+                   nuslerp_flatten: bool = True) -> jax.Array:
+    """NuSLERP between two models, of their task vectors when a base is given.
+
+    t = w_1 / (w_0 + w_1) (0.5 when |w_0 + w_1| < 1e-6). `nuslerp_flatten` (default) uses one angle
+    per tensor; otherwise one per row (last axis), or with `nuslerp_row_wise` one per slice along
+    axis 0 (mergekit's transpose). Exactly collinear pairs are interpolated linearly.
+    base `[*S]` or None, models `[2, *S]`, weights `[2]` -> `[*S]`.
+    """
+    del key
+    w = jnp.asarray(weights, jnp.float32)
+    total = w[0] + w[1]
+    t = jnp.where(jnp.abs(total) < 1e-6, 0.5, w[1] / jnp.where(jnp.abs(total) < 1e-6, 1, total))
+    t = t.astype(models.dtype)
+    if base is None:
+        return _nuslerp(t, models[0], models[1], nuslerp_row_wise, nuslerp_flatten)
+    return base + _nuslerp(t, models[0] - base, models[1] - base, nuslerp_row_wise, nuslerp_flatten)
+
+
+nuslerp = MergeMethod(
+    name="nuslerp", base="optional", random=False, merge_tensor=nuslerp_tensor, min_models=2, max_models=2,
+    params={"weight": Param(REQUIRED, per_model=True, doc="relative weight of each of the two models"),
+            "nuslerp_row_wise": Param(False, static=True, doc="one angle per slice along axis 0"),
+            "nuslerp_flatten": Param(True, static=True, doc="one angle per whole tensor")},
+    doc="SLERP with weights, optionally of task vectors")
+
+
+# --------------------------------------------------------------------------------------- karcher
+def karcher_tensor(base, models: jax.Array, weights=None, key=None, *, max_iter: int = 10,
+                   tol: float = 1e-5) -> jax.Array:
+    """Karcher (Riemannian) mean of the tensors' directions, scaled by their mean norm.
+
+    Uniform weights α = 1/M. Directions u_i = θ_i/‖θ_i‖ of tensors with norm > tol are averaged on the
+    unit sphere by at most `max_iter` Riemannian gradient steps (stop when the tangent norm < tol;
+    terms with angle < tol are skipped); the result is (Σ α_i ‖θ_i‖) · mean direction. All norms
+    <= tol give zeros; one model returns it unchanged. `base` is ignored (a recipe's base model is one
+    more input). models `[M, *S]` -> `[*S]`.
+    """
+    del base, weights, key
+    m = models.shape[0]
+    if m == 1:
+        return models[0]
+    x = models.reshape(m, -1)
+    norms = jnp.linalg.norm(x, axis=1)
+    units = x / jnp.where(norms == 0, 1, norms)[:, None]
+    valid = norms > tol
+    alpha = jnp.where(valid, 1.0 / m, 0.0)
+    alpha = alpha / jnp.where(jnp.any(valid), jnp.sum(alpha), 1)
+    mean = jnp.sum(alpha[:, None] * units, axis=0)
+    mean_norm = jnp.linalg.norm(mean)
+    first_valid = units[jnp.argmax(valid)]
+    mean = jnp.where(mean_norm < tol, first_valid, mean / jnp.where(mean_norm < tol, 1, mean_norm))
+
+    def tangent_of(mean):
+        dot = jnp.clip(units @ mean, -1, 1)
+        theta = jnp.arccos(dot)
+        use = valid & (theta >= tol)
+        coef = jnp.where(use, alpha * theta / jnp.where(use, jnp.sin(theta), 1), 0)
+        return jnp.sum(coef[:, None] * (units - dot[:, None] * mean[None]), axis=0)
+
+    def cond(state):
+        i, _, done = state
+        return (i < max_iter) & ~done
+
+    def body(state):
+        i, mean, _ = state
+        tangent = tangent_of(mean)
+        tn = jnp.linalg.norm(tangent)
+        done = tn < tol
+        step = jnp.cos(tn) * mean + jnp.sin(tn) * (tangent / jnp.where(done, 1, tn))
+        un = jnp.linalg.norm(step)
+        step = jnp.where(un > tol, step / jnp.where(un > tol, un, 1), step)
+        return i + 1, jnp.where(done, mean, step), done
+
+    _, mean, _ = lax.while_loop(cond, body, (jnp.int32(0), mean, jnp.bool_(False)))
+    scale = jnp.sum(norms) / m
+    out = jnp.where(jnp.any(valid), scale * mean, jnp.zeros_like(mean))
+    return out.reshape(models.shape[1:])
+
+
+karcher = MergeMethod(
+    name="karcher", base="ignored", random=False, merge_tensor=karcher_tensor, min_models=1,
+    params={"max_iter": Param(10, static=True, doc="most Riemannian gradient steps"),
+            "tol": Param(1e-5, doc="convergence / validity tolerance")},
+    doc="Karcher mean on the unit sphere, rescaled (arXiv:2603.04972)")

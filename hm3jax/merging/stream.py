@@ -1,0 +1,231 @@
+"""Out-of-core execution of a merge plan: tensor by tensor from memory-mapped safetensors to a sharded
+safetensors output, with reading, computing and writing overlapped.
+
+Pipeline: a small thread pool loads the next `prefetch` jobs' input tensors (pages them in from the
+memory-mapped shards and puts them on the device); the main thread dispatches the jitted per-tensor
+merge (one compilation per method settings and tensor shape: parameter values are arguments, so
+gradients over layers do not recompile); a writer thread waits for each result and writes it at its
+offset in the pre-laid-out output shards. Peak memory is about (prefetch + 2) × (inputs per tensor + 1)
+× the largest tensor, plus the method's temporaries for one tensor.
+
+The output directory appears atomically (written under a temporary sibling, renamed on success).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import json
+import os
+import queue
+import shutil
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import yaml
+
+from hm3jax.io.atomic import OutputExistsError, atomic_output_dir
+from hm3jax.io.safetensors_io import CheckpointReader, ShardedWriter, parse_size
+from hm3jax.merging.base import MergeMethod, tensor_key
+from hm3jax.merging.plan import MergePlan, TensorJob, build_plan, open_readers
+from hm3jax.merging.recipe import Recipe, load_recipe
+
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+_NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+              "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+_PAGE = 4096
+
+
+def parse_shard_size(size: int | str) -> int:
+    """Bytes from an int, mergekit's "5B" / "500M" / "100k" (10^9 / 10^6 / 10^3), or "5GB", "500MiB"."""
+    s = str(size).strip()
+    if s[:-1].isdigit() and s[-1:].lower() in ("k", "m", "b"):
+        return int(s[:-1]) * {"k": 10**3, "m": 10**6, "b": 10**9}[s[-1].lower()]
+    return parse_size(size)
+
+
+def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike, *,
+                 overwrite: bool = False, max_shard_size: int | str = "5B", seed: int = 0,
+                 copy_tokenizer: bool = True, prefetch: int = 2, progress: bool = True) -> str:
+    """Run a mergekit-style recipe from checkpoints on disk into `out_dir` (an HF model directory).
+
+    Args:
+      recipe: YAML path, dict, or parsed Recipe.
+      out_dir: output directory; must not exist unless `overwrite`.
+      max_shard_size: bytes per output shard (see parse_shard_size).
+      seed: PRNG seed of random methods (each tensor draws from fold_in(seed, crc32(name))).
+      copy_tokenizer: copy tokenizer files from `tokenizer_source` (default: the base model, else the
+        first model) into the output.
+      prefetch: how many upcoming tensors to load while the current one is merged (0 = none).
+      progress: show a tqdm progress bar (bytes written) on stderr.
+    Returns the absolute output path. Raises RecipeError / PlanError / OutputExistsError /
+    CheckpointError with messages naming the key, tensor or file at fault; on any error nothing is
+    left at `out_dir` and the temporary directory is removed.
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.lexists(out_dir) and not overwrite:
+        raise OutputExistsError(out_dir)  # before reading anything
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    readers = open_readers(recipe)
+    plan = build_plan(recipe, readers)
+    shard_bytes = parse_shard_size(max_shard_size)
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        run_plan(plan, readers, tmp, max_shard_size=shard_bytes, seed=seed, prefetch=prefetch,
+                 progress=progress)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(plan.config, f, indent=2)
+            f.write("\n")
+        with open(os.path.join(tmp, "mergekit_config.yml"), "w", encoding="utf-8") as f:
+            f.write(recipe.text or yaml.safe_dump({"merge_method": recipe.method.name}))
+        if copy_tokenizer and plan.tokenizer_from:
+            for name in TOKENIZER_FILES:
+                src = os.path.join(plan.tokenizer_from, name)
+                if os.path.isfile(src):
+                    shutil.copyfile(src, os.path.join(tmp, name))
+    return out_dir
+
+
+def _dtypes(plan: MergePlan, job: TensorJob) -> tuple[np.dtype | None, np.dtype]:
+    """(dtype inputs are rounded to, as mergekit loads them; output dtype)."""
+    r = plan.recipe
+    load = _NP_DTYPES[r.dtype] if r.dtype else None
+    out = _NP_DTYPES.get(r.out_dtype or r.dtype or "", job.in_dtype)
+    return load, np.dtype(out)
+
+
+def _arguments(method: MergeMethod, job: TensorJob) -> tuple[dict, dict, np.ndarray | None]:
+    """(static params, traced params as float32/int32 arrays, weights [M] or None) of one job."""
+    params: dict[str, Any] = dict(job.shared)
+    for k, p in method.params.items():
+        if p.per_model and k != "weight":
+            vals = [pm[k] for pm in job.per_model]
+            params[k] = None if all(v is None for v in vals) else np.asarray(vals, np.float64)
+    weights = None
+    if method.uses_weights:
+        weights = np.asarray([pm["weight"] for pm in job.per_model], np.float32)
+    params = method.prepare_params(params, job.shape)
+    static = {k: v for k, v in params.items() if k in method.params and method.params[k].static}
+    traced = {}
+    for k, v in params.items():
+        if k in static:
+            continue
+        if v is None:
+            traced[k] = None
+        else:
+            a = np.asarray(v)
+            traced[k] = a.astype(np.int32 if a.dtype.kind in "iu" else np.float32)
+    return static, traced, weights
+
+
+_COMPILED: dict[tuple, Any] = {}  # kept across merges in one process: same settings, no recompile
+
+
+class _Compiled:
+    """One jitted per-tensor function per (method, static params, dtypes, base or not)."""
+
+    def __init__(self, method: MergeMethod):
+        self.method = method
+
+    def get(self, static: dict, load: np.dtype | None, out: np.dtype, has_base: bool):
+        method = self.method
+        key = (method.name, id(method.merge_tensor), tuple(sorted(static.items())), load, out, has_base)
+        fn = _COMPILED.get(key)
+        if fn is None:
+
+            def merge_one(base, models, weights, rng, traced):
+                def cast(x):
+                    x = x if load is None else x.astype(load)
+                    return x.astype(jnp.float32)
+                b = None if base is None else cast(base)
+                ms = jnp.stack([cast(m) for m in models])
+                return method.apply_tensor(b, ms, weights, rng, None, static, traced).astype(out)
+
+            fn = _COMPILED[key] = jax.jit(merge_one)
+        return fn
+
+
+def _load(readers: dict[str, CheckpointReader], job: TensorJob) -> list[jax.Array]:
+    arrays = []
+    for model, name in job.inputs:
+        view = readers[model].get(name)
+        # On CPU device_put aliases the memory-mapped view; touching one byte per page reads the
+        # tensor from disk here, in the loader thread, rather than inside the merge.
+        flat = view.reshape(-1).view(np.uint8)
+        if flat.size:
+            np.add.reduce(flat[::_PAGE], dtype=np.uint64)
+        arrays.append(jax.device_put(view))
+    return arrays
+
+
+def run_plan(plan: MergePlan, readers: dict[str, CheckpointReader], out_dir: str, *,
+             max_shard_size: int = 5 * 10**9, seed: int = 0, prefetch: int = 2, progress: bool = True) -> None:
+    """Merge every job of `plan` and write the tensors into `out_dir` (safetensors shards only)."""
+    from tqdm.auto import tqdm
+
+    method = plan.method
+    compiled = _Compiled(method)
+    root = jax.random.PRNGKey(seed) if method.random else None
+    specs = {job.name: (job.shape, _dtypes(plan, job)[1]) for job in plan.jobs}
+    total = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for s, d in specs.values())
+    writer = ShardedWriter(out_dir, specs, max_shard_size=max_shard_size)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({method.name})", disable=not progress)
+    done: queue.Queue = queue.Queue(maxsize=2)
+    failure: list[BaseException] = []
+
+    def write_loop():
+        while True:
+            item = done.get()
+            if item is None:
+                return
+            if failure:
+                continue  # drain so the producer never blocks
+            name, result = item
+            try:
+                arr = np.asarray(result)
+                writer.write(name, arr)
+                bar.update(arr.nbytes)
+            except BaseException as e:  # re-raised in the main thread
+                failure.append(e)
+
+    writer_thread = threading.Thread(target=write_loop, name="hm3jax-merge-writer", daemon=True)
+    writer_thread.start()
+    pool = cf.ThreadPoolExecutor(max_workers=max(1, min(prefetch, 4)), thread_name_prefix="hm3jax-merge-load")
+    pending: collections.deque = collections.deque()
+    jobs = iter(plan.jobs)
+    try:
+        for job in jobs:
+            pending.append((job, pool.submit(_load, readers, job)))
+            if len(pending) > prefetch:
+                break
+        while pending:
+            job, fut = pending.popleft()
+            nxt = next(jobs, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(_load, readers, nxt)))
+            arrays = fut.result()
+            if failure:
+                raise failure[0]
+            base = arrays[job.base] if job.base is not None else None
+            models = tuple(a for i, a in enumerate(arrays) if i != job.base)
+            static, traced, weights = _arguments(method, job)
+            load, out = _dtypes(plan, job)
+            fn = compiled.get(static, load, out, base is not None)
+            rng = tensor_key(root, job.name) if root is not None else None
+            done.put((job.name, fn(base, models, weights, rng, traced)))
+            del arrays, base, models
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True)
+        done.put(None)
+        writer_thread.join()
+        bar.close()
+    if failure:
+        raise failure[0]
+    writer.close()

@@ -1,0 +1,184 @@
+"""Generalised task arithmetic: task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs(_ties),
+della, della_linear — one pipeline with a choice of sparsifier and sign consensus.
+
+Per tensor, with τ_i = θ_i − θ_base (mergekit 0.1.5 semantics):
+  1. sparsify each τ_i (none / magnitude trim / random drop / outliers / DELLA), rescaled by the L1
+     norm ratio when `rescale` is on;
+  2. δ_i = w_i · τ̂_i;
+  3. with a sign consensus: s = sign(Σ_i δ_i) ("sum", zero -> +1) or the sign of the count of
+     positive minus negative δ_i ("count"); keep δ_i where sign(δ_i) == s (zeros never count);
+     Δ = Σ δ_i m_i, divisor Σ w_i m_i (0 -> 1). Without: Δ = Σ δ_i, divisor Σ w_i (|.| < 1e-8 -> 1);
+  4. Δ /= divisor when `normalize`; output θ_base + λ·Δ.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from hm3jax.merging import sparsify as sp
+from hm3jax.merging.base import REQUIRED, MergeMethod, Param
+
+SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers", "della_magprune")
+CONSENSUS = (None, "sum", "count")
+
+
+def _per_model(x: jax.Array, ndim: int) -> jax.Array:
+    """Reshape an `[M]` vector to broadcast against `[M, *S]`."""
+    return jnp.reshape(x, x.shape + (1,) * (ndim - 1))
+
+
+def _sparsify_one(kind: str, delta, p: dict, key, mask, rescale: bool, trim: str):
+    norm = "l1" if rescale else None
+    if kind == "magnitude":
+        return sp.magnitude(delta, p["density"], k=p.get("keep"), rescale_norm=norm, method=trim)
+    if kind == "magnitude_outliers":
+        counts = (p["keep"], p["top"]) if "keep" in p else None
+        return sp.magnitude_outliers(delta, p["density"], p["gamma"], counts=counts, rescale_norm=norm)
+    if kind == "random":
+        return sp.random_drop(delta, p["density"], key, mask=mask, rescale_norm=norm)
+    if kind == "della_magprune":
+        return sp.della_drop(delta, p["density"], p["epsilon"], key, mask=mask, rescale_norm=norm)
+    raise ValueError(f"sparsification {kind!r} is not supported; supported: {SPARSIFIERS[1:]}")
+
+
+def consensus_mask(deltas: jax.Array, method: str = "sum") -> jax.Array:
+    """TIES sign election over weighted deltas `[M, *S]`: True where δ_i agrees with the elected sign.
+
+    "sum": elected sign of Σ_i δ_i; "count": sign of Σ_i sign(δ_i). Ties (0) elect +1; zero entries
+    (trimmed or unchanged) never agree. Returns bool `[M, *S]`.
+    """
+    sign = jnp.sign(deltas)
+    if method == "sum":
+        total = jnp.sum(deltas, axis=0)
+    elif method == "count":
+        total = jnp.sum(sign, axis=0)
+    else:
+        raise ValueError(f"consensus {method!r} is not supported; supported: sum, count")
+    elected = jnp.where(total >= 0, 1, -1).astype(deltas.dtype)
+    return sign == elected
+
+
+def generalized_task_arithmetic(base: jax.Array, models: jax.Array, weights: jax.Array,
+                                key: jax.Array | None = None, *, masks: jax.Array | None = None,
+                                sparsification: str | None = None, consensus: str | None = None,
+                                normalize: bool = False, rescale: bool = False, trim: str = "sort",
+                                int8_mask: bool = False, **params: Any) -> jax.Array:
+    """One tensor through the task-arithmetic pipeline (module docstring).
+
+    Args:
+      base: `[*S]`; models: `[M, *S]`; weights: `[M]`.
+      key: PRNG key for random sparsifiers (split into one key per model); or `masks` `[M, *S]` bool.
+      sparsification / consensus: see SPARSIFIERS / CONSENSUS.
+      normalize, rescale: as in mergekit (rescale = L1 norm-ratio rescale after sparsifying).
+      trim: "sort" (exact top-k) or "search" (bisection threshold, works on sharded tensors).
+      int8_mask: accepted for mergekit recipes; no effect (masks are booleans here).
+      params: `lambda` (scalar), `density` `[M]`, and as the sparsifier needs `gamma` `[M]`,
+        `epsilon` `[M]`, host-computed counts `keep`/`top` `[M]`.
+    Returns the merged tensor `[*S]`.
+    """
+    del int8_mask
+    deltas = models - base[None]
+    if sparsification is not None:
+        m = models.shape[0]
+        per = {k: jnp.broadcast_to(jnp.asarray(params[k]), (m,))
+               for k in ("density", "gamma", "epsilon", "keep", "top") if k in params}
+        random = sparsification in ("random", "della_magprune")
+        keys = jax.random.split(key, m) if (random and masks is None and key is not None) else None
+        if random and masks is None and keys is None:
+            raise ValueError(f"sparsification {sparsification!r} needs a PRNG key or masks")
+
+        def one(delta, p, k, mk):
+            return _sparsify_one(sparsification, delta, p, k, mk, rescale, trim)
+
+        deltas = jax.vmap(one, in_axes=(0, 0, None if keys is None else 0, None if masks is None else 0))(
+            deltas, per, keys, masks)
+    w = jnp.asarray(weights, deltas.dtype)
+    wb = _per_model(w, deltas.ndim)
+    deltas = deltas * wb
+    if consensus is not None:
+        agree = consensus_mask(deltas, consensus)
+        mixed = jnp.sum(jnp.where(agree, deltas, 0), axis=0)
+        divisor = jnp.sum(jnp.where(agree, wb, 0), axis=0)
+        divisor = jnp.where(divisor == 0, 1, divisor)
+    else:
+        mixed = jnp.sum(deltas, axis=0)
+        divisor = jnp.sum(w)
+        divisor = jnp.where(jnp.abs(divisor) < 1e-8, 1, divisor)
+    if normalize:
+        mixed = mixed / divisor
+    mixed = mixed * jnp.asarray(params.get("lambda", 1.0), mixed.dtype)
+    return (base + mixed).astype(base.dtype)
+
+
+def _prepare_counts(kind: str | None):
+    """Host hook: exact float64 keep-counts for the magnitude-ranked trims (see sparsify.keep_count)."""
+    def prepare(params: dict, shape: tuple) -> dict:
+        n = 1
+        for d in shape:
+            n *= d
+        if kind == "magnitude":
+            params["keep"] = sp.keep_count(params["density"], n)
+        elif kind == "magnitude_outliers":
+            params["keep"], params["top"] = sp.outlier_counts(params["density"], params["gamma"], n)
+        return params
+    return prepare if kind in ("magnitude", "magnitude_outliers") else None
+
+
+def make_task_arithmetic(name: str, *, sparsification: str | None, consensus: str | None,
+                         default_normalize: bool, default_rescale: bool, doc: str = "") -> MergeMethod:
+    """Construct a task-arithmetic-family method (the same parameters and defaults as mergekit)."""
+    if sparsification not in SPARSIFIERS or consensus not in CONSENSUS:
+        raise ValueError(f"sparsification must be one of {SPARSIFIERS}, consensus one of {CONSENSUS}")
+    params = {
+        "weight": Param(REQUIRED, per_model=True, doc="coefficient of each task vector"),
+        "density": Param(1.0, per_model=True, doc="fraction of each task vector kept, in (0, 1]"),
+        "normalize": Param(default_normalize, static=True, doc="divide by the sum of (agreeing) weights"),
+        "rescale": Param(default_rescale, static=True, doc="L1 norm-ratio rescale after sparsifying"),
+        "lambda": Param(1.0, doc="scale of the merged task vector"),
+        "int8_mask": Param(False, static=True, doc="mergekit memory option; no effect"),
+    }
+    if sparsification == "magnitude":
+        params["trim"] = Param("sort", static=True, doc="'sort' (exact top-k) or 'search' (shardable)")
+    if sparsification == "magnitude_outliers":
+        params["gamma"] = Param(0.01, per_model=True, doc="fraction of largest entries dropped")
+    if sparsification == "della_magprune":
+        params["epsilon"] = Param(0.15, per_model=True, doc="spread of the rank-based keep probability")
+
+    def merge_tensor(base, models, weights, key=None, **kw):
+        return generalized_task_arithmetic(base, models, weights, key, sparsification=sparsification,
+                                           consensus=consensus, **kw)
+
+    random = sparsification in ("random", "della_magprune")
+    return MergeMethod(name=name, params=params, base="required", random=random,
+                       merge_tensor=merge_tensor, prepare=_prepare_counts(sparsification), doc=doc)
+
+
+task_arithmetic = make_task_arithmetic(
+    "task_arithmetic", sparsification=None, consensus=None, default_normalize=False,
+    default_rescale=False, doc="Σ w_i τ_i added to the base (arXiv:2212.04089)")
+ties = make_task_arithmetic(
+    "ties", sparsification="magnitude", consensus="sum", default_normalize=True, default_rescale=False,
+    doc="magnitude trim + sign election + disjoint mean (arXiv:2306.01708)")
+dare_ties = make_task_arithmetic(
+    "dare_ties", sparsification="random", consensus="sum", default_normalize=False, default_rescale=True,
+    doc="random drop with rescale + sign election (arXiv:2311.03099)")
+dare_linear = make_task_arithmetic(
+    "dare_linear", sparsification="random", consensus=None, default_normalize=False, default_rescale=True,
+    doc="random drop with rescale, then task arithmetic (arXiv:2311.03099)")
+breadcrumbs = make_task_arithmetic(
+    "breadcrumbs", sparsification="magnitude_outliers", consensus=None, default_normalize=False,
+    default_rescale=False, doc="drop outliers and small entries (arXiv:2312.06795)")
+breadcrumbs_ties = make_task_arithmetic(
+    "breadcrumbs_ties", sparsification="magnitude_outliers", consensus="sum", default_normalize=False,
+    default_rescale=False, doc="breadcrumbs + sign election (arXiv:2312.06795)")
+della = make_task_arithmetic(
+    "della", sparsification="della_magprune", consensus="sum", default_normalize=True, default_rescale=True,
+    doc="magnitude-ranked random drop + sign election (arXiv:2406.11617)")
+della_linear = make_task_arithmetic(
+    "della_linear", sparsification="della_magprune", consensus=None, default_normalize=False,
+    default_rescale=True, doc="magnitude-ranked random drop, then task arithmetic (arXiv:2406.11617)")
+
+METHODS = (task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear)
