@@ -203,3 +203,39 @@ def load_gguf(path: str | os.PathLike, dtype: Any = None) -> tuple[ModelConfig, 
     if out_dt is not None:
         cfg = cfg.replace(torch_dtype=out_dt.name)
     return cfg, params
+
+
+def load_gguf_tokenizer(path: str | os.PathLike):
+    """The transformers fast tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
+
+    Built from the metadata with transformers' GGUF tokenizer converters, but read through the
+    `gguf` package, so it works without PyTorch (transformers' own GGUF file reader imports torch).
+    """
+    import gguf
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(f"{path}: no such GGUF file", path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
+    architecture = _field(reader, "general.architecture", path)
+    if _field(reader, "tokenizer.ggml.tokens", path, None) is None:
+        raise CheckpointError(f"{path}: GGUF file has no tokenizer (no tokenizer.ggml.tokens)")
+    grouped = {
+        group: {name: _field(reader, f"tokenizer.{key}", path)
+                for key, name in renames.items() if reader.get_field(f"tokenizer.{key}") is not None}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer_dict, config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer_dict.get("tokenizer_type") == "llama":
+        config.setdefault("add_bos_token", True)  # llama.cpp's default for sentencepiece vocabularies
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = _field(reader, f"tokenizer.ggml.{key}", path, None)
+        config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)

@@ -19,6 +19,7 @@ from hm3jax.io.assemble import EMBED, check_params, float_dtype, hf_order, param
 from hm3jax.io.atomic import atomic_output_dir
 from hm3jax.io.errors import CheckpointError, CheckpointNotFoundError, PickleCheckpointError
 from hm3jax.io.safetensors_io import CONFIG_FILE, CheckpointReader, ShardedWriter, parse_size
+from hm3jax.io.gguf import load_gguf_tokenizer
 from hm3jax.models.config import ModelConfig
 from hm3jax.models.params import get_path, hf_names
 
@@ -143,20 +144,13 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = None,
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
-def _gguf_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                         gguf_file=os.path.basename(path))
-
-
 def load_tokenizer(path: str | os.PathLike):
     """The transformers tokenizer of an HF checkpoint directory or of a `.gguf` file."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"{path}: no such file or directory (expected an HF directory or .gguf)", path)
     if _is_gguf(path):
-        return _gguf_tokenizer(path)
+        return load_gguf_tokenizer(path)
     if not os.path.isdir(path) or not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
         raise CheckpointError(f"{path}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}) "
                               "and not a .gguf file")
@@ -178,7 +172,7 @@ def _tokenizer_saver(tokenizer_from: Any) -> Callable[[str], None] | None:
     if not os.path.exists(src):
         raise CheckpointNotFoundError(f"tokenizer_from {src}: no such file or directory", src)
     if _is_gguf(src):
-        return _gguf_tokenizer(src).save_pretrained
+        return load_gguf_tokenizer(src).save_pretrained
     files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))] if os.path.isdir(src) else []
     if not files:
         raise CheckpointError(f"tokenizer_from {src}: no tokenizer files (looked for "
