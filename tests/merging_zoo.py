@@ -82,3 +82,21 @@ def run_mergekit(recipe: dict, out: str) -> None:
 
     run_merge(MergeConfiguration.model_validate(recipe), out,
               MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0))
+
+
+def load_params(path: str) -> dict:
+    """An HF directory as a params pytree (models/params.py layout: layers stacked on axis 0)."""
+    from hm3jax.models.params import parse_hf_name, set_path
+
+    flat = read_all(path)
+    per_layer: dict = {}
+    tree: dict = {}
+    for name, arr in flat.items():
+        p, layer = parse_hf_name(name)
+        if layer is None:
+            set_path(tree, p, arr)
+        else:
+            per_layer.setdefault(p, {})[layer] = arr
+    for p, layers in per_layer.items():
+        set_path(tree, p, np.stack([layers[i] for i in sorted(layers)]))
+    return tree

@@ -27,6 +27,7 @@ import numpy as np
 from hm3jax.models.params import Path, get_path, hf_name, iter_leaves, set_path
 
 REQUIRED = object()  # default of a parameter that must be given
+_LEAF_FNS: dict[tuple, Callable] = {}
 BASE_POLICIES = ("required", "optional", "ignored")
 
 
@@ -151,18 +152,31 @@ class MergeMethod(NamedTuple):
         params = self.prepare_params(params, tuple(models.shape[2:] if stacked else models.shape[1:]))
         static = {k: v for k, v in params.items() if k in self.params and self.params[k].static}
         traced = {k: v for k, v in params.items() if k not in static}
-        if not stacked:
-            return self.apply_tensor(base, models, w, tensor_key(key, hf_name(path)), masks, static, traced)
-        keys = None
-        if key is not None:
-            keys = jnp.stack([tensor_key(key, hf_name(path, i)) for i in range(n_layers)])
+        if stacked:
+            keys = None if key is None else jnp.stack([tensor_key(key, hf_name(path, i)) for i in range(n_layers)])
+        else:
+            keys = tensor_key(key, hf_name(path))
+        return self._leaf_fn(static, stacked)(base, models, w, keys, masks, traced)
 
-        def one_layer(b, ms, w, k, mk, tr):
+    def _leaf_fn(self, static: dict, stacked: bool):
+        """The jitted merge of one leaf (cached), so eager pytree merges compile once per shape."""
+        cache_key = (self.name, id(self.merge_tensor), tuple(sorted(static.items())), stacked)
+        fn = _LEAF_FNS.get(cache_key)
+        if fn is not None:
+            return fn
+
+        def one(b, ms, w, k, mk, tr):
             return self.apply_tensor(b, ms, w, k, mk, static, tr)
 
-        axes = (None if base is None else 0, 1, None if w is None else 0, None if keys is None else 0,
-                None if masks is None else 1, 0)
-        return jax.vmap(one_layer, in_axes=axes)(base, models, w, keys, masks, traced)
+        def leaf(base, models, w, keys, masks, traced):
+            if not stacked:
+                return one(base, models, w, keys, masks, traced)
+            axes = (None if base is None else 0, 1, None if w is None else 0, None if keys is None else 0,
+                    None if masks is None else 1, 0)
+            return jax.vmap(one, in_axes=axes)(base, models, w, keys, masks, traced)
+
+        fn = _LEAF_FNS[cache_key] = jax.jit(leaf)
+        return fn
 
     def prepare_params(self, params: dict, tensor_shape: tuple) -> dict:
         """Apply the method's host-side `prepare` hook (if any) for a tensor of `tensor_shape`."""
