@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hm3jax.io import load_pretrained, load_tokenizer
-from hm3jax.models import forward
+from hm3jax.models import forward, generate
 
 PARAGRAPH = (
     "The city council met on Tuesday evening to discuss the new budget. After a long debate, "
@@ -50,21 +50,14 @@ def perplexity(cfg, params, ids: list[int]) -> float:
 
 
 def greedy(cfg, params, ids: list[int], new_tokens: int, stop: set[int]) -> list[int]:
-    """Greedy continuation; one compiled forward over a fixed-length, right-padded buffer."""
-    length = len(ids) + new_tokens
-    buf = np.zeros((1, length), np.int32)
-    buf[0, :len(ids)] = ids
-    step = jax.jit(lambda p, t, m, i: jnp.argmax(forward(cfg, p, t, m)[0, i]))
-    out, n = [], len(ids)
-    for _ in range(new_tokens):
-        mask = (np.arange(length) < n).astype(np.int32)[None]
-        nxt = int(step(params, buf, mask, n - 1))
-        if nxt in stop:
-            break
-        buf[0, n] = nxt
-        out.append(nxt)
-        n += 1
-    return out
+    """Greedy continuation of `ids` (KV-cached, one compiled loop), cut before a stop token."""
+    if new_tokens < 1:
+        return []
+    out = generate(cfg, params, np.asarray([ids], np.int32), max_new_tokens=new_tokens,
+                   eos_token_id=tuple(sorted(stop)) or None)
+    out = np.asarray(out)[0].tolist()
+    ends = [i for i, t in enumerate(out) if t in stop]
+    return out[:ends[0]] if ends else out
 
 
 def main(argv=None) -> int:

@@ -2,9 +2,11 @@
 
 from hm3jax.models.config import ConfigError, ModelConfig, RopeScaling
 from hm3jax.models.decoder import forward, forward_path, init_params
+from hm3jax.models.generate import KVCache, generate, generate_path
 from hm3jax.models.pool import SKIP, LayerPool, PoolError, build_pool, shell_of
 
 __all__ = [
     "ConfigError", "ModelConfig", "RopeScaling", "forward", "forward_path", "init_params",
-    "SKIP", "LayerPool", "PoolError", "build_pool", "shell_of",
+    "SKIP", "LayerPool", "PoolError", "build_pool", "shell_of", "KVCache", "generate",
+    "generate_path",
 ]

@@ -79,21 +79,36 @@ class Attention(nnx.Module):
         self.v_proj = Linear(D, self.num_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
         self.o_proj = Linear(self.num_heads * hd, D, bias=False, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask):
-        """x: [B, S, D]; cos/sin: [B, S, hd]; mask: bool [B, 1, 1, S, S] (True = may attend)."""
+    def qkv(self, x, cos, sin):
+        """Rotated queries [B, S, Hkv, G, hd] and keys, values [B, S, Hkv, hd] for x: [B, S, D].
+
+        Separate from `__call__` so a decoding loop can put k and v in a cache before attending.
+        """
         B, S, _ = x.shape
         Hkv, G, hd = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         q = apply_rope(self.q_proj(x).reshape(B, S, Hkv * G, hd), cos, sin)
         k = apply_rope(self.k_proj(x).reshape(B, S, Hkv, hd), cos, sin)
         v = self.v_proj(x).reshape(B, S, Hkv, hd)
-        q = q.reshape(B, S, Hkv, G, hd)
-        scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (1.0 / math.sqrt(hd))
-        # A finite fill keeps fully masked rows (padding queries) free of NaNs.
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(B, S, Hkv * G * hd)
-        return self.o_proj(out)
+        return q.reshape(B, S, Hkv, G, hd), k, v
+
+    def __call__(self, x, cos, sin, mask):
+        """x: [B, S, D]; cos/sin: [B, S, hd]; mask: bool [B, 1, 1, S, S] (True = may attend)."""
+        return self.o_proj(attend(*self.qkv(x, cos, sin), mask))
+
+
+def attend(q, k, v, mask):
+    """Grouped-query attention of q: [B, S, Hkv, G, hd] over k, v: [B, T, Hkv, hd].
+
+    mask: bool broadcastable to [B, Hkv, G, S, T] (True = may attend). Returns [B, S, Hkv*G*hd]
+    (before the output projection).
+    """
+    B, S, Hkv, G, hd = q.shape
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(hd))
+    # A finite fill keeps fully masked rows (padding queries) free of NaNs.
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(B, S, Hkv * G * hd)
 
 
 class MLP(nnx.Module):
