@@ -1,5 +1,7 @@
 """Decoder parity with transformers' PyTorch models, and layer-path execution."""
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +22,7 @@ def random_params(cfg: ModelConfig, seed: int, dtype=jnp.float32) -> dict:
     key = jax.random.key(seed + 1)
 
     def perturb(path, a):
-        k = jax.random.fold_in(key, hash(jax.tree_util.keystr(path)) % (2**31))
+        k = jax.random.fold_in(key, zlib.crc32(jax.tree_util.keystr(path).encode()) & 0x7FFFFFFF)
         noise = jax.random.normal(k, a.shape, jnp.float32)
         is_norm = "norm" in jax.tree_util.keystr(path)
         return (1.0 + 0.2 * noise if is_norm else 0.08 * noise).astype(dtype)
