@@ -129,3 +129,17 @@ def test_pytree_api_equals_cli_for_random_method(zoo, tmp_path):
                 np.testing.assert_allclose(got[hf_name(path, i)], leaf[i], atol=1e-6)
         else:
             np.testing.assert_allclose(got[hf_name(path)], leaf, atol=1e-6)
+
+
+def test_gradients_do_not_recompile(zoo, tmp_path):
+    """Parameter values are jit arguments: one compilation per tensor shape, whatever the gradients."""
+    from hm3jax.merging import stream
+
+    recipe = _ties(zoo, parameters={"density": [0.2, 0.9], "weight": [1.0, 0.1]},
+                   models=[{"model": zoo["ft1"]}, {"model": zoo["ft2"], "parameters": {"density": [0.9, 0.5, 0.3]}}])
+    stream.merge_recipe(recipe, tmp_path / "out", progress=False)
+    shapes = {tuple(a.shape) for a in read_all(str(tmp_path / "out")).values()}
+    fns = [f for k, f in stream._COMPILED.items() if k[0] == "ties" and dict(k[2]) == {
+        "normalize": True, "rescale": False, "int8_mask": False, "trim": "exact"}]
+    assert len(fns) == 1
+    assert fns[0]._cache_size() == len(shapes)

@@ -109,6 +109,11 @@ def test_magnitude_trims_match_mergekit_and_search():
         assert np.count_nonzero(np.asarray(sp.topk_mask(jnp.asarray(x), int(d * x.size)))) == int(d * x.size)
         srch = np.asarray(sp.magnitude(jnp.asarray(x), d, method="search"))
         np.testing.assert_array_equal(srch, ref)  # ties only at zero: same values
+    # Heavy ties at non-zero magnitudes (coarsely quantised values): radix select == full sort.
+    q = jnp.asarray(np.round(x * 4) / 4)
+    for k in (0, 1, 17, 700, 1000, q.size, q.size + 5):
+        np.testing.assert_array_equal(sp.topk_mask(q, k), sp.topk_mask(q, k, method="sort"))
+        assert int(sp.topk_mask(q, k).sum()) == min(k, q.size)
     for d, g in ((0.6, 0.05), (0.9, 0.2), (0.5, 0.0001)):  # the last: int(gamma * numel) == 0
         ref = magnitude_outliers(torch.from_numpy(x), d, gamma=g).numpy()
         np.testing.assert_array_equal(np.asarray(sp.magnitude_outliers(jnp.asarray(x), d, g)), ref)

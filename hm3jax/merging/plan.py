@@ -118,8 +118,8 @@ def _check_values(method: MergeMethod, p: Mapping[str, Any], where: str) -> None
     e = p.get("epsilon")
     if e is not None and d is not None and d < 1 and not (0 < d - e and d + e < 1):
         raise PlanError(f"{where}: density ± epsilon ({d} ± {e}) must lie in (0, 1)")
-    if p.get("trim") is not None and p["trim"] not in ("sort", "search"):
-        raise PlanError(f"{where}: trim {p['trim']!r}; supported: sort, search")
+    if p.get("trim") is not None and p["trim"] not in ("exact", "search", "sort"):
+        raise PlanError(f"{where}: trim {p['trim']!r}; supported: exact, search, sort")
 
 
 def _input_name(reader: CheckpointReader, name: str) -> str | None:

@@ -85,6 +85,7 @@ def load_recipe(src: str | os.PathLike | Mapping[str, Any]) -> Recipe:
     text = ""
     if isinstance(src, Mapping):
         raw, where = dict(src), "recipe"
+        text = yaml.safe_dump(raw, sort_keys=False)
     else:
         where = os.fspath(src)
         try:

@@ -19,7 +19,7 @@ import numpy as np
 from jax import lax
 
 RESCALE_NORMS = ("l1", "l2", "linf")
-TRIM_METHODS = ("sort", "search")
+TRIM_METHODS = ("exact", "search", "sort")
 
 
 def _is_concrete(x: Any) -> bool:
@@ -46,6 +46,24 @@ def _kth_largest_sort(a: jax.Array, k: jax.Array) -> jax.Array:
     return s[jnp.clip(a.size - k, 0, a.size - 1)]
 
 
+def _kth_largest_radix(a: jax.Array, k: jax.Array) -> jax.Array:
+    """The k-th largest value of a flat non-negative float32 array (k >= 1), by radix select.
+
+    Non-negative IEEE floats order like their bit patterns, so two histogram passes find it exactly:
+    one over the high 16 bits picks the bucket holding the k-th largest, one over the low 16 bits of
+    that bucket's entries picks the value. Two memory-bound passes instead of an O(n log n) sort.
+    """
+    bits = lax.bitcast_convert_type(a, jnp.uint32)
+    hi = (bits >> 16).astype(jnp.int32)
+    ge = jnp.cumsum(jnp.bincount(hi, length=1 << 16)[::-1])[::-1]  # ge[p] = count(hi >= p)
+    p = jnp.sum(ge >= k) - 1
+    above = jnp.where(p < (1 << 16) - 1, ge[jnp.minimum(p + 1, (1 << 16) - 1)], 0)
+    low = jnp.where(hi == p, (bits & 0xFFFF).astype(jnp.int32), 1 << 16)  # others to a spare bin
+    ge_low = jnp.cumsum(jnp.bincount(low, length=(1 << 16) + 1)[:1 << 16][::-1])[::-1]
+    q = jnp.sum(ge_low >= k - above) - 1
+    return lax.bitcast_convert_type(((p << 16) | q).astype(jnp.uint32), jnp.float32)
+
+
 def _kth_largest_search(a: jax.Array, k: jax.Array) -> jax.Array:
     """The k-th largest value of a flat non-negative float32 array (k >= 1), by bisection.
 
@@ -69,17 +87,19 @@ def _kth_largest_search(a: jax.Array, k: jax.Array) -> jax.Array:
     return value(lo)
 
 
-def topk_mask(x: jax.Array, k: Any, method: str = "sort") -> jax.Array:
+def topk_mask(x: jax.Array, k: Any, method: str = "exact") -> jax.Array:
     """Boolean mask of the `k` entries of largest |x|.
 
     Args:
       x: any-shaped array.
       k: number of entries to keep (int or traced int scalar); <= 0 keeps none, >= numel keeps all.
-      method: "sort" keeps exactly k entries, ties at the k-th magnitude broken by flat index (lowest
-        first; mergekit's torch.argsort leaves that order unspecified). "search" finds the k-th
-        magnitude by bisection (sharding-friendly) and keeps every entry with |x| >= it: the same set
-        unless several non-zero entries tie at the k-th magnitude (ties at zero change no result,
-        since a kept zero contributes nothing and has no sign).
+      method: "exact" keeps exactly k entries, ties at the k-th magnitude broken by flat index (lowest
+        first; mergekit's torch.argsort leaves that order unspecified); the k-th magnitude comes from
+        a two-pass radix select. "sort" is the same mask from a full sort (slower; a reference).
+        "search" finds the k-th magnitude by bisection (32 compare-and-count passes that partition
+        over a sharded array) and keeps every entry with |x| >= it: the same set unless several
+        non-zero entries tie at the k-th magnitude (ties at zero change no result, since a kept
+        zero contributes nothing and has no sign).
     Returns a bool array shaped like x.
     """
     if method not in TRIM_METHODS:
@@ -87,10 +107,11 @@ def topk_mask(x: jax.Array, k: Any, method: str = "sort") -> jax.Array:
     a = jnp.abs(x).astype(jnp.float32).reshape(-1)
     k = jnp.asarray(k, jnp.int32)
     if method == "search":
-        kth = _kth_largest_search(a, jnp.maximum(k, 1))
+        kth = _kth_largest_search(a, jnp.clip(k, 1, a.size))
         mask = a >= kth
     else:
-        kth = _kth_largest_sort(a, jnp.maximum(k, 1))
+        select = _kth_largest_sort if method == "sort" else _kth_largest_radix
+        kth = select(a, jnp.clip(k, 1, a.size))
         above = a > kth
         tied = a == kth
         need = k - jnp.sum(above, dtype=jnp.int32)
@@ -124,7 +145,7 @@ def rescale_masked(x: jax.Array, mask: jax.Array, norm: str | None, eps: float =
 
 # ------------------------------------------------------------------------------------- sparsifiers
 def magnitude(x: jax.Array, density: Any, *, k: Any = None, rescale_norm: str | None = None,
-              method: str = "sort") -> jax.Array:
+              method: str = "exact") -> jax.Array:
     """TIES trim: keep the max(1, int(density · numel)) largest-magnitude entries, zero the rest.
 
     mergekit semantics: density >= 1 returns x untouched (no rescale); density <= 0 returns zeros;

@@ -64,7 +64,7 @@ def consensus_mask(deltas: jax.Array, method: str = "sum") -> jax.Array:
 def generalized_task_arithmetic(base: jax.Array, models: jax.Array, weights: jax.Array,
                                 key: jax.Array | None = None, *, masks: jax.Array | None = None,
                                 sparsification: str | None = None, consensus: str | None = None,
-                                normalize: bool = False, rescale: bool = False, trim: str = "sort",
+                                normalize: bool = False, rescale: bool = False, trim: str = "exact",
                                 int8_mask: bool = False, **params: Any) -> jax.Array:
     """One tensor through the task-arithmetic pipeline (module docstring).
 
@@ -73,7 +73,8 @@ def generalized_task_arithmetic(base: jax.Array, models: jax.Array, weights: jax
       key: PRNG key for random sparsifiers (split into one key per model); or `masks` `[M, *S]` bool.
       sparsification / consensus: see SPARSIFIERS / CONSENSUS.
       normalize, rescale: as in mergekit (rescale = L1 norm-ratio rescale after sparsifying).
-      trim: "sort" (exact top-k) or "search" (bisection threshold, works on sharded tensors).
+      trim: "exact" (exact top-k via radix select) or "search" (bisection threshold; partitions over
+        sharded tensors); see sparsify.topk_mask.
       int8_mask: accepted for mergekit recipes; no effect (masks are booleans here).
       params: `lambda` (scalar), `density` `[M]`, and as the sparsifier needs `gamma` `[M]`,
         `epsilon` `[M]`, host-computed counts `keep`/`top` `[M]`.
@@ -141,7 +142,7 @@ def make_task_arithmetic(name: str, *, sparsification: str | None, consensus: st
         "int8_mask": Param(False, static=True, doc="mergekit memory option; no effect"),
     }
     if sparsification == "magnitude":
-        params["trim"] = Param("sort", static=True, doc="'sort' (exact top-k) or 'search' (shardable)")
+        params["trim"] = Param("exact", static=True, doc="'exact' top-k or 'search' (threshold; shardable)")
     if sparsification == "magnitude_outliers":
         params["gamma"] = Param(0.01, per_model=True, doc="fraction of largest entries dropped")
     if sparsification == "della_magprune":
