@@ -99,24 +99,27 @@ def test_della_statistics_follow_ranks():
 def test_magnitude_trims_match_mergekit_and_search():
     from mergekit.sparsify import magnitude, magnitude_outliers
 
+    # Counts are traced arguments: one compilation per function, not per density.
+    trim = jax.jit(lambda x, d, k, method: sp.magnitude(x, d, k=k, method=method), static_argnums=3)
+    topk = jax.jit(sp.topk_mask, static_argnums=2)
+    crumbs = jax.jit(lambda x, d, kept, top: sp.magnitude_outliers(x, d, counts=(kept, top)))
     rng = np.random.default_rng(3)
     x = rng.normal(size=(33, 47)).astype(np.float32)
     x[rng.random(x.shape) < 0.3] = 0  # ties at zero
     for d in (0.01, 0.3, 0.7, 0.99):
         ref = magnitude(torch.from_numpy(x), d).numpy()
-        got = np.asarray(sp.magnitude(jnp.asarray(x), d))
-        np.testing.assert_array_equal(got, ref)
-        assert np.count_nonzero(np.asarray(sp.topk_mask(jnp.asarray(x), int(d * x.size)))) == int(d * x.size)
-        srch = np.asarray(sp.magnitude(jnp.asarray(x), d, method="search"))
-        np.testing.assert_array_equal(srch, ref)  # ties only at zero: same values
+        np.testing.assert_array_equal(trim(x, d, sp.keep_count(d, x.size), "exact"), ref)
+        # The threshold search keeps every entry tied at the k-th magnitude; ties here are at zero.
+        np.testing.assert_array_equal(trim(x, d, sp.keep_count(d, x.size), "search"), ref)
+        assert np.count_nonzero(topk(x, int(d * x.size), "exact")) == int(d * x.size)
     # Heavy ties at non-zero magnitudes (coarsely quantised values): radix select == full sort.
     q = jnp.asarray(np.round(x * 4) / 4)
     for k in (0, 1, 17, 700, 1000, q.size, q.size + 5):
-        np.testing.assert_array_equal(sp.topk_mask(q, k), sp.topk_mask(q, k, method="sort"))
-        assert int(sp.topk_mask(q, k).sum()) == min(k, q.size)
+        np.testing.assert_array_equal(topk(q, k, "exact"), topk(q, k, "sort"))
+        assert int(topk(q, k, "exact").sum()) == min(k, q.size)
     for d, g in ((0.6, 0.05), (0.9, 0.2), (0.5, 0.0001)):  # the last: int(gamma * numel) == 0
         ref = magnitude_outliers(torch.from_numpy(x), d, gamma=g).numpy()
-        np.testing.assert_array_equal(np.asarray(sp.magnitude_outliers(jnp.asarray(x), d, g)), ref)
+        np.testing.assert_array_equal(crumbs(x, d, *sp.outlier_counts(d, g, x.size)), ref)
 
 
 def test_keep_count_is_exact_for_host_values():

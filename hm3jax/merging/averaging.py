@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 
-from hm3jax.merging.base import REQUIRED, MergeMethod, Param
+from hm3jax.merging.base import REQUIRED, MergeMethod, Param, sum_models
 from hm3jax.merging.sparsify import topk_mask
-from hm3jax.merging.task_arithmetic import _per_model, consensus_mask
+from hm3jax.merging.task_arithmetic import consensus_mask
 
 
 # --------------------------------------------------------------------------------------- linear
-def linear_tensor(base, models: jax.Array, weights: jax.Array, key=None, *, normalize: bool = True):
+def linear_tensor(base, models: Sequence[jax.Array], weights: jax.Array, key=None, *, normalize: bool = True):
     """Weighted average Σ w_i θ_i / Σ w_i (no division when `normalize` is off).
 
     `base` is ignored: a recipe's base model is one more weighted input, as in mergekit. No guard
-    against Σ w_i = 0 (mergekit has none either). models `[M, *S]`, weights `[M]` -> `[*S]`.
+    against Σ w_i = 0 (mergekit has none either). models: M arrays `[*S]` (or one `[M, *S]` array),
+    weights `[M]` -> `[*S]`.
     """
     del base, key
-    w = jnp.asarray(weights, models.dtype)
-    out = jnp.sum(models * _per_model(w, models.ndim), axis=0)
+    models = list(models)
+    w = jnp.broadcast_to(jnp.asarray(weights, models[0].dtype), (len(models),))
+    out = sum_models([w[i] * x for i, x in enumerate(models)])
     return out / jnp.sum(w) if normalize else out
 
 
@@ -31,35 +35,35 @@ linear = MergeMethod(
 
 
 # --------------------------------------------------------------------------------------- model stock
-def model_stock_tensor(base: jax.Array, models: jax.Array, weights=None, key=None, *,
+def model_stock_tensor(base: jax.Array, models: Sequence[jax.Array], weights=None, key=None, *,
                        filter_wise: bool = False) -> jax.Array:
     """Model Stock: t·mean(θ_i) + (1 − t)·θ_0 with t = N·c / (1 + (N − 1)·c).
 
     c is the mean pairwise cosine between the offsets θ_i − θ_0 (norm product clamped to >= 1e-6,
     cosines clamped to [-1, 1]); where |1 + (N − 1)c| < 1e-6 (no finite estimate) t = 0 keeps the
     base. `filter_wise` computes c per row (last axis) instead of over the whole tensor.
-    base `[*S]`, models `[M, *S]` with M >= 2 -> `[*S]`.
+    base `[*S]`, models: M >= 2 arrays `[*S]` -> `[*S]`.
     """
     del weights, key
     shape = base.shape
     if filter_wise:
         w0 = base[None] if base.ndim == 1 else base
-        ws = models[:, None] if base.ndim == 1 else models
+        ws = [x[None] if base.ndim == 1 else x for x in models]
     else:
-        w0, ws = base.reshape(-1), models.reshape(models.shape[0], -1)
-    offsets = ws - w0[None]
-    norms = jnp.linalg.norm(offsets, axis=-1)
-    n = models.shape[0]
+        w0, ws = base.reshape(-1), [x.reshape(-1) for x in models]
+    offsets = [x - w0 for x in ws]
+    norms = [jnp.linalg.norm(o, axis=-1) for o in offsets]
+    n = len(ws)
     cos = []
     for i in range(n):
         for j in range(i + 1, n):
             dot = jnp.sum(offsets[i] * offsets[j], axis=-1)
             cos.append(jnp.clip(dot / jnp.maximum(norms[i] * norms[j], 1e-6), -1, 1))
-    c = jnp.mean(jnp.stack(cos), axis=0)[..., None]
+    c = (sum_models(cos) / len(cos))[..., None]
     den = 1 + (n - 1) * c
     singular = jnp.abs(den) < 1e-6
     t = jnp.where(singular, 0, n * c / jnp.where(singular, 1, den))
-    avg = jnp.sum(ws, axis=0) / n
+    avg = sum_models(ws) / n
     return (t * avg + (1 - t) * w0).reshape(shape)
 
 
@@ -70,7 +74,7 @@ model_stock = MergeMethod(
 
 
 # --------------------------------------------------------------------------------------- SCE
-def sce_tensor(base: jax.Array, models: jax.Array, weights=None, key=None, *, select_topk=1.0,
+def sce_tensor(base: jax.Array, models: Sequence[jax.Array], weights=None, key=None, *, select_topk=1.0,
                int8_mask: bool = False) -> jax.Array:
     """SCE: select high-variance entries, weight task vectors by their energy, erase sign conflicts.
 
@@ -79,22 +83,23 @@ def sce_tensor(base: jax.Array, models: jax.Array, weights=None, key=None, *, se
     float32, as in mergekit where a torch int tensor times a float is float32; ties by index).
     Weights w_i = mean(τ_i²) / Σ_j mean(τ_j²) (uniform when that sum < 1e-6); entries whose sign
     disagrees with sign(Σ τ) get weight 0; result θ_base + Σ w_i m_i τ_i / max(Σ w_i m_i, 1e-6).
-    base `[*S]`, models `[M, *S]` -> `[*S]`. select_topk scalar (may be traced).
+    base `[*S]`, models: M arrays `[*S]` -> `[*S]`. select_topk scalar (may be traced).
     """
     del weights, key, int8_mask
-    tvs = models - base[None]
-    m = models.shape[0]
+    tvs = [x - base for x in models]
+    m = len(tvs)
     topk = jnp.asarray(select_topk, jnp.float32)
-    var = jnp.var(tvs, axis=0)
+    mean = sum_models(tvs) / m
+    var = sum_models([jnp.square(t - mean) for t in tvs]) / m  # population variance over models
     k = jnp.floor(jnp.count_nonzero(var).astype(jnp.float32) * topk).astype(jnp.int32)
     keep = jnp.where(topk >= 1, True, jnp.where(topk <= 0, False, topk_mask(var, k)))
-    tvs = jnp.where(keep[None], tvs, 0)
+    tvs = [jnp.where(keep, t, 0) for t in tvs]
     agree = consensus_mask(tvs, "sum")
-    energy = jnp.mean(jnp.square(tvs).reshape(m, -1), axis=1)
+    energy = jnp.stack([jnp.mean(jnp.square(t)) for t in tvs])
     total = jnp.sum(energy)
     w = jnp.where(jnp.abs(total) < 1e-6, jnp.full_like(energy, 1 / m), energy / total)
-    ew = jnp.where(agree, _per_model(w, tvs.ndim), 0)
-    merged = jnp.sum(tvs * ew, axis=0) / jnp.maximum(jnp.sum(ew, axis=0), 1e-6)
+    ew = [jnp.where(a, w[i], 0) for i, a in enumerate(agree)]
+    merged = sum_models([t * e for t, e in zip(tvs, ew)]) / jnp.maximum(sum_models(ew), 1e-6)
     return base + merged
 
 
@@ -106,10 +111,10 @@ sce = MergeMethod(
 
 
 # --------------------------------------------------------------------------------------- passthrough
-def passthrough_tensor(base, models: jax.Array, weights=None, key=None, *, scale=None) -> jax.Array:
-    """The single input tensor, times `scale` when given. models `[1, *S]` -> `[*S]`."""
+def passthrough_tensor(base, models: Sequence[jax.Array], weights=None, key=None, *, scale=None) -> jax.Array:
+    """The single input tensor, times `scale` when given. models: one array `[*S]` -> `[*S]`."""
     del base, weights, key
-    x = models[0]
+    x = list(models)[0]
     if scale is None:
         return x
     return x * jnp.reshape(jnp.asarray(scale, x.dtype), (-1,))[0]

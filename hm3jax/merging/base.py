@@ -4,8 +4,9 @@ A method is a small immutable record around one per-tensor function
 
     merge_tensor(base, models, weights, key, *, masks=None, **params) -> merged tensor
 
-with base `[*S]` (or None), models stacked `[M, *S]`, weights `[M]` (or None for methods without
-weights), a PRNG key (random methods; else ignored), optional injected keep-masks `[M, *S]` (random
+with base `[*S]` (or None), models a sequence of M arrays `[*S]` (or one stacked `[M, *S]` array; the
+methods never stack them, which would copy), weights `[M]` (or None for methods without weights), a
+PRNG key (random methods; else ignored), optional injected keep-masks (M bool arrays `[*S]`; random
 methods), and the method's declared parameters. Static parameters (booleans, strings, ints that change
 the computation) are Python values; the others are arrays (scalars, or `[M]` for per-model ones) and
 may be traced, so a merge vmaps over weights or densities and jits once.
@@ -22,6 +23,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from hm3jax.models.params import Path, get_path, hf_name, iter_leaves, set_path
@@ -126,10 +128,11 @@ class MergeMethod(NamedTuple):
         out: dict = {}
         for path, ref_leaf in iter_leaves(ref):
             b = get_path(base, path) if base is not None else None
-            ms = jnp.stack([jnp.asarray(get_path(m, path), compute_dtype) for m in models])
+            ms = [jnp.asarray(get_path(m, path), compute_dtype) for m in models]
             leaf_params = {k: _leaf_value(v, path, k) for k, v in params.items()}
             w = _leaf_value(weights, path, "weights") if weights is not None else None
             mk = _leaf_value(masks, path, "masks") if masks is not None else None
+            mk = None if mk is None else [mk[i] for i in range(len(models))]
             if self.uses_weights and w is None:
                 w = leaf_params.pop("weight", None)
             else:
@@ -143,13 +146,13 @@ class MergeMethod(NamedTuple):
         return out
 
     def _merge_leaf(self, path: Path, base, models, weights, key, masks, params, stacked: bool):
-        m = models.shape[0]
-        n_layers = models.shape[1] if stacked else None
+        m = len(models)
+        n_layers = models[0].shape[0] if stacked else None
         params = {k: v if self.params[k].static else
                   _shape_param(v, self.params[k].per_model, m, n_layers, k) for k, v in params.items()}
         w = None if weights is None else _shape_param(weights, True, m, n_layers, "weights")
-        # prepare runs outside any vmap so concrete values stay concrete (exact keep-counts).
-        params = self.prepare_params(params, tuple(models.shape[2:] if stacked else models.shape[1:]))
+        # prepare runs before the map over layers, so concrete values stay concrete (exact keep-counts).
+        params = self.prepare_params(params, tuple(models[0].shape[1:] if stacked else models[0].shape))
         static = {k: v for k, v in params.items() if k in self.params and self.params[k].static}
         traced = {k: v for k, v in params.items() if k not in static}
         if stacked:
@@ -171,9 +174,10 @@ class MergeMethod(NamedTuple):
         def leaf(base, models, w, keys, masks, traced):
             if not stacked:
                 return one(base, models, w, keys, masks, traced)
-            axes = (None if base is None else 0, 1, None if w is None else 0, None if keys is None else 0,
-                    None if masks is None else 1, 0)
-            return jax.vmap(one, in_axes=axes)(base, models, w, keys, masks, traced)
+            # A sequential map over layers, not vmap: the trims' data-dependent branches stay real
+            # branches (under vmap lax.cond runs both sides), and only one layer's temporaries live
+            # at a time.
+            return lax.map(lambda xs: one(*xs), (base, models, w, keys, masks, traced))
 
         fn = _LEAF_FNS[cache_key] = jax.jit(leaf)
         return fn
@@ -187,6 +191,19 @@ class MergeMethod(NamedTuple):
         if self.random:
             return self.merge_tensor(base, models, weights, key, masks=masks, **static, **traced)
         return self.merge_tensor(base, models, weights, key, **static, **traced)
+
+
+def sum_models(xs: Sequence[jax.Array]) -> jax.Array:
+    """Σ of M arrays (a sequence, or the leading axis of one array) as M − 1 elementwise adds.
+
+    XLA:CPU compiles a reduction over a small leading axis (jnp.sum(x, axis=0)) into a loop that runs
+    ~100x below memory bandwidth; unrolled adds fuse into one pass. M is static and small.
+    """
+    xs = list(xs)
+    out = xs[0]
+    for x in xs[1:]:
+        out = out + x
+    return out
 
 
 def tensor_key(key: jax.Array | None, name: str) -> jax.Array | None:

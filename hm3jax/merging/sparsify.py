@@ -87,7 +87,7 @@ def _kth_largest_search(a: jax.Array, k: jax.Array) -> jax.Array:
     return value(lo)
 
 
-def topk_mask(x: jax.Array, k: Any, method: str = "exact") -> jax.Array:
+def topk_mask(x: jax.Array, k: Any, method: str = "exact", zero_ties_free: bool = False) -> jax.Array:
     """Boolean mask of the `k` entries of largest |x|.
 
     Args:
@@ -100,6 +100,8 @@ def topk_mask(x: jax.Array, k: Any, method: str = "exact") -> jax.Array:
         over a sharded array) and keeps every entry with |x| >= it: the same set unless several
         non-zero entries tie at the k-th magnitude (ties at zero change no result, since a kept
         zero contributes nothing and has no sign).
+      zero_ties_free: when the k-th magnitude is 0, keep every zero instead of exactly enough of them
+        (numerically the same for every trim here, and skips a prefix sum).
     Returns a bool array shaped like x.
     """
     if method not in TRIM_METHODS:
@@ -115,7 +117,19 @@ def topk_mask(x: jax.Array, k: Any, method: str = "exact") -> jax.Array:
         above = a > kth
         tied = a == kth
         need = k - jnp.sum(above, dtype=jnp.int32)
-        mask = above | (tied & (jnp.cumsum(tied, dtype=jnp.int32) <= need))
+
+        def break_ties():
+            return above | (tied & (jnp.cumsum(tied, dtype=jnp.int32) <= need))
+
+        if method == "sort":
+            mask = break_ties()
+        else:
+            # The prefix sum is slow on CPU and only matters when some, not all, of the entries tied
+            # at the k-th magnitude are kept (and, with zero_ties_free, that magnitude is not 0).
+            partial = jnp.sum(tied, dtype=jnp.int32) > need
+            if zero_ties_free:
+                partial = partial & (kth > 0)
+            mask = lax.cond(partial, break_ties, lambda: a >= kth)
     mask = jnp.where(k <= 0, False, mask)
     return mask.reshape(x.shape)
 
@@ -156,7 +170,7 @@ def magnitude(x: jax.Array, density: Any, *, k: Any = None, rescale_norm: str | 
         k = keep_count(density, x.size)  # before any float32 cast: exact on concrete values
     density = jnp.asarray(density, jnp.float32)
     k = jnp.maximum(jnp.asarray(k, jnp.int32), 1)
-    out = rescale_masked(x, topk_mask(x, k, method), rescale_norm)
+    out = rescale_masked(x, topk_mask(x, k, method, zero_ties_free=True), rescale_norm)
     out = jnp.where(density <= 0, jnp.zeros_like(x), out)
     return jnp.where(density >= 1, x, out)
 
@@ -189,7 +203,7 @@ def magnitude_outliers(x: jax.Array, density: Any, gamma: Any = 0.01, *, counts:
     kept, top = jnp.asarray(kept, jnp.int32), jnp.asarray(top, jnp.int32)
     # Keep the (top + kept) largest minus the top largest: the same total order for both masks, so
     # the sets are nested and exactly `kept` entries remain.
-    mask = topk_mask(x, top + kept) & ~topk_mask(x, top)
+    mask = topk_mask(x, top + kept, zero_ties_free=True) & ~topk_mask(x, top, zero_ties_free=True)
     return jnp.where(density >= 1, x, rescale_masked(x, mask, rescale_norm))
 
 

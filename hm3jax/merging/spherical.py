@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hm3jax.merging.base import REQUIRED, MergeMethod, Param
+from hm3jax.merging.base import REQUIRED, MergeMethod, Param, sum_models
 
 
 # --------------------------------------------------------------------------------------- slerp
@@ -30,10 +32,10 @@ def slerp_pair(t, v0: jax.Array, v1: jax.Array, dot_threshold: float = 0.9995, e
     return (ca * a + cb * b).reshape(v0.shape)
 
 
-def slerp_tensor(base: jax.Array, models: jax.Array, weights=None, key=None, *, t) -> jax.Array:
-    """SLERP from the base (t = 0) to the one other model (t = 1). models `[1, *S]` -> `[*S]`."""
+def slerp_tensor(base: jax.Array, models: Sequence[jax.Array], weights=None, key=None, *, t) -> jax.Array:
+    """SLERP from the base (t = 0) to the one other model (t = 1). models: one array `[*S]` -> `[*S]`."""
     del weights, key
-    return slerp_pair(t, base, models[0])
+    return slerp_pair(t, base, list(models)[0])
 
 
 slerp = MergeMethod(
@@ -64,20 +66,21 @@ def _nuslerp(t, v0: jax.Array, v1: jax.Array, row_wise: bool, flatten: bool, eps
     return res.reshape(shape)
 
 
-def nuslerp_tensor(base, models: jax.Array, weights: jax.Array, key=None, *, nuslerp_row_wise: bool = False,
+def nuslerp_tensor(base, models: Sequence[jax.Array], weights: jax.Array, key=None, *, nuslerp_row_wise: bool = False,
                    nuslerp_flatten: bool = True) -> jax.Array:
     """NuSLERP between two models, of their task vectors when a base is given.
 
     t = w_1 / (w_0 + w_1) (0.5 when |w_0 + w_1| < 1e-6). `nuslerp_flatten` (default) uses one angle
     per tensor; otherwise one per row (last axis), or with `nuslerp_row_wise` one per slice along
     axis 0 (mergekit's transpose). Exactly collinear pairs are interpolated linearly.
-    base `[*S]` or None, models `[2, *S]`, weights `[2]` -> `[*S]`.
+    base `[*S]` or None, models: two arrays `[*S]`, weights `[2]` -> `[*S]`.
     """
     del key
+    models = list(models)
     w = jnp.asarray(weights, jnp.float32)
     total = w[0] + w[1]
     t = jnp.where(jnp.abs(total) < 1e-6, 0.5, w[1] / jnp.where(jnp.abs(total) < 1e-6, 1, total))
-    t = t.astype(models.dtype)
+    t = t.astype(models[0].dtype)
     if base is None:
         return _nuslerp(t, models[0], models[1], nuslerp_row_wise, nuslerp_flatten)
     return base + _nuslerp(t, models[0] - base, models[1] - base, nuslerp_row_wise, nuslerp_flatten)
@@ -92,7 +95,7 @@ nuslerp = MergeMethod(
 
 
 # --------------------------------------------------------------------------------------- karcher
-def karcher_tensor(base, models: jax.Array, weights=None, key=None, *, max_iter: int = 10,
+def karcher_tensor(base, models: Sequence[jax.Array], weights=None, key=None, *, max_iter: int = 10,
                    tol: float = 1e-5) -> jax.Array:
     """Karcher (Riemannian) mean of the tensors' directions, scaled by their mean norm.
 
@@ -100,29 +103,35 @@ def karcher_tensor(base, models: jax.Array, weights=None, key=None, *, max_iter:
     unit sphere by at most `max_iter` Riemannian gradient steps (stop when the tangent norm < tol;
     terms with angle < tol are skipped); the result is (Σ α_i ‖θ_i‖) · mean direction. All norms
     <= tol give zeros; one model returns it unchanged. `base` is ignored (a recipe's base model is one
-    more input). models `[M, *S]` -> `[*S]`.
+    more input). models: M arrays `[*S]` -> `[*S]`.
     """
     del base, weights, key
-    m = models.shape[0]
+    models = list(models)
+    m = len(models)
     if m == 1:
         return models[0]
-    x = models.reshape(m, -1)
-    norms = jnp.linalg.norm(x, axis=1)
-    units = x / jnp.where(norms == 0, 1, norms)[:, None]
+    shape = models[0].shape
+    xs = [x.reshape(-1) for x in models]
+    norms = jnp.stack([jnp.linalg.norm(x) for x in xs])
+    units = [x / jnp.where(norms[i] == 0, 1, norms[i]) for i, x in enumerate(xs)]
     valid = norms > tol
     alpha = jnp.where(valid, 1.0 / m, 0.0)
     alpha = alpha / jnp.where(jnp.any(valid), jnp.sum(alpha), 1)
-    mean = jnp.sum(alpha[:, None] * units, axis=0)
+    mean = sum_models([alpha[i] * u for i, u in enumerate(units)])
     mean_norm = jnp.linalg.norm(mean)
-    first_valid = units[jnp.argmax(valid)]
+    first = jnp.argmax(valid)
+    first_valid = sum_models([jnp.where(first == i, u, 0) for i, u in enumerate(units)])
     mean = jnp.where(mean_norm < tol, first_valid, mean / jnp.where(mean_norm < tol, 1, mean_norm))
 
     def tangent_of(mean):
-        dot = jnp.clip(units @ mean, -1, 1)
-        theta = jnp.arccos(dot)
-        use = valid & (theta >= tol)
-        coef = jnp.where(use, alpha * theta / jnp.where(use, jnp.sin(theta), 1), 0)
-        return jnp.sum(coef[:, None] * (units - dot[:, None] * mean[None]), axis=0)
+        terms = []
+        for i, u in enumerate(units):
+            dot = jnp.clip(jnp.vdot(u, mean), -1, 1)
+            theta = jnp.arccos(dot)
+            use = valid[i] & (theta >= tol)
+            coef = jnp.where(use, alpha[i] * theta / jnp.where(use, jnp.sin(theta), 1), 0)
+            terms.append(coef * (u - dot * mean))
+        return sum_models(terms)
 
     def cond(state):
         i, _, done = state
@@ -141,7 +150,7 @@ def karcher_tensor(base, models: jax.Array, weights=None, key=None, *, max_iter:
     _, mean, _ = lax.while_loop(cond, body, (jnp.int32(0), mean, jnp.bool_(False)))
     scale = jnp.sum(norms) / m
     out = jnp.where(jnp.any(valid), scale * mean, jnp.zeros_like(mean))
-    return out.reshape(models.shape[1:])
+    return out.reshape(shape)
 
 
 karcher = MergeMethod(

@@ -143,7 +143,7 @@ class _Compiled:
                     x = x if load is None else x.astype(load)
                     return x.astype(jnp.float32)
                 b = None if base is None else cast(base)
-                ms = jnp.stack([cast(m) for m in models])
+                ms = [cast(m) for m in models]
                 return method.apply_tensor(b, ms, weights, rng, None, static, traced).astype(out)
 
             fn = _COMPILED[key] = jax.jit(merge_one)

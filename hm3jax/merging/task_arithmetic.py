@@ -13,13 +13,13 @@ Per tensor, with τ_i = θ_i − θ_base (mergekit 0.1.5 semantics):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from hm3jax.merging import sparsify as sp
-from hm3jax.merging.base import REQUIRED, MergeMethod, Param
+from hm3jax.merging.base import REQUIRED, MergeMethod, Param, sum_models
 
 SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers", "della_magprune")
 CONSENSUS = (None, "sum", "count")
@@ -44,33 +44,34 @@ def _sparsify_one(kind: str, delta, p: dict, key, mask, rescale: bool, trim: str
     raise ValueError(f"sparsification {kind!r} is not supported; supported: {SPARSIFIERS[1:]}")
 
 
-def consensus_mask(deltas: jax.Array, method: str = "sum") -> jax.Array:
-    """TIES sign election over weighted deltas `[M, *S]`: True where δ_i agrees with the elected sign.
+def consensus_mask(deltas: Sequence[jax.Array], method: str = "sum") -> list[jax.Array]:
+    """TIES sign election over weighted deltas (M arrays, or one `[M, *S]` array).
 
     "sum": elected sign of Σ_i δ_i; "count": sign of Σ_i sign(δ_i). Ties (0) elect +1; zero entries
-    (trimmed or unchanged) never agree. Returns bool `[M, *S]`.
+    (trimmed or unchanged) never agree. Returns M bool arrays: True where δ_i agrees.
     """
-    sign = jnp.sign(deltas)
+    deltas = list(deltas)
+    signs = [jnp.sign(d) for d in deltas]
     if method == "sum":
-        total = jnp.sum(deltas, axis=0)
+        total = sum_models(deltas)
     elif method == "count":
-        total = jnp.sum(sign, axis=0)
+        total = sum_models(signs)
     else:
         raise ValueError(f"consensus {method!r} is not supported; supported: sum, count")
-    elected = jnp.where(total >= 0, 1, -1).astype(deltas.dtype)
-    return sign == elected
+    elected = jnp.where(total >= 0, 1, -1).astype(deltas[0].dtype)
+    return [s == elected for s in signs]
 
 
-def generalized_task_arithmetic(base: jax.Array, models: jax.Array, weights: jax.Array,
-                                key: jax.Array | None = None, *, masks: jax.Array | None = None,
+def generalized_task_arithmetic(base: jax.Array, models: Sequence[jax.Array], weights: jax.Array,
+                                key: jax.Array | None = None, *, masks: Sequence[jax.Array] | None = None,
                                 sparsification: str | None = None, consensus: str | None = None,
                                 normalize: bool = False, rescale: bool = False, trim: str = "exact",
                                 int8_mask: bool = False, **params: Any) -> jax.Array:
     """One tensor through the task-arithmetic pipeline (module docstring).
 
     Args:
-      base: `[*S]`; models: `[M, *S]`; weights: `[M]`.
-      key: PRNG key for random sparsifiers (split into one key per model); or `masks` `[M, *S]` bool.
+      base: `[*S]`; models: M arrays `[*S]` (a sequence, or one stacked `[M, *S]` array); weights `[M]`.
+      key: PRNG key for random sparsifiers (split into one key per model), or `masks`: M bool arrays.
       sparsification / consensus: see SPARSIFIERS / CONSENSUS.
       normalize, rescale: as in mergekit (rescale = L1 norm-ratio rescale after sparsifying).
       trim: "exact" (exact top-k via radix select) or "search" (bisection threshold; partitions over
@@ -81,31 +82,29 @@ def generalized_task_arithmetic(base: jax.Array, models: jax.Array, weights: jax
     Returns the merged tensor `[*S]`.
     """
     del int8_mask
-    deltas = models - base[None]
+    # Models stay separate arrays: stacking them would materialise an M-times copy (XLA:CPU does
+    # not fuse the concatenation into the elementwise work), and the per-model loop is unrolled.
+    deltas = [m - base for m in models]
+    m = len(deltas)
+    w = jnp.broadcast_to(jnp.asarray(weights, base.dtype), (m,))
     if sparsification is not None:
-        m = models.shape[0]
         per = {k: jnp.broadcast_to(jnp.asarray(params[k]), (m,))
                for k in ("density", "gamma", "epsilon", "keep", "top") if k in params}
         random = sparsification in ("random", "della_magprune")
-        keys = jax.random.split(key, m) if (random and masks is None and key is not None) else None
-        if random and masks is None and keys is None:
+        if random and masks is None and key is None:
             raise ValueError(f"sparsification {sparsification!r} needs a PRNG key or masks")
-
-        def one(delta, p, k, mk):
-            return _sparsify_one(sparsification, delta, p, k, mk, rescale, trim)
-
-        deltas = jax.vmap(one, in_axes=(0, 0, None if keys is None else 0, None if masks is None else 0))(
-            deltas, per, keys, masks)
-    w = jnp.asarray(weights, deltas.dtype)
-    wb = _per_model(w, deltas.ndim)
-    deltas = deltas * wb
+        keys = jax.random.split(key, m) if (random and masks is None) else [None] * m
+        mks = [None] * m if masks is None else list(masks)
+        deltas = [_sparsify_one(sparsification, d, {k: v[i] for k, v in per.items()}, keys[i], mks[i],
+                                rescale, trim) for i, d in enumerate(deltas)]
+    deltas = [w[i] * d for i, d in enumerate(deltas)]
     if consensus is not None:
         agree = consensus_mask(deltas, consensus)
-        mixed = jnp.sum(jnp.where(agree, deltas, 0), axis=0)
-        divisor = jnp.sum(jnp.where(agree, wb, 0), axis=0)
+        mixed = sum_models([jnp.where(a, d, 0) for a, d in zip(agree, deltas)])
+        divisor = sum_models([jnp.where(a, w[i], 0) for i, a in enumerate(agree)])
         divisor = jnp.where(divisor == 0, 1, divisor)
     else:
-        mixed = jnp.sum(deltas, axis=0)
+        mixed = sum_models(deltas)
         divisor = jnp.sum(w)
         divisor = jnp.where(jnp.abs(divisor) < 1e-8, 1, divisor)
     if normalize:
