@@ -53,6 +53,7 @@ def _left_behind(tmp_path):
     ("missing_model", r"model '/nonexistent/m' is not a local directory"),
     ("slices", r"all sources of a slice must have the same number of layers"),
     ("weight", r"needs parameter 'weight' for tensor model\.embed_tokens\.weight"),
+    ("duplicate", r"listed more than once as inputs: .*ft1"),
 ], ids=lambda v: v if " " not in v and "\\" not in v else "")
 def test_bad_inputs_fail_clearly_and_leave_nothing(zoo, tmp_path, capsys, case, expect):
     z = zoo
@@ -70,6 +71,7 @@ def test_bad_inputs_fail_clearly_and_leave_nothing(zoo, tmp_path, capsys, case, 
         "slices": {"merge_method": "passthrough", "slices": [{"sources": [
             {"model": z["ft1"], "layer_range": [0, 2]}, {"model": z["ft2"], "layer_range": [0, 3]}]}]},
         "weight": _ties(z, models=[{"model": z["ft1"]}]),
+        "duplicate": _ties(z, models=[{"model": z["ft1"], "parameters": {"weight": 1.0}}] * 2),
     }[case]
     if case == "no_base":
         recipe.pop("base_model")

@@ -3,11 +3,13 @@ and out-of-core merging of checkpoints on disk (`python -m hm3jax.merge CONFIG.y
 
 Each method is a `MergeMethod`; `METHODS[name].merge(base, models, weights, key, **params)` merges
 whole pytrees, and the module-level names below (`merging.ties(...)`, ...) are those same functions.
+`merge_recipe(yaml_path, out_dir)` runs a mergekit recipe out of core (what the CLI does).
 """
 
 from hm3jax.merging.averaging import stack_layers
 from hm3jax.merging.base import REQUIRED, MergeMethod, Param, tensor_key
 from hm3jax.merging.methods import METHODS, UnknownMethodError, get_method, register
+from hm3jax.merging.recipe import Recipe, RecipeError, load_recipe
 from hm3jax.merging.sparsify import (della_drop, della_probs, keep_count, magnitude, magnitude_outliers,
                                      random_drop, rescale_masked, topk_mask)
 
@@ -27,8 +29,15 @@ sce = METHODS["sce"].merge
 karcher = METHODS["karcher"].merge
 passthrough = METHODS["passthrough"].merge
 
+
+def merge_recipe(recipe, out_dir, **kwargs):
+    """Run a mergekit YAML recipe from disk to disk (see hm3jax.merging.stream.merge_recipe)."""
+    from hm3jax.merging.stream import merge_recipe as run
+
+    return run(recipe, out_dir, **kwargs)
+
 __all__ = [
-    "METHODS", "MergeMethod", "Param", "REQUIRED", "UnknownMethodError", "get_method", "register",
+    "METHODS", "MergeMethod", "Recipe", "RecipeError", "load_recipe", "merge_recipe", "Param", "REQUIRED", "UnknownMethodError", "get_method", "register",
     "tensor_key", "stack_layers", "keep_count", "topk_mask", "magnitude", "magnitude_outliers",
     "random_drop", "della_probs", "della_drop", "rescale_masked",
     "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear",

@@ -93,6 +93,9 @@ def _slices(recipe: Recipe, readers) -> list[OutputSlice]:
 
 def _check_inputs(method: MergeMethod, models: list[str], base: str | None, where: str) -> int | None:
     """Position of the base among the inputs (None for base-less methods); errors on bad counts."""
+    dup = sorted({m for m in models if models.count(m) > 1})
+    if dup:
+        raise PlanError(f"{where}: model(s) listed more than once as inputs: {', '.join(dup)}")
     pos = None
     if method.base != "ignored" and base is not None:
         if base not in models:
