@@ -1,0 +1,120 @@
+"""Parameter-level baseline fronts: TA, TIES and DARE-TIES at N preferences, scored on held-out data.
+
+    python -m hm3jax.search.baselines ZOO_DIR [--preferences 10] [--grid] [--seed 0] [--out FILE.json]
+
+Prints a table like the paper's Table 1 (rows: base, the experts, each method at the centre
+preference; columns: tasks) and each method's front hypervolume (reference point: all-zero scores).
+Every preference's merge is scored in memory: merges and scoring are vmapped over the preferences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hm3jax.models import forward
+from hm3jax.moo import das_dennis, dirichlet, hypervolume, pareto_mask
+from hm3jax.objectives import exact_match, make_suite_batch, task_means
+from hm3jax.objectives import tasks as task_suite
+from hm3jax.search.upper import UPPER_METHODS, merge_for_preference
+
+
+def make_scorer(cfg, batch, num_tasks: int) -> Callable[[dict], jax.Array]:
+    """params -> [K] teacher-forced exact match per task on `batch` (jittable, vmappable)."""
+    b = jax.tree.map(jnp.asarray, batch)
+
+    def score(params):
+        logits = forward(cfg, params, b.tokens, b.attention_mask)
+        return task_means(exact_match(logits, b), b, num_tasks)
+
+    return score
+
+
+def preferences(k: int, n: int, seed: int = 0, grid: bool = False) -> np.ndarray:
+    """[N, K] preference vectors: Dirichlet(1) draws, or a Das-Dennis grid with >= n points."""
+    if not grid:
+        return np.asarray(dirichlet(n, k, seed))
+    divisions = 1
+    while len(das_dennis(k, divisions)) < n:
+        divisions += 1
+    return np.asarray(das_dennis(k, divisions))
+
+
+def baseline_front(cfg, base: dict, experts: Sequence[dict], score: Callable[[dict], jax.Array],
+                   prefs: np.ndarray, key: jax.Array, methods: Sequence[str] = UPPER_METHODS,
+                   density: float = 0.7, scale: float = 1.0) -> dict[str, np.ndarray]:
+    """Scores [N, K] of each method's merge at each preference (method -> array)."""
+    out = {}
+    for m in methods:
+        @jax.jit
+        def run(p, m=m):
+            return jax.vmap(lambda lam: score(merge_for_preference(m, base, experts, lam, key,
+                                                                   density, scale)))(p)
+        out[m] = np.asarray(run(jnp.asarray(prefs, jnp.float32)))
+    return out
+
+
+def format_table(names: Sequence[str], rows: dict[str, np.ndarray], hv: dict[str, float]) -> str:
+    """A Markdown table: one row per model/method, one column per task, plus hypervolume."""
+    head = "| model | " + " | ".join(names) + " | front HV |\n|---|" + "---|" * (len(names) + 1)
+    lines = [head]
+    for r, v in rows.items():
+        h = f"{hv[r]:.4f}" if r in hv else ""
+        lines.append(f"| {r} | " + " | ".join(f"{100 * x:.1f}" for x in v) + f" | {h} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from hm3jax.objectives.zoo import load_zoo
+
+    ap = argparse.ArgumentParser(prog="python -m hm3jax.search.baselines", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("zoo_dir", help="directory written by python -m hm3jax.objectives.zoo")
+    ap.add_argument("--preferences", type=int, default=10)
+    ap.add_argument("--grid", action="store_true", help="Das-Dennis grid instead of Dirichlet draws")
+    ap.add_argument("--density", type=float, default=0.7)
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="write the scores as JSON here")
+    args = ap.parse_args(argv)
+
+    cfg, models, tokenizer = load_zoo(args.zoo_dir)
+    suite = task_suite()
+    names = [t.name for t in suite]
+    missing = [n for n in ["base", *names] if n not in models]
+    if missing:
+        raise SystemExit(f"{args.zoo_dir}: no checkpoint for {', '.join(missing)}")
+    base, experts = models["base"], [models[n] for n in names]
+    score = jax.jit(make_scorer(cfg, make_suite_batch(suite, "heldout", tokenizer), len(names)))
+    prefs = preferences(len(names), args.preferences, args.seed, args.grid)
+    key = jax.random.key(args.seed)
+    fronts = baseline_front(cfg, base, experts, score, prefs, key, density=args.density,
+                            scale=args.scale)
+    centre = np.full((1, len(names)), 1.0 / len(names))
+    at_centre = baseline_front(cfg, base, experts, score, centre, key, density=args.density,
+                               scale=args.scale)
+    rows = {"base": np.asarray(score(base))}
+    rows.update({f"{n} expert": np.asarray(score(e)) for n, e in zip(names, experts)})
+    rows.update({m: s[0] for m, s in at_centre.items()})
+    ref = np.zeros(len(names))
+    hv = {m: float(hypervolume(s[pareto_mask(s)], ref)) for m, s in fronts.items()}
+    print(f"held-out teacher-forced exact match (%), methods at λ = centre; "
+          f"front HV over {len(prefs)} preferences, reference point 0")
+    print(format_table(names, rows, hv))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"tasks": names, "preferences": prefs.tolist(),
+                       "rows": {k: v.tolist() for k, v in rows.items()},
+                       "fronts": {k: v.tolist() for k, v in fronts.items()}, "hypervolume": hv},
+                      f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
