@@ -80,14 +80,9 @@ def params_from_source(cfg: ModelConfig, source: TensorSource, dtype: Any = None
     unexpected = [n for n in present
                   if n not in expected and not _IGNORED.search(n) and not (tied_head and n == HEAD)]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {short_list(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {short_list(unexpected)}")
         raise CheckpointError(f"{where}: tensors do not match {cfg.model_type} config "
                               f"({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}); "
-                              + "; ".join(parts))
+                              + _mismatch(missing, unexpected))
 
     shapes = param_shapes(cfg)
     bad = []
@@ -141,12 +136,8 @@ def check_params(cfg: ModelConfig, params: dict) -> None:
     missing = [label(p) for p in shapes if p not in leaves]
     unexpected = [label(p) for p in leaves if p not in shapes]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {short_list(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {short_list(unexpected)}")
-        raise CheckpointError(f"params do not match the {cfg.model_type} config: " + "; ".join(parts))
+        raise CheckpointError(f"params do not match the {cfg.model_type} config: "
+                              + _mismatch(missing, unexpected))
     for path, want in shapes.items():
         leaf = leaves[path]
         got = tuple(getattr(leaf, "shape", ()))
@@ -156,3 +147,13 @@ def check_params(cfg: ModelConfig, params: dict) -> None:
         if dt is None or np.dtype(dt) not in FLOAT_DTYPES:
             raise CheckpointError(f"{label(path)}: dtype {dt} is not a float dtype "
                                   f"({', '.join(d.name for d in FLOAT_DTYPES)})")
+
+
+def _mismatch(missing: list[str], unexpected: list[str]) -> str:
+    """'missing N: a, b; unexpected M: c' (only the non-empty parts)."""
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)}: {short_list(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)}: {short_list(unexpected)}")
+    return "; ".join(parts)
