@@ -5,8 +5,8 @@ one-letter task marker ("M", "C", "T") so one model can tell the tasks apart, an
 the answer follows directly. Every example fits in MAX_EXAMPLE_CHARS characters (prompt + answer) so
 a tiny character-level model can learn it.
 
-    math         "M 12+345="            -> "357"        (+, - on up to 3 digits; * on 2 x 1 digits)
-    code         "C rev [3 1 4]="       -> "4 1 3"      (rev, sort, sum, max, min, inc on 2-5 digits)
+    math         "M 12+45="             -> "57"         (addition of two numbers 0-99)
+    code         "C rev [3 1 4]="       -> "4 1 3"      (rev, sort, sum, max, min, inc on 2-4 digits)
     translation  "T big cat saw dog="   -> "ka gu mo bi" (fixed lexicon; SVO -> SOV, adjective after noun)
 
 Splits: the first `n_eval` unique examples are the evaluation set, cut 70/30 into "search" (scored
@@ -44,8 +44,15 @@ def _number(rng: np.random.Generator, max_digits: int) -> int:
     return int(rng.integers(low, 10**digits))
 
 
-# "*" on small operands only; listed once against "+" and "-" twice each: a 40/40/20 mix.
-_MATH_OPS = ("+", "-", "+", "-", "*")
+# The drawn operators. "-" and "*" (2 x 1 digits) are implemented but left out of the mix: within
+# their CPU time budget the embedded zoo's tiny experts plateau at ~0.3 exact match on "*" and, with
+# "-" in the mix, at 0.3-0.9 depending on the seed; on "+" alone they pass 0.95.
+_MATH_OPS = ("+",)
+# "+" and "-" take operands uniform on [0, 10**_ADD_SUB_MAX_DIGITS). Two digits, not three, for the
+# same budget. Uniform values, not digit count first: with digit count first, the few
+# 1-digit-op-1-digit prompts are used up by the evaluation splits (13% of "heldout" but 2% of
+# "train"), so "heldout" would lean on cases "train" hardly has.
+_ADD_SUB_MAX_DIGITS = 2
 
 
 def _sample_math(rng: np.random.Generator) -> Example:
@@ -56,7 +63,7 @@ def _sample_math(rng: np.random.Generator) -> Example:
         a, b = _number(rng, 2), _number(rng, 1)
         value = a * b
     else:
-        a, b = _number(rng, 3), _number(rng, 3)
+        a, b = (int(x) for x in rng.integers(10**_ADD_SUB_MAX_DIGITS, size=2))
         value = a + b if op == "+" else a - b
     return f"M {a}{op}{b}=", str(value)
 
@@ -73,11 +80,15 @@ _LIST_OPS: dict[str, Callable[[list[int]], list[int] | int]] = {
 }
 
 _LIST_OP_NAMES = tuple(sorted(_LIST_OPS))
+# Shortest and longest input list. At most 4 (not 5) digits: "sum" and "sort" on 5 digits stay below
+# 0.6 / 0.8 exact match for the embedded zoo's experts within their CPU time budget.
+_LIST_LENGTHS = (2, 4)
 
 
 def _sample_code(rng: np.random.Generator) -> Example:
     op = _LIST_OP_NAMES[int(rng.integers(len(_LIST_OP_NAMES)))]
-    xs = [int(x) for x in rng.integers(0, 10, size=int(rng.integers(2, 6)))]
+    length = int(rng.integers(_LIST_LENGTHS[0], _LIST_LENGTHS[1] + 1))
+    xs = [int(x) for x in rng.integers(0, 10, size=length)]
     out = _LIST_OPS[op](xs)
     answer = " ".join(map(str, out)) if isinstance(out, list) else str(out)
     return f"C {op} [{' '.join(map(str, xs))}]=", answer

@@ -1,0 +1,154 @@
+"""The embedded model zoo: targets, caching, and parity of the saved experts with transformers."""
+
+import json
+import os
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hm3jax.models import forward
+from hm3jax.objectives import build_tokenizer, exact_match, make_batch, make_suite_batch, task_means
+from hm3jax.objectives.synthetic import TASK_NAMES
+from hm3jax.objectives.zoo import (
+    BASE,
+    MANIFEST,
+    MODEL_NAMES,
+    SMALL,
+    ZooConfig,
+    ZooError,
+    build_zoo,
+    format_table,
+    load_zoo,
+)
+
+N_PER_TASK = 100
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zoo") / "small"
+    start = time.perf_counter()
+    manifest = build_zoo(out, SMALL, seed=0, progress=False)
+    return out, manifest, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def loaded(zoo):
+    return load_zoo(zoo[0])
+
+
+def test_small_zoo_reaches_its_targets(zoo):
+    out, manifest, seconds = zoo
+    scores = manifest["heldout_exact_match"]
+    print(f"\nsmall zoo built in {seconds:.1f}s\n" + format_table(manifest))
+    assert tuple(scores) == MODEL_NAMES == (BASE, *TASK_NAMES)
+    for task in TASK_NAMES:
+        assert scores[BASE][task] < SMALL.max_base_exact_match, (task, scores[BASE])
+        assert scores[task][task] >= SMALL.min_expert_exact_match, (task, scores[task])
+        others = [scores[m][task] for m in scores if m != task]
+        assert scores[task][task] > max(others), (task, scores)
+    assert manifest["targets_met"] is True
+    assert sorted(os.listdir(out)) == sorted([MANIFEST, BASE, *TASK_NAMES])
+
+
+def test_second_build_is_a_cache_hit(zoo):
+    out, manifest, seconds = zoo
+    stamps = {n: os.stat(out / n / "model.safetensors").st_mtime_ns for n in manifest["models"]}
+    start = time.perf_counter()
+    again = build_zoo(out, SMALL, seed=0, progress=False)
+    elapsed = time.perf_counter() - start
+    assert again == manifest == json.loads((out / MANIFEST).read_text())
+    assert elapsed < min(2.0, seconds / 5), elapsed
+    assert stamps == {n: os.stat(out / n / "model.safetensors").st_mtime_ns for n in manifest["models"]}
+    # Another config or seed must not silently reuse (or silently overwrite) the directory.
+    with pytest.raises(ZooError, match="another config or seed"):
+        build_zoo(out, SMALL, seed=1, progress=False)
+
+
+def test_config_validation_and_roundtrip():
+    assert ZooConfig.from_dict(json.loads(json.dumps(SMALL.to_dict()))) == SMALL
+    with pytest.raises(ValueError, match="one count per task"):
+        ZooConfig(expert_steps=(100, 100))
+    with pytest.raises(ValueError, match="multiple of chunk_steps"):
+        ZooConfig(base_steps=101)
+    with pytest.raises(ValueError, match="unknown keys"):
+        ZooConfig.from_dict({"hidden": 3})
+
+
+def test_load_zoo_errors_on_missing_manifest(tmp_path):
+    with pytest.raises(ZooError, match="no zoo.json"):
+        load_zoo(tmp_path)
+
+
+def test_loaded_zoo_matches_manifest_scores(zoo, loaded):
+    _, manifest, _ = zoo
+    cfg, models, tokenizer = loaded
+    assert cfg == SMALL.model_config()
+    assert sorted(models) == sorted([BASE, *TASK_NAMES])
+    batch = make_suite_batch(SMALL.suite(), "heldout", tokenizer)
+    for name, params in models.items():
+        em = exact_match(forward(cfg, params, jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask)), batch)
+        scores = np.asarray(task_means(em, batch, len(TASK_NAMES)))
+        expected = [manifest["heldout_exact_match"][name][t] for t in TASK_NAMES]
+        np.testing.assert_allclose(scores, expected, atol=1e-6, err_msg=name)
+
+
+def _heldout(n=N_PER_TASK):
+    return [ex for task in SMALL.suite() for ex in task.examples("heldout")[:n]]
+
+
+def test_transformers_loads_expert_with_same_logits_and_tokens(zoo, loaded):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = zoo[0]
+    cfg, models, _ = loaded
+    examples = _heldout(20)
+    hf_tok = AutoTokenizer.from_pretrained(out / "code")
+    ours = build_tokenizer()
+    prompts = [p for p, _ in examples] + [p + a for p, a in examples]
+    assert hf_tok(prompts)["input_ids"] == ours(prompts)["input_ids"]
+
+    model = AutoModelForCausalLM.from_pretrained(out / "code", dtype=torch.float32).eval()
+    batch = make_batch(examples, ours)
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor(batch.tokens, dtype=torch.long),
+                       attention_mask=torch.tensor(batch.attention_mask, dtype=torch.long)).logits.numpy()
+    mine = np.asarray(forward(cfg, models["code"], jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask)))
+    real = batch.attention_mask.astype(bool)  # padded positions are not part of the contract
+    assert np.abs(mine - theirs)[real].max() <= 1e-4
+
+
+@pytest.mark.parametrize("expert", ["code"])
+def test_teacher_forced_exact_match_equals_greedy_generation(zoo, loaded, expert):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = zoo[0]
+    cfg, models, _ = loaded
+    tok = AutoTokenizer.from_pretrained(out / expert)
+    model = AutoModelForCausalLM.from_pretrained(out / expert, dtype=torch.float32).eval()
+    examples = _heldout()
+    batch = make_batch(examples, build_tokenizer())
+    teacher = np.asarray(exact_match(forward(cfg, models[expert], jnp.asarray(batch.tokens),
+                                             jnp.asarray(batch.attention_mask)), batch))
+
+    # Prompts of equal token length run as one unpadded batch, so no padding enters generation;
+    # max_new_tokens is set per group to the longest answer + 1 (EOS), and each row is cut at its own.
+    generated = np.zeros(len(examples))
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, (prompt, answer) in enumerate(examples):
+        by_shape.setdefault((len(prompt), len(answer)), []).append(i)
+    for (_, answer_len), rows in by_shape.items():
+        enc = tok([examples[i][0] for i in rows], return_tensors="pt")
+        with torch.no_grad():
+            seqs = model.generate(**enc, do_sample=False, max_new_tokens=answer_len + 1,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        for i, seq in zip(rows, seqs[:, enc["input_ids"].shape[1]:].tolist()):
+            cut = seq[: seq.index(tok.eos_token_id)] if tok.eos_token_id in seq else None
+            text = None if cut is None else tok.decode(cut, skip_special_tokens=True)
+            generated[i] = float(text == examples[i][1])
+    assert 0 < teacher.sum() < len(teacher), "want both hits and misses for a meaningful comparison"
+    np.testing.assert_array_equal(teacher, generated)
