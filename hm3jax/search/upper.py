@@ -120,8 +120,10 @@ def run_upper(cfg: UpperConfig, base: dict, experts: Sequence[dict], preference,
         return s, tchebycheff(s, pref, ideal)
 
     if not cfg.tune:
-        s, t = jax.jit(evaluate)(cfg.density, cfg.scale)
+        # merge once and score that merge (evaluate() would merge a second time inside its jit)
         params = merge_for_preference(cfg.method, base, experts, pref, k_merge, cfg.density, cfg.scale)
+        s = score_fn(params)
+        t = tchebycheff(s, pref, ideal)
         return UpperResult(params, cfg.density, cfg.scale, np.asarray(s), float(t), np.zeros(0))
 
     from evosax.algorithms import CMA_ES  # optional dependency of the tuner only
