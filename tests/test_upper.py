@@ -7,6 +7,10 @@ import pytest
 
 from hm3jax import merging
 from hm3jax.models import ModelConfig, init_params
+from hm3jax.moo import ideal_point, tchebycheff
+from hm3jax.objectives import TASK_NAMES, make_batch
+from hm3jax.objectives.zoo import BASE, SMALL
+from hm3jax.search.baselines import make_scorer
 from hm3jax.search.upper import UpperConfig, merge_for_preference, run_upper
 
 CFG = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -14,7 +18,8 @@ CFG = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidde
 
 
 @pytest.fixture(scope="module")
-def zoo():
+def toy_zoo():
+    """A random base and three small perturbations of it."""
     base = init_params(CFG, jax.random.key(0))
     experts = [jax.tree.map(lambda a, i=i: a + 0.02 * jax.random.normal(jax.random.key(10 + i), a.shape),
                             base) for i in range(3)]
@@ -30,8 +35,8 @@ def closeness(experts):
     return score
 
 
-def test_paper_merge_is_dare_ties_with_preference_weights(zoo):
-    base, experts = zoo
+def test_paper_merge_is_dare_ties_with_preference_weights(toy_zoo):
+    base, experts = toy_zoo
     pref = jnp.asarray([0.5, 0.3, 0.2])
     key = jax.random.key(3)
     got = merge_for_preference("dare_ties", base, experts, pref, key, density=0.6, scale=1.2)
@@ -39,8 +44,8 @@ def test_paper_merge_is_dare_ties_with_preference_weights(zoo):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
 
 
-def test_preference_moves_the_merge_towards_the_preferred_expert(zoo):
-    base, experts = zoo
+def test_preference_moves_the_merge_towards_the_preferred_expert(toy_zoo):
+    base, experts = toy_zoo
     score = closeness(experts)
     for method in ("task_arithmetic", "ties", "dare_ties"):
         a = score(merge_for_preference(method, base, experts, [0.8, 0.1, 0.1], jax.random.key(0)))
@@ -48,8 +53,8 @@ def test_preference_moves_the_merge_towards_the_preferred_expert(zoo):
         assert a[0] > b[0] and b[2] > a[2], method
 
 
-def test_merges_vmap_over_preferences(zoo):
-    base, experts = zoo
+def test_merges_vmap_over_preferences(toy_zoo):
+    base, experts = toy_zoo
     prefs = jnp.asarray([[1, 0, 0], [0.2, 0.3, 0.5], [0, 0, 1.0]])
     for method in ("ties", "dare_ties"):
         many = jax.vmap(lambda p: merge_for_preference(method, base, experts, p, jax.random.key(1)))(prefs)
@@ -59,21 +64,55 @@ def test_merges_vmap_over_preferences(zoo):
                                        np.asarray(one["layers"]["mlp"]["up_proj"]["weight"]), atol=1e-6)
 
 
+# The ES test runs on the embedded zoo (conftest.small_zoo, built once per session): base + the
+# math/code/translation experts, scored on the first rows of each task's "search" split.
+SEARCH_ROWS_PER_TASK = 100
+ES_PREFERENCE = [0.5, 0.3, 0.2]
+
+
+@pytest.fixture(scope="module")
+def zoo_search(small_zoo_loaded):
+    """(base, experts, jitted loglik scorer, ideal point, [K, K] expert scores) on the zoo's search rows.
+
+    The objective is the mean answer log-likelihood per task: parameter-level merges of the zoo's
+    experts have ~0 exact match, which would leave the ES a flat objective.
+    """
+    cfg, models, tokenizer = small_zoo_loaded
+    examples, task_ids = [], []
+    for k, task in enumerate(SMALL.suite()):
+        rows = task.examples("search")[:SEARCH_ROWS_PER_TASK]
+        examples += rows
+        task_ids += [k] * len(rows)
+    batch = make_batch(examples, tokenizer, task_ids=task_ids)
+    score = jax.jit(make_scorer(cfg, batch, len(TASK_NAMES), objective="loglik"))
+    experts = [models[t] for t in TASK_NAMES]
+    expert_scores = np.stack([np.asarray(score(e)) for e in experts])
+    return models[BASE], experts, score, ideal_point(expert_scores), expert_scores
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
-def test_es_tuning_improves_tchebycheff(zoo, method):
-    base, experts = zoo
-    score = closeness(experts)
-    pref, ideal = [0.6, 0.3, 0.1], jnp.zeros(3)
-    untuned = run_upper(UpperConfig(method=method), base, experts, pref, ideal, score, jax.random.key(0))
-    tuned = run_upper(UpperConfig(method=method, tune=True, es_population=6, es_generations=3),
-                      base, experts, pref, ideal, score, jax.random.key(0))
-    assert tuned.tcheby < 0.95 * untuned.tcheby
-    assert np.all(np.diff(tuned.history) <= 0)  # best-so-far never gets worse
-    # the returned params really are the merge at the returned settings
-    again = score(tuned.params)
-    np.testing.assert_allclose(np.asarray(again), tuned.scores, rtol=1e-4)
-    lo, hi = UpperConfig().density_range
-    assert lo <= tuned.density <= hi
+def test_es_tuning_improves_tchebycheff_on_the_zoo(zoo_search, method):
+    base, experts, score, ideal, expert_scores = zoo_search
+    # precondition: a real trade-off, each expert is the best model on its own task
+    assert np.array_equal(np.argmax(expert_scores, axis=0), np.arange(len(TASK_NAMES))), expert_scores
+    pref, key = ES_PREFERENCE, jax.random.key(0)
+    untuned = run_upper(UpperConfig(method=method), base, experts, pref, ideal, score, key)
+    tuned = run_upper(UpperConfig(method=method, tune=True, es_population=8, es_generations=4),
+                      base, experts, pref, ideal, score, key)
+    print(f"\n{method}: Tchebycheff untuned {untuned.tcheby:.4f} (density {untuned.density}, scale "
+          f"{untuned.scale}) -> tuned {tuned.tcheby:.4f} (density {tuned.density:.3f}, scale "
+          f"{tuned.scale:.3f}); history {np.round(tuned.history, 4).tolist()}")
+    assert untuned.tcheby > 0.1  # the untuned merge is far from the ideal point: room to improve
+    assert tuned.tcheby < 0.9 * untuned.tcheby  # fails if the ES only returns its initial point
+    assert (tuned.density, tuned.scale) != (untuned.density, untuned.scale)
+    assert np.all(np.diff(tuned.history) <= 0) and tuned.history[-1] == tuned.tcheby
+    # the returned params really are the merge at the returned settings, and score as reported
+    np.testing.assert_allclose(np.asarray(score(tuned.params)), tuned.scores, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(tchebycheff(tuned.scores, jnp.asarray(pref), ideal)), tuned.tcheby,
+                               rtol=1e-5)
+    cfg = UpperConfig()
+    assert cfg.density_range[0] <= tuned.density <= cfg.density_range[1]
+    assert cfg.scale_range[0] <= tuned.scale <= cfg.scale_range[1]
 
 
 def test_upper_config_errors():
@@ -82,3 +121,8 @@ def test_upper_config_errors():
         UpperConfig(method="slerp")
     with pytest.raises(ValueError, match=r"upper.density must be in \(0, 1\]"):
         UpperConfig(density=0.0)
+
+
+def test_make_scorer_objective_errors():
+    with pytest.raises(ValueError, match="objective 'bleu' is not supported; supported: exact_match, loglik"):
+        make_scorer(CFG, None, 3, objective="bleu")

@@ -26,21 +26,12 @@ from hm3jax.objectives.zoo import (
 N_PER_TASK = 100
 
 
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("zoo") / "small"
-    start = time.perf_counter()
-    manifest = build_zoo(out, SMALL, seed=0, progress=False)
-    return out, manifest, time.perf_counter() - start
+# The SMALL zoo is built once per session by the `small_zoo` fixture in conftest.py (shared with
+# test_upper.py); `small_zoo_loaded` is its load_zoo.
 
 
-@pytest.fixture(scope="module")
-def loaded(zoo):
-    return load_zoo(zoo[0])
-
-
-def test_small_zoo_reaches_its_targets(zoo):
-    out, manifest, seconds = zoo
+def test_small_zoo_reaches_its_targets(small_zoo):
+    out, manifest, seconds = small_zoo
     scores = manifest["heldout_exact_match"]
     print(f"\nsmall zoo built in {seconds:.1f}s\n" + format_table(manifest))
     assert tuple(scores) == MODEL_NAMES == (BASE, *TASK_NAMES)
@@ -53,8 +44,8 @@ def test_small_zoo_reaches_its_targets(zoo):
     assert sorted(os.listdir(out)) == sorted([MANIFEST, BASE, *TASK_NAMES])
 
 
-def test_second_build_is_a_cache_hit(zoo):
-    out, manifest, seconds = zoo
+def test_second_build_is_a_cache_hit(small_zoo):
+    out, manifest, seconds = small_zoo
     stamps = {n: os.stat(out / n / "model.safetensors").st_mtime_ns for n in manifest["models"]}
     start = time.perf_counter()
     again = build_zoo(out, SMALL, seed=0, progress=False)
@@ -82,9 +73,9 @@ def test_load_zoo_errors_on_missing_manifest(tmp_path):
         load_zoo(tmp_path)
 
 
-def test_loaded_zoo_matches_manifest_scores(zoo, loaded):
-    _, manifest, _ = zoo
-    cfg, models, tokenizer = loaded
+def test_loaded_zoo_matches_manifest_scores(small_zoo, small_zoo_loaded):
+    _, manifest, _ = small_zoo
+    cfg, models, tokenizer = small_zoo_loaded
     assert cfg == SMALL.model_config()
     assert sorted(models) == sorted([BASE, *TASK_NAMES])
     batch = make_suite_batch(SMALL.suite(), "heldout", tokenizer)
@@ -99,12 +90,12 @@ def _heldout(n=N_PER_TASK):
     return [ex for task in SMALL.suite() for ex in task.examples("heldout")[:n]]
 
 
-def test_transformers_loads_expert_with_same_logits_and_tokens(zoo, loaded):
+def test_transformers_loads_expert_with_same_logits_and_tokens(small_zoo, small_zoo_loaded):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = zoo[0]
-    cfg, models, _ = loaded
+    out = small_zoo[0]
+    cfg, models, _ = small_zoo_loaded
     examples = _heldout(20)
     hf_tok = AutoTokenizer.from_pretrained(out / "code")
     ours = build_tokenizer()
@@ -122,12 +113,12 @@ def test_transformers_loads_expert_with_same_logits_and_tokens(zoo, loaded):
 
 
 @pytest.mark.parametrize("expert", ["code"])
-def test_teacher_forced_exact_match_equals_greedy_generation(zoo, loaded, expert):
+def test_teacher_forced_exact_match_equals_greedy_generation(small_zoo, small_zoo_loaded, expert):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = zoo[0]
-    cfg, models, _ = loaded
+    out = small_zoo[0]
+    cfg, models, _ = small_zoo_loaded
     tok = AutoTokenizer.from_pretrained(out / expert)
     model = AutoModelForCausalLM.from_pretrained(out / expert, dtype=torch.float32).eval()
     examples = _heldout()

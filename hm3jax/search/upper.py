@@ -94,6 +94,13 @@ def _squash(x: jax.Array, lo: float, hi: float) -> jax.Array:
     return lo + (hi - lo) * jax.nn.sigmoid(x)
 
 
+def _strong(tree):
+    """The pytree with every weak type made strong (same dtypes). evosax's init returns a weakly
+    typed best_solution/best_fitness and its tell a weakly typed generation_counter, so without this
+    the jitted ES generation would be compiled twice (once for the state from init, once for its own)."""
+    return jax.tree.map(lambda a: a.astype(a.dtype), tree)
+
+
 def _unsquash(v: float, lo: float, hi: float) -> float:
     p = min(max((v - lo) / (hi - lo), 1e-3), 1 - 1e-3)
     return float(np.log(p / (1 - p)))
@@ -104,8 +111,10 @@ def run_upper(cfg: UpperConfig, base: dict, experts: Sequence[dict], preference,
     """Merge for `preference`, tuning (density, scale) by CMA-ES when `cfg.tune`.
 
     Args:
-      score_fn: params -> [K] scores (higher is better), jittable and vmappable (e.g. teacher-forced
-        exact match on the search split).
+      score_fn: params -> [K] scores (higher is better), jittable and vmappable, e.g.
+        search.baselines.make_scorer: teacher-forced exact match on the search split, or the mean
+        answer log-likelihood (objective="loglik"), which stays informative where a merge's exact
+        match collapses to ~0.
       ideal: [K] ideal point z* of the Tchebycheff scalarisation (best expert score per task).
       key: PRNG key; the same DARE key is used for every candidate (common random numbers), so the
         ES compares settings, not drop masks.
@@ -141,12 +150,12 @@ def run_upper(cfg: UpperConfig, base: dict, experts: Sequence[dict], preference,
         scores, fit = jax.vmap(evaluate)(dens, scal)
         state, _ = es.tell(k_tell, pop, fit, state, es_params)
         best = jnp.argmin(fit)
-        return state, (fit[best], dens[best], scal[best], scores[best])
+        return _strong(state), (fit[best], dens[best], scal[best], scores[best])
 
     # the untuned setting is the incumbent: tuning can only improve on it
     s0, t0 = jax.jit(evaluate)(cfg.density, cfg.scale)
     best = (float(t0), cfg.density, cfg.scale, np.asarray(s0))
-    state = es.init(k_es, x0, es_params)
+    state = _strong(es.init(k_es, x0, es_params))
     history = []
     for k in jax.random.split(k_es, cfg.es_generations):
         state, (f, d, sc, s) = generation(state, k)
