@@ -158,6 +158,39 @@ def test_reader_bf16_and_other_dtypes(tmp_path):
         for k in "bcd":
             np.testing.assert_array_equal(r.get(k), tensors[k].numpy())
         assert r.get("e").shape == (0, 3)
+        for k in "abcde":  # read: the same values, copied into an array of its own
+            got = r.read(k)
+            assert got.dtype == r.dtype(k) and got.shape == r.shape(k) and got.flags.writeable
+            np.testing.assert_array_equal(got, r.get(k))
+
+
+def test_reader_read_copies_without_mapping(tmp_path):
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((700, 600)).astype(np.float32)  # over 1 MiB: an anonymous map of its own
+    small = rng.standard_normal(10).astype(ml_dtypes.bfloat16)
+    w = ShardedWriter(tmp_path, {"big": (big.shape, big.dtype), "small": (small.shape, small.dtype)},
+                      max_shard_size=100)
+    w.write("big", big)
+    w.write("small", small)
+    w.close()
+    r = CheckpointReader(tmp_path)
+    got = r.read("big")
+    assert got.ctypes.data % 4096 == 0 and got.flags.writeable
+    assert not r._maps  # nothing memory-mapped
+    np.testing.assert_array_equal(got, big)
+    got[0, 0] = 123.0  # a private copy: the file is unchanged
+    np.testing.assert_array_equal(r.read("big"), big)
+    np.testing.assert_array_equal(r.read("small"), small)
+    r.close()
+    np.testing.assert_array_equal(got[1:], big[1:])  # arrays outlive the reader's files
+    np.testing.assert_array_equal(r.read("small"), small)  # reopened on demand
+    with pytest.raises(KeyError, match="'nope' is not in checkpoint"):
+        r.read("nope")
+    shard = r.shard_of("big")
+    os.truncate(shard, os.path.getsize(shard) - 8)
+    with pytest.raises(CheckpointError, match=r"'big' is truncated"):
+        r.read("big")
+    r.close()
 
 
 # ---------------------------------------------------------------------------------- ShardedWriter
@@ -184,6 +217,7 @@ def test_sharded_writer_out_of_order(tmp_path):
     with CheckpointReader(tmp_path) as r:
         for k, v in data.items():
             np.testing.assert_array_equal(r.get(k), v)
+            np.testing.assert_array_equal(r.read(k), v)
 
 
 def test_sharded_writer_errors(tmp_path):

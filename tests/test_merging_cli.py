@@ -145,3 +145,31 @@ def test_gradients_do_not_recompile(zoo, tmp_path):
         "normalize": True, "rescale": False, "int8_mask": False, "trim": "exact"}]
     assert len(fns) == 1
     assert fns[0]._cache_size() == len(shapes)
+
+
+def test_inputs_are_read_not_mapped_and_read_ahead_limits_keep_the_output(zoo, tmp_path, monkeypatch):
+    """The runner copies inputs out of the files (no memory map stays resident) and the read-ahead
+    limits change only the schedule, never the merged tensors."""
+    from hm3jax.io import safetensors_io
+
+    def no_map(self, name):
+        raise AssertionError(f"merge mapped {name} with CheckpointReader.get")
+
+    monkeypatch.setattr(safetensors_io.CheckpointReader, "get", no_map)
+    runs = {"default": (), "none": ("--prefetch", "0"), "one": ("--prefetch-bytes", "1"),
+            "wide": ("--prefetch", "4", "--prefetch-bytes", "1GB")}
+    for tag, extra in runs.items():
+        (tmp_path / tag).mkdir()
+        assert _run(tmp_path / tag, _ties(zoo), *extra) == 0
+    monkeypatch.undo()
+    outs = {tag: read_all(str(tmp_path / tag / "out")) for tag in runs}
+    for tag, got in outs.items():
+        assert got.keys() == outs["default"].keys()
+        for name, arr in got.items():
+            np.testing.assert_array_equal(arr, outs["default"][name], err_msg=f"{tag}: {name}")
+
+
+def test_bad_prefetch_bytes(zoo, tmp_path, capsys):
+    assert _run(tmp_path, _ties(zoo), "--prefetch-bytes", "lots") == 2
+    assert "prefetch_bytes 'lots'" in capsys.readouterr().err
+    assert _left_behind(tmp_path) == []

@@ -1,15 +1,18 @@
 """Safetensors checkpoints read as memory-mapped numpy views and written shard by shard.
 
 The safetensors header is parsed here (8-byte little-endian length, then JSON) rather than through
-the `safetensors` package because its numpy framework cannot return bfloat16. Reading maps each shard
-once and hands out zero-copy views; writing lays out every shard's header up front so tensors can be
-written in any order, one at a time.
+the `safetensors` package because its numpy framework cannot return bfloat16. Reading either maps each
+shard once and hands out zero-copy views (`get`), or copies one tensor into a buffer of its own
+(`read`, which leaves no file pages mapped into the process); writing lays out every shard's header up
+front so tensors can be written in any order, one at a time.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import threading
 import re
 import struct
 from typing import Any, Iterator, Mapping
@@ -38,6 +41,7 @@ DTYPES: dict[str, np.dtype] = {
 }
 _CODES = {dt: code for code, dt in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20  # the reference implementation's limit; a larger value means a corrupt file
+_MMAP_MIN = 2**20  # `read` buffers from this size up are anonymous maps of their own
 
 
 def to_numpy_dtype(dtype: Any) -> np.dtype:
@@ -125,7 +129,8 @@ class CheckpointReader:
 
     `path` is a directory holding `model.safetensors`, or shards listed by
     `model.safetensors.index.json` (or, failing both, any `*.safetensors` files), or a single
-    `.safetensors` file. Only headers are read up front; `get` maps a shard on first use.
+    `.safetensors` file. Only headers are read up front; `get` maps a shard on first use, `read` opens
+    it on first use.
 
     Attributes:
       names: tensor names in checkpoint order.
@@ -136,6 +141,8 @@ class CheckpointReader:
         path = os.fspath(path)
         self.path = path
         self._maps: dict[str, np.memmap] = {}
+        self._fds: dict[str, int] = {}
+        self._fd_lock = threading.Lock()
         if os.path.isfile(path):
             root, shard_of = os.path.dirname(path), None
             files = [path]
@@ -240,9 +247,59 @@ class CheckpointReader:
         start = self._headers[f][0]
         return m[start + begin:start + end].view(dt).reshape(info["shape"])
 
+    def read(self, name: str) -> np.ndarray:
+        """Tensor `name` copied from the file (pread) into a fresh, writable array that owns its memory.
+
+        Unlike `get`, nothing of the file stays mapped into the process: the bytes go through the page
+        cache into this array only, so once the array is dropped the process's resident memory is
+        back where it was. Buffers of 1 MiB and more are anonymous page-aligned maps, handed back to
+        the kernel as soon as the array is freed (not kept by malloc). Safe to call from several
+        threads at once.
+        """
+        info = self._info(name)
+        f = self._where[name]
+        dt = DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        n = end - begin
+        if n >= _MMAP_MIN:
+            buf = np.frombuffer(mmap.mmap(-1, n), np.uint8)
+        else:
+            buf = np.empty(n, np.uint8)
+        if n:
+            fd = self._fd(f)
+            view = memoryview(buf)
+            offset = self._headers[f][0] + begin
+            done = 0
+            while done < n:
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got <= 0:
+                    raise CheckpointError(f"{f}: tensor {name!r} is truncated (file shrank while reading)")
+                done += got
+        return buf.view(dt).reshape(info["shape"])
+
+    def _fd(self, f: str) -> int:
+        fd = self._fds.get(f)
+        if fd is None:
+            with self._fd_lock:
+                fd = self._fds.get(f)
+                if fd is None:
+                    fd = self._fds[f] = os.open(f, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return fd
+
     def close(self) -> None:
-        """Drop this reader's maps; arrays already returned stay valid (they hold their own reference)."""
+        """Drop this reader's maps and close its files; arrays already returned stay valid."""
         self._maps.clear()
+        with self._fd_lock:
+            fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def __enter__(self) -> "CheckpointReader":
         return self

@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m hm3jax.merge",
         description="Merge models with a mergekit YAML recipe (same tensors as mergekit-yaml), "
-                    "tensor by tensor from memory-mapped safetensors.")
+                    "tensor by tensor from safetensors checkpoints.")
     p.add_argument("config", help="mergekit YAML recipe")
     p.add_argument("out_dir", help="output directory (HF model: config.json, safetensors, tokenizer)")
     p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false",
                    help="do not copy tokenizer files into out_dir")
     p.add_argument("--prefetch", type=int, default=2, help="tensors loaded ahead of the merge (default 2)")
+    p.add_argument("--prefetch-bytes", default="512MiB",
+                   help="cap on the input bytes loaded ahead, beyond the next tensor: an int or "
+                        "512MiB/1GB (default 512MiB)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         out = merge_recipe(args.config, args.out_dir, overwrite=args.overwrite,
                            max_shard_size=args.max_shard_size, seed=args.random_seed,
                            copy_tokenizer=args.copy_tokenizer, prefetch=max(0, args.prefetch),
+                           prefetch_bytes=args.prefetch_bytes,
                            progress=not args.quiet)
     except (ValueError, OSError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

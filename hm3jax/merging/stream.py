@@ -1,12 +1,15 @@
-"""Out-of-core execution of a merge plan: tensor by tensor from memory-mapped safetensors to a sharded
+"""Out-of-core execution of a merge plan: tensor by tensor from safetensors checkpoints to a sharded
 safetensors output, with reading, computing and writing overlapped.
 
-Pipeline: a small thread pool loads the next `prefetch` jobs' input tensors (pages them in from the
-memory-mapped shards and puts them on the device); the main thread dispatches the jitted per-tensor
-merge (one compilation per method settings and tensor shape: parameter values are arguments, so
-gradients over layers do not recompile); a writer thread waits for each result and writes it at its
-offset in the pre-laid-out output shards. Peak memory is about (prefetch + 2) × (inputs per tensor + 1)
-× the largest tensor, plus the method's temporaries for one tensor.
+Pipeline: a small thread pool loads the next `prefetch` jobs' input tensors (at most `prefetch_bytes`
+of them beyond the first), each copied from its shard with pread into a buffer of its own and put on
+the device; the main thread dispatches the jitted per-tensor merge (one compilation per method
+settings and tensor shape: parameter values are arguments, so gradients over layers do not
+recompile); a writer thread waits for each result and writes it at its offset in the pre-laid-out
+output shards. Inputs are not memory-mapped (mapped pages, once read, would count in the process's
+resident memory until the end), so the input files stay in the page cache only. Peak resident memory
+is about the inputs of the tensor being merged and of those loaded ahead, two or three outputs, and
+the method's temporaries for one tensor (for the largest tensor these dominate).
 
 The output directory appears atomically (written under a temporary sibling, renamed on success).
 """
@@ -37,9 +40,9 @@ from hm3jax.merging.recipe import Recipe, load_recipe
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
                    "chat_template.json", "generation_config.json")
+PREFETCH_BYTES = 512 * 2**20  # default cap on the input bytes loaded ahead of the merge
 _NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
               "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-_PAGE = 4096
 
 
 def parse_shard_size(size: int | str) -> int:
@@ -52,7 +55,8 @@ def parse_shard_size(size: int | str) -> int:
 
 def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike, *,
                  overwrite: bool = False, max_shard_size: int | str = "5B", seed: int = 0,
-                 copy_tokenizer: bool = True, prefetch: int = 2, progress: bool = True) -> str:
+                 copy_tokenizer: bool = True, prefetch: int = 2, prefetch_bytes: int | str = PREFETCH_BYTES,
+                 progress: bool = True) -> str:
     """Run a mergekit-style recipe from checkpoints on disk into `out_dir` (an HF model directory).
 
     Args:
@@ -63,6 +67,8 @@ def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.Pa
       copy_tokenizer: copy tokenizer files from `tokenizer_source` (default: the base model, else the
         first model) into the output.
       prefetch: how many upcoming tensors to load while the current one is merged (0 = none).
+      prefetch_bytes: cap on the input bytes of those upcoming tensors (int or "512MiB", "1GB"; see
+        parse_size); the next tensor is always loaded ahead when prefetch >= 1, whatever its size.
       progress: show a tqdm progress bar (bytes written) on stderr.
     Returns the absolute output path. Raises RecipeError / PlanError / OutputExistsError /
     CheckpointError with messages naming the key, tensor or file at fault; on any error nothing is
@@ -71,13 +77,18 @@ def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.Pa
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.lexists(out_dir) and not overwrite:
         raise OutputExistsError(out_dir)  # before reading anything
+    try:
+        ahead_bytes = parse_size(prefetch_bytes)
+    except ValueError:
+        raise ValueError(f"prefetch_bytes {prefetch_bytes!r}: expected a positive number of bytes, "
+                         "an int or a string like '512MiB', '1GB'") from None
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     readers = open_readers(recipe)
     plan = build_plan(recipe, readers)
     shard_bytes = parse_shard_size(max_shard_size)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         run_plan(plan, readers, tmp, max_shard_size=shard_bytes, seed=seed, prefetch=prefetch,
-                 progress=progress)
+                 prefetch_bytes=ahead_bytes, progress=progress)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(plan.config, f, indent=2)
             f.write("\n")
@@ -151,21 +162,24 @@ class _Compiled:
 
 
 def _load(readers: dict[str, CheckpointReader], job: TensorJob) -> list[jax.Array]:
-    arrays = []
-    for model, name in job.inputs:
-        view = readers[model].get(name)
-        # On CPU device_put aliases the memory-mapped view; touching one byte per page reads the
-        # tensor from disk here, in the loader thread, rather than inside the merge.
-        flat = view.reshape(-1).view(np.uint8)
-        if flat.size:
-            np.add.reduce(flat[::_PAGE], dtype=np.uint64)
-        arrays.append(jax.device_put(view))
-    return arrays
+    # `read` copies each input into a page-aligned buffer of its own (device_put aliases it on CPU)
+    # rather than viewing the memory-mapped shard: mapped pages, once touched, stay in the process's
+    # resident set until the map goes, so a whole merge would end up holding every input file.
+    return [jax.device_put(readers[model].read(name)) for model, name in job.inputs]
+
+
+def _input_bytes(readers: dict[str, CheckpointReader], job: TensorJob) -> int:
+    return sum(int(np.prod(readers[m].shape(n), dtype=np.int64)) * readers[m].dtype(n).itemsize
+               for m, n in job.inputs)
 
 
 def run_plan(plan: MergePlan, readers: dict[str, CheckpointReader], out_dir: str, *,
-             max_shard_size: int = 5 * 10**9, seed: int = 0, prefetch: int = 2, progress: bool = True) -> None:
-    """Merge every job of `plan` and write the tensors into `out_dir` (safetensors shards only)."""
+             max_shard_size: int = 5 * 10**9, seed: int = 0, prefetch: int = 2,
+             prefetch_bytes: int = PREFETCH_BYTES, progress: bool = True) -> None:
+    """Merge every job of `plan` and write the tensors into `out_dir` (safetensors shards only).
+
+    `prefetch` / `prefetch_bytes`: read-ahead limits, see merge_recipe.
+    """
     from tqdm.auto import tqdm
 
     method = plan.method
@@ -196,18 +210,32 @@ def run_plan(plan: MergePlan, readers: dict[str, CheckpointReader], out_dir: str
     writer_thread = threading.Thread(target=write_loop, name="hm3jax-merge-writer", daemon=True)
     writer_thread.start()
     pool = cf.ThreadPoolExecutor(max_workers=max(1, min(prefetch, 4)), thread_name_prefix="hm3jax-merge-load")
-    pending: collections.deque = collections.deque()
-    jobs = iter(plan.jobs)
-    try:
-        for job in jobs:
-            pending.append((job, pool.submit(_load, readers, job)))
-            if len(pending) > prefetch:
+    pending: collections.deque = collections.deque()  # (job, future, input bytes), loading or loaded
+    jobs = plan.jobs
+    state = {"next": 0, "ahead": 0}  # next job to submit; input bytes in `pending`
+
+    def submit() -> None:
+        job = jobs[state["next"]]
+        nbytes = _input_bytes(readers, job)
+        pending.append((job, pool.submit(_load, readers, job), nbytes))
+        state["next"] += 1
+        state["ahead"] += nbytes
+
+    def read_ahead() -> None:
+        # Up to `prefetch` jobs ahead of the one being merged; past the first, only while their
+        # inputs fit in `prefetch_bytes` (a large tensor's inputs are not queued behind another's).
+        while len(pending) < prefetch and state["next"] < len(jobs):
+            if pending and state["ahead"] + _input_bytes(readers, jobs[state["next"]]) > prefetch_bytes:
                 break
-        while pending:
-            job, fut = pending.popleft()
-            nxt = next(jobs, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(_load, readers, nxt)))
+            submit()
+
+    try:
+        while pending or state["next"] < len(jobs):
+            if not pending:
+                submit()
+            job, fut, nbytes = pending.popleft()
+            state["ahead"] -= nbytes
+            read_ahead()
             arrays = fut.result()
             if failure:
                 raise failure[0]
@@ -220,7 +248,7 @@ def run_plan(plan: MergePlan, readers: dict[str, CheckpointReader], out_dir: str
             done.put((job.name, fn(base, models, weights, rng, traced)))
             del arrays, base, models
     finally:
-        for _, fut in pending:
+        for _, fut, _ in pending:
             fut.cancel()
         pool.shutdown(wait=True)
         done.put(None)
