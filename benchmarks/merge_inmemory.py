@@ -6,12 +6,18 @@ and writes one, so its effective bandwidth is (M + 2) x tree bytes / time; the r
 same read + write volume with np.copyto. Reports the median of --runs timed runs after a warm-up.
 
     python benchmarks/merge_inmemory.py [--gb 1.0] [--models 3] [--runs 5] [--trim exact|search]
+    HM3JAX_NO_HUGE_PAGES=1 python benchmarks/merge_inmemory.py   # 4 KiB pages for XLA's buffers
+
+Like hm3jax's command-line tools, the script first restarts itself with glibc's malloc asking for
+transparent huge pages (`hm3jax.runtime.reexec_with_huge_pages`), so fresh output buffers fault in
+2 MiB at a time.
     python benchmarks/merge_inmemory.py --gb 0.01 --hidden 128 --inter 256 --vocab 1000 --runs 1  # smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -72,6 +78,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--inter", type=int, default=5632)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--methods", default="task_arithmetic,ties,dare_ties")
     args = ap.parse_args()
     shape = dict(hidden=args.hidden, inter=args.inter, vocab=args.vocab)
 
@@ -83,6 +90,7 @@ def main() -> None:
     size = nbytes(base)
     moved = (args.models + 2) * size
     print(f"{platform.node()} | {jax.devices()[0].device_kind} | jax {jax.__version__}")
+    print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}")
     print(f"tree {size / 1e9:.2f} GB x ({args.models} models + base); bytes moved per merge {moved / 1e9:.2f} GB")
 
     src = np.empty(moved // 2, np.uint8)
@@ -98,10 +106,14 @@ def main() -> None:
         "dare_ties": jax.jit(lambda b, ms, w: merging.dare_ties(b, ms, w, jax.random.PRNGKey(1),
                                                                 density=args.density)),
     }
-    for name, f in runs.items():
+    for name in args.methods.split(","):
+        f = runs[name]
         t = median_time(lambda: f(base, models, w), args.runs)
         print(f"{name:>16}: {t:8.3f} s  {moved / t / 1e9:7.2f} GB/s  ({t_copy / t:.2f} x copy speed)")
 
 
 if __name__ == "__main__":
+    from hm3jax.runtime import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # restarts once with huge-page malloc (see hm3jax.runtime)
     main()

@@ -132,4 +132,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from hm3jax.runtime import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # restarts once with huge-page malloc (see hm3jax.runtime)
     main()

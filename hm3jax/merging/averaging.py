@@ -31,7 +31,7 @@ linear = MergeMethod(
     name="linear", base="ignored", random=False, merge_tensor=linear_tensor,
     params={"weight": Param(REQUIRED, per_model=True, doc="coefficient of each model"),
             "normalize": Param(True, static=True, doc="divide by the sum of weights")},
-    doc="weighted average of parameters (arXiv:2203.05482)")
+    doc="weighted average of parameters (arXiv:2203.05482)", vmap_layers=True)
 
 
 # --------------------------------------------------------------------------------------- model stock

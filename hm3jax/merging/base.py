@@ -57,6 +57,9 @@ class MergeMethod(NamedTuple):
     min_models / max_models: bounds on M (the number of non-base inputs).
     prepare: optional host-side hook `(params, tensor_shape) -> params` run before the per-tensor
       function, where values may still be concrete (e.g. exact float64 keep-counts for trims).
+    vmap_layers: `merge_tensor` has no data-dependent branch, so the layers of a stacked leaf are
+      merged by one vmapped program (one fused pass over the whole leaf) instead of a sequential map
+      over layers (which keeps branches real and one layer's temporaries alive at a time).
     """
 
     name: str
@@ -68,6 +71,7 @@ class MergeMethod(NamedTuple):
     max_models: int | None = None
     prepare: Callable[[dict, tuple], dict] | None = None
     doc: str = ""
+    vmap_layers: bool = False
 
     @property
     def needs_base(self) -> bool:
@@ -163,7 +167,8 @@ class MergeMethod(NamedTuple):
 
     def _leaf_fn(self, static: dict, stacked: bool):
         """The jitted merge of one leaf (cached), so eager pytree merges compile once per shape."""
-        cache_key = (self.name, id(self.merge_tensor), tuple(sorted(static.items())), stacked)
+        cache_key = (self.name, id(self.merge_tensor), tuple(sorted(static.items())), stacked,
+                     self.vmap_layers)
         fn = _LEAF_FNS.get(cache_key)
         if fn is not None:
             return fn
@@ -174,6 +179,8 @@ class MergeMethod(NamedTuple):
         def leaf(base, models, w, keys, masks, traced):
             if not stacked:
                 return one(base, models, w, keys, masks, traced)
+            if self.vmap_layers:
+                return jax.vmap(one)(base, models, w, keys, masks, traced)
             # A sequential map over layers, not vmap: the trims' data-dependent branches stay real
             # branches (under vmap lax.cond runs both sides), and only one layer's temporaries live
             # at a time.

@@ -152,8 +152,11 @@ def make_task_arithmetic(name: str, *, sparsification: str | None, consensus: st
                                            consensus=consensus, **kw)
 
     random = sparsification in ("random", "della_magprune")
+    # Magnitude trims branch on the data (tie-breaking); the others are one fused pass over a leaf.
+    branchless = sparsification in (None, "random")
     return MergeMethod(name=name, params=params, base="required", random=random,
-                       merge_tensor=merge_tensor, prepare=_prepare_counts(sparsification), doc=doc)
+                       merge_tensor=merge_tensor, prepare=_prepare_counts(sparsification), doc=doc,
+                       vmap_layers=branchless)
 
 
 task_arithmetic = make_task_arithmetic(

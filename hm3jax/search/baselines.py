@@ -128,4 +128,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from hm3jax.runtime import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # restarts once with huge-page malloc (see hm3jax.runtime)
     sys.exit(main())
