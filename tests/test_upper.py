@@ -126,3 +126,30 @@ def test_upper_config_errors():
 def test_make_scorer_objective_errors():
     with pytest.raises(ValueError, match="objective 'bleu' is not supported; supported: exact_match, loglik"):
         make_scorer(CFG, None, 3, objective="bleu")
+
+
+def test_baselines_cli_loglik_table_and_front(small_zoo, tmp_path, capsys):
+    """`python -m hm3jax.search.baselines ZOO --objective loglik`: Table-1 rows, fronts, HV above the base."""
+    import json
+
+    from hm3jax.search import baselines
+
+    out = tmp_path / "front.json"
+    assert baselines.main([str(small_zoo[0]), "--preferences", "2", "--objective", "loglik",
+                           "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    for row in ("| base |", "| math expert |", "| code expert |", "| translation expert |",
+                "| task_arithmetic |", "| ties |", "| dare_ties |"):
+        assert row in table
+    data = json.loads(out.read_text())
+    assert data["objective"] == "loglik" and data["tasks"] == ["math", "code", "translation"]
+    assert data["reference"] == data["rows"]["base"]  # HV is measured above the base model
+    for name, expert in zip(data["tasks"], ("math expert", "code expert", "translation expert")):
+        k = data["tasks"].index(name)
+        assert data["rows"][expert][k] == max(r[k] for r in data["rows"].values())  # each expert leads its task
+    for method in ("task_arithmetic", "ties", "dare_ties"):
+        front = np.asarray(data["fronts"][method])
+        assert front.shape == (2, 3) and np.all(front <= 0)  # mean log-likelihoods
+        assert data["hypervolume"][method] >= 0
+    with pytest.raises(SystemExit):
+        baselines.main([str(small_zoo[0]), "--objective", "accuracy"])

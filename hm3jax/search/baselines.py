@@ -71,13 +71,18 @@ def baseline_front(cfg, base: dict, experts: Sequence[dict], score: Callable[[di
     return out
 
 
-def format_table(names: Sequence[str], rows: dict[str, np.ndarray], hv: dict[str, float]) -> str:
-    """A Markdown table: one row per model/method, one column per task, plus hypervolume."""
+def format_table(names: Sequence[str], rows: dict[str, np.ndarray], hv: dict[str, float],
+                 percent: bool = True) -> str:
+    """A Markdown table: one row per model/method, one column per task, plus hypervolume.
+
+    percent: print scores x 100 with one decimal (exact match); else as they are, three decimals.
+    """
     head = "| model | " + " | ".join(names) + " | front HV |\n|---|" + "---|" * (len(names) + 1)
     lines = [head]
     for r, v in rows.items():
         h = f"{hv[r]:.4f}" if r in hv else ""
-        lines.append(f"| {r} | " + " | ".join(f"{100 * x:.1f}" for x in v) + f" | {h} |")
+        cells = (f"{100 * x:.1f}" if percent else f"{x:.3f}" for x in v)
+        lines.append(f"| {r} | " + " | ".join(cells) + f" | {h} |")
     return "\n".join(lines)
 
 
@@ -92,6 +97,9 @@ def main(argv=None) -> int:
     ap.add_argument("--density", type=float, default=0.7)
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--objective", choices=SCORER_OBJECTIVES, default="exact_match",
+                    help="exact_match (HV reference point 0) or loglik: mean answer log-likelihood, "
+                         "HV measured above the base model's scores")
     ap.add_argument("--out", help="write the scores as JSON here")
     args = ap.parse_args(argv)
 
@@ -102,7 +110,8 @@ def main(argv=None) -> int:
     if missing:
         raise SystemExit(f"{args.zoo_dir}: no checkpoint for {', '.join(missing)}")
     base, experts = models["base"], [models[n] for n in names]
-    score = jax.jit(make_scorer(cfg, make_suite_batch(suite, "heldout", tokenizer), len(names)))
+    score = jax.jit(make_scorer(cfg, make_suite_batch(suite, "heldout", tokenizer), len(names),
+                                args.objective))
     prefs = preferences(len(names), args.preferences, args.seed, args.grid)
     key = jax.random.key(args.seed)
     fronts = baseline_front(cfg, base, experts, score, prefs, key, density=args.density,
@@ -113,14 +122,17 @@ def main(argv=None) -> int:
     rows = {"base": np.asarray(score(base))}
     rows.update({f"{n} expert": np.asarray(score(e)) for n, e in zip(names, experts)})
     rows.update({m: s[0] for m, s in at_centre.items()})
-    ref = np.zeros(len(names))
+    exact = args.objective == "exact_match"
+    ref = np.zeros(len(names)) if exact else rows["base"]
     hv = {m: float(hypervolume(s[pareto_mask(s)], ref)) for m, s in fronts.items()}
-    print(f"held-out teacher-forced exact match (%), methods at λ = centre; "
-          f"front HV over {len(prefs)} preferences, reference point 0")
-    print(format_table(names, rows, hv))
+    what = "teacher-forced exact match (%)" if exact else "mean answer log-likelihood"
+    where = "reference point 0" if exact else "reference point = the base model's scores"
+    print(f"held-out {what}, methods at λ = centre; front HV over {len(prefs)} preferences, {where}")
+    print(format_table(names, rows, hv, percent=exact))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"tasks": names, "preferences": prefs.tolist(),
+            json.dump({"tasks": names, "objective": args.objective, "reference": ref.tolist(),
+                       "preferences": prefs.tolist(),
                        "rows": {k: v.tolist() for k, v in rows.items()},
                        "fronts": {k: v.tolist() for k, v in fronts.items()}, "hypervolume": hv},
                       f, indent=2)
