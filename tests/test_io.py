@@ -181,7 +181,12 @@ def test_reader_read_copies_without_mapping(tmp_path):
     got[0, 0] = 123.0  # a private copy: the file is unchanged
     np.testing.assert_array_equal(r.read("big"), big)
     np.testing.assert_array_equal(r.read("small"), small)
+    fds = list(r._fds.values())
     r.close()
+    assert not r._fds
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
     np.testing.assert_array_equal(got[1:], big[1:])  # arrays outlive the reader's files
     np.testing.assert_array_equal(r.read("small"), small)  # reopened on demand
     with pytest.raises(KeyError, match="'nope' is not in checkpoint"):

@@ -84,11 +84,24 @@ def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.Pa
                          "an int or a string like '512MiB', '1GB'") from None
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     readers = open_readers(recipe)
+    try:
+        _merge_into(recipe, readers, out_dir, overwrite=overwrite, max_shard_size=max_shard_size,
+                    seed=seed, copy_tokenizer=copy_tokenizer, prefetch=prefetch,
+                    prefetch_bytes=ahead_bytes, progress=progress)
+    finally:
+        for r in readers.values():
+            r.close()
+    return out_dir
+
+
+def _merge_into(recipe: Recipe, readers: dict[str, CheckpointReader], out_dir: str, *, overwrite: bool,
+                max_shard_size: int | str, seed: int, copy_tokenizer: bool, prefetch: int,
+                prefetch_bytes: int, progress: bool) -> None:
     plan = build_plan(recipe, readers)
     shard_bytes = parse_shard_size(max_shard_size)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         run_plan(plan, readers, tmp, max_shard_size=shard_bytes, seed=seed, prefetch=prefetch,
-                 prefetch_bytes=ahead_bytes, progress=progress)
+                 prefetch_bytes=prefetch_bytes, progress=progress)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(plan.config, f, indent=2)
             f.write("\n")
@@ -99,7 +112,6 @@ def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.Pa
                 src = os.path.join(plan.tokenizer_from, name)
                 if os.path.isfile(src):
                     shutil.copyfile(src, os.path.join(tmp, name))
-    return out_dir
 
 
 def _dtypes(plan: MergePlan, job: TensorJob) -> tuple[np.dtype | None, np.dtype]:
