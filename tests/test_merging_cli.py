@@ -133,10 +133,12 @@ def test_pytree_api_equals_cli_for_random_method(zoo, tmp_path):
             np.testing.assert_allclose(got[hf_name(path)], leaf, atol=1e-6)
 
 
-def test_gradients_do_not_recompile(zoo, tmp_path):
+def test_gradients_do_not_recompile(zoo, tmp_path, monkeypatch):
     """Parameter values are jit arguments: one compilation per tensor shape, whatever the gradients."""
     from hm3jax.merging import stream
 
+    # A fresh cache, so merges run by earlier tests (other shapes, same settings) are not counted.
+    monkeypatch.setattr(stream, "_COMPILED", {})
     recipe = _ties(zoo, parameters={"density": [0.2, 0.9], "weight": [1.0, 0.1]},
                    models=[{"model": zoo["ft1"]}, {"model": zoo["ft2"], "parameters": {"density": [0.9, 0.5, 0.3]}}])
     stream.merge_recipe(recipe, tmp_path / "out", progress=False)
