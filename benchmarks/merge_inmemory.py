@@ -6,12 +6,12 @@ and writes one, so its effective bandwidth is (M + 2) x tree bytes / time; the r
 same read + write volume with np.copyto. Reports the median of --runs timed runs after a warm-up.
 
     python benchmarks/merge_inmemory.py [--gb 1.0] [--models 3] [--runs 5] [--trim exact|search]
+    python benchmarks/merge_inmemory.py --gb 0.01 --hidden 128 --inter 256 --vocab 1000 --runs 1  # smoke
     HM3JAX_NO_HUGE_PAGES=1 python benchmarks/merge_inmemory.py   # 4 KiB pages for XLA's buffers
 
 Like hm3jax's command-line tools, the script first restarts itself with glibc's malloc asking for
 transparent huge pages (`hm3jax.runtime.reexec_with_huge_pages`), so fresh output buffers fault in
 2 MiB at a time.
-    python benchmarks/merge_inmemory.py --gb 0.01 --hidden 128 --inter 256 --vocab 1000 --runs 1  # smoke
 """
 
 from __future__ import annotations

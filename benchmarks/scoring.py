@@ -127,7 +127,8 @@ def main() -> None:
     achieved = args.paths * path_flops(cfg, n_rows, seq, L) / t
     peak = max(peak_before, matmul_flops_per_s(runs=9))
     # The model's own MLP projection shape: the GEMM rate its width allows on this machine.
-    own = matmul_flops_per_s(min(n_rows * seq, 1 << 16), cfg.hidden_size, cfg.intermediate_size)
+    own_rows = min(n_rows * seq, 1 << 16)
+    own = matmul_flops_per_s(own_rows, cfg.hidden_size, cfg.intermediate_size)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"jax {jax.__version__} ({jax.devices()[0].platform})")
     print(f"{args.subject}: {L} layers, hidden {cfg.hidden_size}; pool {pool.size} layers; "
@@ -136,7 +137,7 @@ def main() -> None:
     print(f"  {args.paths / t:.2f} paths/s (median of {args.runs}, {t * 1e3:.0f} ms per call)")
     print(f"  achieved {achieved / 1e9:.1f} GFLOP/s vs float32 2048^3 matmul {peak / 1e9:.1f} "
           f"GFLOP/s: {100 * achieved / peak:.0f}%")
-    print(f"  (a lone [{min(n_rows * seq, 1 << 16)}, {cfg.hidden_size}] @ [{cfg.hidden_size}, "
+    print(f"  (a lone [{own_rows}, {cfg.hidden_size}] @ [{cfg.hidden_size}, "
           f"{cfg.intermediate_size}] matmul, this model's MLP shape, runs at {own / 1e9:.1f} GFLOP/s = "
           f"{100 * own / peak:.0f}% of the large matmul)")
 

@@ -567,3 +567,15 @@ def test_gguf_llama3_rope_freqs(tmp_path):
     write_tiny_gguf(tmp_path / "odd.gguf", cfg, random_params(cfg), rope_freqs=factors * 1.5)
     with pytest.raises(CheckpointError, match="rope_freqs"):
         load_gguf(tmp_path / "odd.gguf")
+
+
+def test_write_json_atomic_replaces_whole_or_not_at_all(tmp_path):
+    from hm3jax.io.atomic import write_json_atomic
+
+    path = tmp_path / "front.json"
+    write_json_atomic(path, {"a": [1, 2]})
+    assert json.loads(path.read_text()) == {"a": [1, 2]}
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        write_json_atomic(path, {"a": object()})  # fails mid-document
+    assert json.loads(path.read_text()) == {"a": [1, 2]}  # the old document, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["front.json"]  # no temporary left

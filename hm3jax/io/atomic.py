@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
-from typing import Iterator
+import tempfile
+from typing import Any, Iterator
 
 
 class OutputExistsError(FileExistsError):
@@ -100,4 +102,21 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> It
         for p in reversed(created):
             with contextlib.suppress(OSError):
                 os.rmdir(p)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as indented JSON to `path` through a temporary sibling and a rename, so `path`
+    holds either its old content or the whole new document, never a partial one."""
+    path = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise

@@ -37,7 +37,8 @@ def merge_recipe(recipe, out_dir, **kwargs):
     return run(recipe, out_dir, **kwargs)
 
 __all__ = [
-    "METHODS", "MergeMethod", "Recipe", "RecipeError", "load_recipe", "merge_recipe", "Param", "REQUIRED", "UnknownMethodError", "get_method", "register",
+    "METHODS", "MergeMethod", "Recipe", "RecipeError", "load_recipe", "merge_recipe", "Param", "REQUIRED",
+    "UnknownMethodError", "get_method", "register",
     "tensor_key", "stack_layers", "keep_count", "topk_mask", "magnitude", "magnitude_outliers",
     "random_drop", "della_probs", "della_drop", "rescale_masked",
     "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear",

@@ -23,11 +23,7 @@ from hm3jax.merging.base import REQUIRED, MergeMethod, Param, sum_models
 
 SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers", "della_magprune")
 CONSENSUS = (None, "sum", "count")
-
-
-def _per_model(x: jax.Array, ndim: int) -> jax.Array:
-    """Reshape an `[M]` vector to broadcast against `[M, *S]`."""
-    return jnp.reshape(x, x.shape + (1,) * (ndim - 1))
+RANDOM_SPARSIFIERS = ("random", "della_magprune")  # the ones that draw keep-masks (key or masks)
 
 
 def _sparsify_one(kind: str, delta, p: dict, key, mask, rescale: bool, trim: str):
@@ -90,7 +86,7 @@ def generalized_task_arithmetic(base: jax.Array, models: Sequence[jax.Array], we
     if sparsification is not None:
         per = {k: jnp.broadcast_to(jnp.asarray(params[k]), (m,))
                for k in ("density", "gamma", "epsilon", "keep", "top") if k in params}
-        random = sparsification in ("random", "della_magprune")
+        random = sparsification in RANDOM_SPARSIFIERS
         if random and masks is None and key is None:
             raise ValueError(f"sparsification {sparsification!r} needs a PRNG key or masks")
         keys = jax.random.split(key, m) if (random and masks is None) else [None] * m
@@ -151,7 +147,7 @@ def make_task_arithmetic(name: str, *, sparsification: str | None, consensus: st
         return generalized_task_arithmetic(base, models, weights, key, sparsification=sparsification,
                                            consensus=consensus, **kw)
 
-    random = sparsification in ("random", "della_magprune")
+    random = sparsification in RANDOM_SPARSIFIERS
     # Magnitude trims branch on the data (tie-breaking); the others are one fused pass over a leaf.
     branchless = sparsification in (None, "random")
     return MergeMethod(name=name, params=params, base="required", random=random,

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from hm3jax.io.atomic import write_json_atomic
 from hm3jax.models.config import ModelConfig
 from hm3jax.models.decoder import init_params
 from hm3jax.objectives.batch import Batch, make_batch, make_suite_batch
@@ -273,19 +274,6 @@ def _read_manifest(out_dir: str) -> dict | None:
         raise ZooError(f"{path}: not valid JSON ({e}); rebuild with force=True / --force") from None
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _is_complete(out_dir: str, manifest: dict) -> bool:
     return all(os.path.isfile(os.path.join(out_dir, name, "config.json")) for name in manifest["models"])
 
@@ -346,7 +334,7 @@ def build_zoo(out_dir: str | os.PathLike, config: ZooConfig = ZooConfig(), seed:
         "targets_met": targets_met(scores, config),
         "versions": {"jax": jax.__version__},
     }
-    _write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
+    write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
     return manifest
 
 

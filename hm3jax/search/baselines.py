@@ -3,14 +3,14 @@
     python -m hm3jax.search.baselines ZOO_DIR [--preferences 10] [--grid] [--seed 0] [--out FILE.json]
 
 Prints a table like the paper's Table 1 (rows: base, the experts, each method at the centre
-preference; columns: tasks) and each method's front hypervolume (reference point: all-zero scores).
-Every preference's merge is scored in memory: merges and scoring are vmapped over the preferences.
+preference; columns: tasks) and each method's front hypervolume (reference point: all-zero scores
+for exact match; the base model's scores with --objective loglik). Every preference's merge is scored
+in memory: merges and scoring are vmapped over the preferences.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Callable, Sequence
 
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hm3jax.io.atomic import write_json_atomic
 from hm3jax.models import forward
 from hm3jax.moo import das_dennis, dirichlet, hypervolume, pareto_mask
 from hm3jax.objectives import answer_loglik, exact_match, make_suite_batch, task_means
@@ -114,14 +115,14 @@ def main(argv=None) -> int:
                                 args.objective))
     prefs = preferences(len(names), args.preferences, args.seed, args.grid)
     key = jax.random.key(args.seed)
-    fronts = baseline_front(cfg, base, experts, score, prefs, key, density=args.density,
-                            scale=args.scale)
+    # The centre preference rides along as a last row: one compiled merge-and-score per method.
     centre = np.full((1, len(names)), 1.0 / len(names))
-    at_centre = baseline_front(cfg, base, experts, score, centre, key, density=args.density,
-                               scale=args.scale)
+    scored = baseline_front(cfg, base, experts, score, np.concatenate([prefs, centre]), key,
+                            density=args.density, scale=args.scale)
+    fronts = {m: s[:-1] for m, s in scored.items()}
     rows = {"base": np.asarray(score(base))}
     rows.update({f"{n} expert": np.asarray(score(e)) for n, e in zip(names, experts)})
-    rows.update({m: s[0] for m, s in at_centre.items()})
+    rows.update({m: s[-1] for m, s in scored.items()})
     exact = args.objective == "exact_match"
     ref = np.zeros(len(names)) if exact else rows["base"]
     hv = {m: float(hypervolume(s[pareto_mask(s)], ref)) for m, s in fronts.items()}
@@ -130,12 +131,10 @@ def main(argv=None) -> int:
     print(f"held-out {what}, methods at λ = centre; front HV over {len(prefs)} preferences, {where}")
     print(format_table(names, rows, hv, percent=exact))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"tasks": names, "objective": args.objective, "reference": ref.tolist(),
-                       "preferences": prefs.tolist(),
-                       "rows": {k: v.tolist() for k, v in rows.items()},
-                       "fronts": {k: v.tolist() for k, v in fronts.items()}, "hypervolume": hv},
-                      f, indent=2)
+        write_json_atomic(args.out, {
+            "tasks": names, "objective": args.objective, "reference": ref.tolist(),
+            "preferences": prefs.tolist(), "rows": {k: v.tolist() for k, v in rows.items()},
+            "fronts": {k: v.tolist() for k, v in fronts.items()}, "hypervolume": hv})
     return 0
 
 
