@@ -6,8 +6,9 @@ if __name__ == "__main__":  # before the heavy imports: this may restart the pro
     from hm3jax.runtime import reexec_with_huge_pages
 
     reexec_with_huge_pages()
-
-from hm3jax.merging.__main__ import main  # noqa: E402
-
-if __name__ == "__main__":
+    try:
+        from hm3jax.merging.__main__ import main  # imports JAX (seconds): Ctrl-C here is one line too
+    except KeyboardInterrupt:
+        print("interrupted by SIGINT; nothing was written", file=sys.stderr)
+        sys.exit(130)
     sys.exit(main())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import mmap
 import os
 import re
@@ -23,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from hm3jax.io.errors import CheckpointError, CheckpointNotFoundError, short_list
+from hm3jax.io.paths import model_file
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -85,10 +87,19 @@ def parse_size(size: int | str) -> int:
 
 
 # --------------------------------------------------------------------------------------------- reading
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def read_header(path: str) -> tuple[int, dict[str, dict]]:
     """(byte offset of the data section, {name: {"dtype", "shape", "data_offsets"}}) of one shard.
 
-    Validates dtypes, shapes and that every tensor's bytes lie inside the file.
+    Validates the header's structure, dtypes and shapes, that every tensor's bytes lie inside the file
+    and that no two tensors share bytes. Errors name the file, the tensor and the field, never echo
+    the file's bytes.
     """
     try:
         size = os.path.getsize(path)
@@ -98,32 +109,58 @@ def read_header(path: str) -> tuple[int, dict[str, dict]]:
                 raise CheckpointError(f"{path}: not a safetensors file (shorter than the 8-byte header length)")
             (n,) = struct.unpack("<Q", head)
             if n > min(_MAX_HEADER, size - 8):
-                raise CheckpointError(f"{path}: corrupt safetensors header (declared length {n} bytes, file {size})")
+                # The length itself is not shown: on a file that is not safetensors it is file content.
+                raise CheckpointError(f"{path}: not a safetensors file or corrupt (the 8-byte header length "
+                                      f"exceeds the file's {size} bytes or the 100 MiB limit)")
             raw = f.read(n)
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{path}: no such safetensors file", path) from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a directory, expected a safetensors file") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
+        header = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header (not UTF-8 at byte {8 + e.start})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON: {e.msg} at byte "
+                              f"{8 + e.pos})") from None
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (JSON is not an object)")
-    header.pop("__metadata__", None)
+        raise CheckpointError(f"{path}: corrupt safetensors header (expected a JSON object of tensors)")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__: expected an object)")
     data_start = 8 + n
+    spans = []
     for name, info in header.items():
-        try:
-            code, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}: {info!r}") from None
-        if code not in DTYPES:
+        what = f"{path}: tensor {name!r:.100}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{what}: expected an object with dtype, shape, data_offsets")
+        code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(code, str) or code not in DTYPES:
+            shown = repr(code)[:20] if isinstance(code, str) else type(code).__name__
+            raise CheckpointError(f"{what}: dtype {shown}; expected one of {', '.join(DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2**62 for d in shape):
+            raise CheckpointError(f"{what}: shape: expected a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{what}: data_offsets: expected [begin, end], integers with "
+                                  "0 <= begin <= end")
+        begin, end = offsets
+        nbytes = math.prod(shape) * DTYPES[code].itemsize
+        if end - begin != nbytes or data_start + end > size:
             raise CheckpointError(
-                f"{path}: tensor {name!r} has dtype {code!r}; supported: {', '.join(DTYPES)}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[code].itemsize
-        if end - begin != nbytes or begin < 0 or data_start + end > size:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} offsets {[begin, end]} do not fit shape {list(shape)} {code} "
+                f"{what}: data_offsets {[begin, end]} do not fit shape {shape} {code} ({nbytes} bytes) "
                 f"in a file of {size} bytes (truncated or corrupt)")
-        info["shape"] = shape
+        info["shape"] = tuple(shape)
+        if nbytes:
+            spans.append((begin, end, name))
+    spans.sort()
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise CheckpointError(f"{path}: tensors {a!r:.100} and {b!r:.100} overlap (data_offsets share "
+                                  "bytes; corrupt header)")
     return data_start, header
 
 
@@ -131,6 +168,28 @@ def _close_fds(fds: dict[str, int]) -> None:
     while fds:
         with contextlib.suppress(OSError):
             os.close(fds.popitem()[1])
+
+
+def read_json_object(path: str, expected: str) -> dict:
+    """A JSON file that must hold an object; errors name the file and what was expected, never its bytes."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(_MAX_HEADER + 1)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{path}: no such file", path) from None
+    if len(raw) > _MAX_HEADER:
+        raise CheckpointError(f"{path}: larger than {_MAX_HEADER // 2**20} MiB; expected {expected}")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 (at byte {e.start}); expected {expected}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at byte {e.pos}); expected {expected}") from None
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{path}: not valid JSON; expected {expected}") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: JSON {type(doc).__name__}; expected {expected}")
+    return doc
 
 
 class CheckpointReader:
@@ -151,7 +210,10 @@ class CheckpointReader:
         self.path = path
         self._maps: dict[str, np.memmap] = {}
         self._fds: dict[str, int] = {}
-        self._fd_lock = threading.Lock()
+        # Guards _fds; `close` waits (on this condition) until no `read` is using a descriptor, so a
+        # read-ahead thread never reads from a closed (or reused) file descriptor.
+        self._fd_lock = threading.Condition()
+        self._reading = 0
         weakref.finalize(self, _close_fds, self._fds)  # files `read` opened, when the reader goes
         if os.path.isfile(path):
             root, shard_of = os.path.dirname(path), None
@@ -181,35 +243,32 @@ class CheckpointReader:
         self.config: dict | None = None
         cfg_path = os.path.join(root, CONFIG_FILE)
         if os.path.isfile(cfg_path):
-            try:
-                with open(cfg_path) as fh:
-                    self.config = json.load(fh)
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+            self.config = read_json_object(cfg_path, "an HF config.json (a JSON object)")
 
     @staticmethod
     def _find_shards(root: str) -> tuple[list[str], dict[str, str] | None]:
         index = os.path.join(root, INDEX_FILE)
         if os.path.isfile(index):
-            try:
-                with open(index) as fh:
-                    weight_map = json.load(fh)["weight_map"]
-                if not isinstance(weight_map, dict):
-                    raise TypeError
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a safetensors index (expected a JSON object with "
-                                      f"a 'weight_map' of tensor name -> shard file): {e!r}") from None
-            shard_of = {name: os.path.join(root, shard) for name, shard in weight_map.items()}
+            doc = read_json_object(index, "a safetensors index (a JSON object with a 'weight_map' of "
+                                          "tensor name -> shard file)")
+            weight_map = doc.get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: weight_map: expected an object of tensor name -> shard file, "
+                                      f"got {type(weight_map).__name__}")
+            shard_of = {}
+            for name, shard in weight_map.items():
+                where = f"{index}: weight_map[{name!r:.100}]"
+                shard_of[name] = model_file(root, shard, where)
             files = list(dict.fromkeys(shard_of.values()))
             for f in files:
                 if not os.path.isfile(f):
                     raise CheckpointNotFoundError(
-                        f"{index} names shard {os.path.basename(f)}, which does not exist in {root}", f)
+                        f"{index} names shard {os.path.relpath(f, root)}, which does not exist in {root}", f)
             return files, shard_of
         single = os.path.join(root, SINGLE_FILE)
         if os.path.isfile(single):
-            return [single], None
-        files = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".safetensors"))
+            return [model_file(root, SINGLE_FILE, root)], None
+        files = sorted(model_file(root, f, root) for f in os.listdir(root) if f.endswith(".safetensors"))
         if not files:
             raise CheckpointNotFoundError(
                 f"{root}: no safetensors weights (looked for {SINGLE_FILE}, {INDEX_FILE}, *.safetensors)", root)
@@ -279,29 +338,37 @@ class CheckpointReader:
             buf = np.empty(n, np.uint8)
         if n:
             fd = self._fd(f)
-            view = memoryview(buf)
-            offset = self._headers[f][0] + begin
-            done = 0
-            while done < n:
-                got = os.preadv(fd, [view[done:]], offset + done)
-                if got <= 0:
-                    raise CheckpointError(f"{f}: tensor {name!r} is truncated (file shrank while reading)")
-                done += got
+            try:
+                view = memoryview(buf)
+                offset = self._headers[f][0] + begin
+                done = 0
+                while done < n:
+                    got = os.preadv(fd, [view[done:]], offset + done)
+                    if got <= 0:
+                        raise CheckpointError(f"{f}: tensor {name!r} is truncated (file shrank while reading)")
+                    done += got
+            finally:
+                with self._fd_lock:
+                    self._reading -= 1
+                    self._fd_lock.notify_all()
         return buf.view(dt).reshape(info["shape"])
 
     def _fd(self, f: str) -> int:
-        fd = self._fds.get(f)
-        if fd is None:
-            with self._fd_lock:
-                fd = self._fds.get(f)
-                if fd is None:
-                    fd = self._fds[f] = os.open(f, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        """An open descriptor of shard `f`, counted as in use until the caller decrements `_reading`."""
+        with self._fd_lock:
+            fd = self._fds.get(f)
+            if fd is None:
+                fd = self._fds[f] = os.open(f, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._reading += 1
         return fd
 
     def close(self) -> None:
-        """Drop this reader's maps and close its files; arrays already returned stay valid."""
+        """Drop this reader's maps and close its files, after any `read` in progress in another
+        thread has finished; arrays already returned stay valid."""
         self._maps.clear()
         with self._fd_lock:
+            while self._reading:
+                self._fd_lock.wait()
             _close_fds(self._fds)
 
     def __enter__(self) -> "CheckpointReader":

@@ -19,7 +19,9 @@ import numpy as np
 from hm3jax.io.safetensors_io import CheckpointReader
 from hm3jax.merging.base import MergeMethod
 from hm3jax.merging.recipe import OutputSlice, Recipe, RecipeError, Source, resolve
-from hm3jax.models.config import ModelConfig
+from hm3jax.io.assemble import FLOAT_DTYPES
+from hm3jax.io.safetensors_io import dtype_code
+from hm3jax.models.config import ConfigError, ModelConfig
 from hm3jax.models.params import layer_shapes
 
 EMBED, NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
@@ -59,7 +61,7 @@ class MergePlan:
 
 
 def open_readers(recipe: Recipe) -> dict[str, CheckpointReader]:
-    """A reader per referenced model path; errors name the recipe key's model."""
+    """A reader per referenced model path, each with a usable config.json; errors name the model."""
     paths = []
     if recipe.base_model:
         paths.append(recipe.base_model)
@@ -73,11 +75,23 @@ def open_readers(recipe: Recipe) -> dict[str, CheckpointReader]:
         readers[p] = CheckpointReader(p)
         if readers[p].config is None:
             raise PlanError(f"model {p}: no config.json")
+        cfg_path = os.path.join(p, "config.json")
+        try:  # every input, not only the one whose config the output takes, must be a supported model
+            ModelConfig.from_hf_dict(readers[p].config, source=cfg_path)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise PlanError(f"{cfg_path}: a field has a value of the wrong type ({e}); expected an HF "
+                            "config.json of a supported model") from None
     return readers
 
 
 def _num_layers(readers, model: str) -> int:
-    return int(readers[model].config["num_hidden_layers"])
+    n = readers[model].config.get("num_hidden_layers")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise PlanError(f"{os.path.join(model, 'config.json')}: num_hidden_layers is {n!r}; expected a "
+                        "positive integer (the number of transformer layers)")
+    return n
 
 
 def _slices(recipe: Recipe, readers) -> list[OutputSlice]:
@@ -87,7 +101,13 @@ def _slices(recipe: Recipe, readers) -> list[OutputSlice]:
     if recipe.base_model and recipe.base_model not in [s.model for s in sources]:
         sources.append(Source(model=recipe.base_model))
     if readers is not None:
-        sources = [dataclasses.replace(s, layer_range=(0, _num_layers(readers, s.model))) for s in sources]
+        counts = {s.model: _num_layers(readers, s.model) for s in sources}
+        if len(set(counts.values())) > 1:
+            detail = ", ".join(f"{m} has {n}" for m, n in counts.items())
+            raise PlanError(f"{recipe.source}: models: the models have different numbers of layers ({detail}); "
+                            "the `models` form merges layer i with layer i and would drop layers. Use "
+                            "`slices` with a layer_range per model to say which layers to merge")
+        sources = [dataclasses.replace(s, layer_range=(0, counts[s.model])) for s in sources]
     return [OutputSlice(sources=tuple(sources))]
 
 
@@ -154,11 +174,15 @@ def build_plan(recipe: Recipe, readers: Mapping[str, CheckpointReader]) -> Merge
         base_pos = _check_inputs(method, models, base, where)
         inputs, shapes = [], []
         for src, nm in zip(s.sources, in_names):
-            real = _input_name(readers[src.model], nm)
+            reader = readers[src.model]
+            real = _input_name(reader, nm)
             if real is None:
                 raise PlanError(f"tensor {nm} is missing from model {src.model}")
+            if reader.dtype(real) not in FLOAT_DTYPES:
+                raise PlanError(f"{reader.shard_of(real)}: tensor {real}: dtype {dtype_code(reader.dtype(real))}; "
+                                "expected a float dtype (F16, BF16, F32, F64) for model weights")
             inputs.append((src.model, real))
-            shapes.append(readers[src.model].shape(real))
+            shapes.append(reader.shape(real))
         if len(set(shapes)) > 1:
             detail = ", ".join(f"{m} {list(sh)}" for (m, _), sh in zip(inputs, shapes))
             raise PlanError(f"tensor {name}: input shapes differ: {detail}")
@@ -175,6 +199,15 @@ def build_plan(recipe: Recipe, readers: Mapping[str, CheckpointReader]) -> Merge
                               for k, prm in method.params.items() if prm.per_model})
         for p in (shared, *per_model):
             _check_values(method, {**shared, **p}, f"{recipe.source}: tensor {name}")
+        if method.name == "linear" and shared.get("normalize") and per_model:
+            # linear divides by the sum of the weights unguarded (as mergekit): a zero sum is all NaN/Inf.
+            w = np.asarray([pm["weight"] for pm in per_model], np.float32)
+            if w.sum() == 0:
+                given = ", ".join(f"{src.model}: {float(x):g}" for src, x in
+                                  zip([x for j, x in enumerate(s.sources) if j != base_pos], w))
+                raise PlanError(f"{recipe.source}: tensor {name}: the weights ({given}) sum to 0 and "
+                                "normalize divides by their sum; give weights with a non-zero sum or set "
+                                "normalize: false")
         in_dtype = np.result_type(*[readers[m].dtype(n) for m, n in inputs])
         jobs.append(TensorJob(name=name, inputs=tuple(inputs), base=base_pos, shared=shared,
                               per_model=tuple(per_model), shape=tuple(shapes[0]), in_dtype=in_dtype))

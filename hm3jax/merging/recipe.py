@@ -136,6 +136,18 @@ def load_recipe(src: str | os.PathLike | Mapping[str, Any]) -> Recipe:
         tokenizer_source=tok, source=where, text=text)
 
 
+def input_paths(recipe: Recipe) -> list[str]:
+    """Every local path a recipe reads: models, base models, and a tokenizer source given as a path."""
+    paths = [recipe.base_model] if recipe.base_model else []
+    for src in recipe.models or ():
+        paths.append(src.model)
+    for s in recipe.slices or ():
+        paths += [src.model for src in s.sources] + ([s.base_model] if s.base_model else [])
+    if recipe.tokenizer_source and recipe.tokenizer_source != "base":
+        paths.append(recipe.tokenizer_source)
+    return list(dict.fromkeys(paths))
+
+
 def _check_keys(d: Mapping, allowed: tuple, where: str, extra: Mapping[str, str] | None = None) -> None:
     for k in d:
         if extra and k in extra:

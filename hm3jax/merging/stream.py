@@ -11,7 +11,13 @@ resident memory until the end), so the input files stay in the page cache only. 
 is about the inputs of the tensor being merged and of those loaded ahead, two or three outputs, and
 the method's temporaries for one tensor (for the largest tensor these dominate).
 
-The output directory appears atomically (written under a temporary sibling, renamed on success).
+The output directory appears atomically (written under a temporary sibling, renamed on success). It
+may not be, contain or lie inside an input (models, tokenizer source, the recipe file). Every input
+tensor and every merged tensor is checked for NaN/Inf: an error names the model and tensor (with
+`allow_nonfinite`, a warning), so a non-finite tensor is never written silently. When interrupted
+(KeyboardInterrupt), the read-ahead threads and the writer thread are stopped and joined, every
+dispatched computation is waited for, and only then does the exception propagate and the temporary
+directory go.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import os
 import queue
 import shutil
 import threading
+import warnings
 from typing import Any
 
 import jax
@@ -31,11 +38,13 @@ import ml_dtypes
 import numpy as np
 import yaml
 
-from hm3jax.io.atomic import OutputExistsError, atomic_output_dir
+from hm3jax.io import interrupt
+from hm3jax.io.atomic import OutputExistsError, atomic_output_dir, check_output_path
+from hm3jax.io.paths import model_file
 from hm3jax.io.safetensors_io import CheckpointReader, ShardedWriter, parse_size
 from hm3jax.merging.base import MergeMethod, tensor_key
 from hm3jax.merging.plan import MergePlan, TensorJob, build_plan, open_readers
-from hm3jax.merging.recipe import Recipe, load_recipe
+from hm3jax.merging.recipe import Recipe, input_paths, load_recipe
 
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
@@ -43,6 +52,28 @@ TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenize
 PREFETCH_BYTES = 512 * 2**20  # default cap on the input bytes loaded ahead of the merge
 _NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
               "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+_CHECK_CHUNK = 1 << 22  # elements per NaN/Inf check step (bounds the check's temporary memory)
+
+
+class NonFiniteError(ValueError):
+    """An input or merged tensor holds NaN or Inf (and allow_nonfinite was not given)."""
+
+
+class NonFiniteWarning(UserWarning):
+    """An input or merged tensor holds NaN or Inf and allow_nonfinite was given."""
+
+
+def count_nonfinite(arr: np.ndarray) -> int:
+    """How many entries of a float array are NaN or +-Inf (0 for non-float arrays), chunk by chunk."""
+    if arr.dtype.kind != "f" and arr.dtype != ml_dtypes.bfloat16:
+        return 0
+    flat = arr.reshape(-1)
+    bad = 0
+    for i in range(0, flat.size, _CHECK_CHUNK):
+        ok = np.isfinite(flat[i:i + _CHECK_CHUNK])
+        if not ok.all():
+            bad += int(ok.size - np.count_nonzero(ok))
+    return bad
 
 
 def parse_shard_size(size: int | str) -> int:
@@ -56,12 +87,13 @@ def parse_shard_size(size: int | str) -> int:
 def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike, *,
                  overwrite: bool = False, max_shard_size: int | str = "5B", seed: int = 0,
                  copy_tokenizer: bool = True, prefetch: int = 2, prefetch_bytes: int | str = PREFETCH_BYTES,
-                 progress: bool = True) -> str:
+                 progress: bool = True, allow_nonfinite: bool = False) -> str:
     """Run a mergekit-style recipe from checkpoints on disk into `out_dir` (an HF model directory).
 
     Args:
       recipe: YAML path, dict, or parsed Recipe.
-      out_dir: output directory; must not exist unless `overwrite`.
+      out_dir: output directory; must not exist unless `overwrite`, and may never be, contain or lie
+        inside an input (a model, the tokenizer source, the recipe file).
       max_shard_size: bytes per output shard (see parse_shard_size).
       seed: PRNG seed of random methods (each tensor draws from fold_in(seed, crc32(name))).
       copy_tokenizer: copy tokenizer files from `tokenizer_source` (default: the base model, else the
@@ -70,9 +102,12 @@ def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.Pa
       prefetch_bytes: cap on the input bytes of those upcoming tensors (int or "512MiB", "1GB"; see
         parse_size); the next tensor is always loaded ahead when prefetch >= 1, whatever its size.
       progress: show a tqdm progress bar (bytes written) on stderr.
+      allow_nonfinite: NaN/Inf in an input or merged tensor is a NonFiniteWarning instead of a
+        NonFiniteError.
     Returns the absolute output path. Raises RecipeError / PlanError / OutputExistsError /
-    CheckpointError with messages naming the key, tensor or file at fault; on any error nothing is
-    left at `out_dir` and the temporary directory is removed.
+    UnsafeOutputError / CheckpointError / NonFiniteError with messages naming the key, tensor or file
+    at fault; on any error (and on KeyboardInterrupt) nothing is left at `out_dir`, an old `out_dir`
+    is unchanged and the temporary directory is removed.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.lexists(out_dir) and not overwrite:
@@ -82,36 +117,45 @@ def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.Pa
     except ValueError:
         raise ValueError(f"prefetch_bytes {prefetch_bytes!r}: expected a positive number of bytes, "
                          "an int or a string like '512MiB', '1GB'") from None
+    recipe_file = None if isinstance(recipe, (dict, Recipe)) else os.fspath(recipe)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    readers = open_readers(recipe)
-    try:
-        _merge_into(recipe, readers, out_dir, overwrite=overwrite, max_shard_size=max_shard_size,
-                    seed=seed, copy_tokenizer=copy_tokenizer, prefetch=prefetch,
-                    prefetch_bytes=ahead_bytes, progress=progress)
-    finally:
-        for r in readers.values():
-            r.close()
+    inputs = [recipe_file, *input_paths(recipe)]
+    check_output_path(out_dir, inputs)
+    # Where hm3jax.io.interrupt handles signals (the CLI), they stop the run between tensors.
+    with interrupt.deferred():
+        readers = open_readers(recipe)
+        try:
+            _merge_into(recipe, readers, out_dir, overwrite=overwrite, max_shard_size=max_shard_size,
+                        seed=seed, copy_tokenizer=copy_tokenizer, prefetch=prefetch,
+                        prefetch_bytes=ahead_bytes, progress=progress, inputs=inputs,
+                        allow_nonfinite=allow_nonfinite)
+        finally:
+            for r in readers.values():
+                r.close()
     return out_dir
 
 
 def _merge_into(recipe: Recipe, readers: dict[str, CheckpointReader], out_dir: str, *, overwrite: bool,
                 max_shard_size: int | str, seed: int, copy_tokenizer: bool, prefetch: int,
-                prefetch_bytes: int, progress: bool) -> None:
+                prefetch_bytes: int, progress: bool, inputs: list, allow_nonfinite: bool) -> None:
     plan = build_plan(recipe, readers)
     shard_bytes = parse_shard_size(max_shard_size)
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    tokenizer_files = []
+    if copy_tokenizer and plan.tokenizer_from:
+        for name in TOKENIZER_FILES:
+            src = os.path.join(plan.tokenizer_from, name)
+            if os.path.isfile(src):  # a link out of the model directory is refused, not copied
+                tokenizer_files.append((model_file(plan.tokenizer_from, name, plan.tokenizer_from), name))
+    with atomic_output_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         run_plan(plan, readers, tmp, max_shard_size=shard_bytes, seed=seed, prefetch=prefetch,
-                 prefetch_bytes=prefetch_bytes, progress=progress)
+                 prefetch_bytes=prefetch_bytes, progress=progress, allow_nonfinite=allow_nonfinite)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(plan.config, f, indent=2)
             f.write("\n")
         with open(os.path.join(tmp, "mergekit_config.yml"), "w", encoding="utf-8") as f:
             f.write(recipe.text or yaml.safe_dump({"merge_method": recipe.method.name}))
-        if copy_tokenizer and plan.tokenizer_from:
-            for name in TOKENIZER_FILES:
-                src = os.path.join(plan.tokenizer_from, name)
-                if os.path.isfile(src):
-                    shutil.copyfile(src, os.path.join(tmp, name))
+        for src, name in tokenizer_files:
+            shutil.copyfile(src, os.path.join(tmp, name))
 
 
 def _dtypes(plan: MergePlan, job: TensorJob) -> tuple[np.dtype | None, np.dtype]:
@@ -173,11 +217,23 @@ class _Compiled:
         return fn
 
 
-def _load(readers: dict[str, CheckpointReader], job: TensorJob) -> list[jax.Array]:
+def _load(readers: dict[str, CheckpointReader], job: TensorJob, allow_nonfinite: bool = False) -> list[jax.Array]:
     # `read` copies each input into a page-aligned buffer of its own (device_put aliases it on CPU)
     # rather than viewing the memory-mapped shard: mapped pages, once touched, stay in the process's
     # resident set until the map goes, so a whole merge would end up holding every input file.
-    return [jax.device_put(readers[model].read(name)) for model, name in job.inputs]
+    out = []
+    for model, name in job.inputs:
+        arr = readers[model].read(name)
+        bad = count_nonfinite(arr)
+        if bad:
+            msg = (f"model {model}: tensor {name} ({os.path.basename(readers[model].shard_of(name))}) holds "
+                   f"{bad} NaN/Inf value(s) of {arr.size}")
+            if not allow_nonfinite:
+                raise NonFiniteError(f"{msg}; a merge would spread them; pass --allow-nonfinite "
+                                     "(allow_nonfinite=True) to merge it anyway")
+            warnings.warn(msg, NonFiniteWarning, stacklevel=2)
+        out.append(jax.device_put(arr))
+    return out
 
 
 def _input_bytes(readers: dict[str, CheckpointReader], job: TensorJob) -> int:
@@ -187,10 +243,13 @@ def _input_bytes(readers: dict[str, CheckpointReader], job: TensorJob) -> int:
 
 def run_plan(plan: MergePlan, readers: dict[str, CheckpointReader], out_dir: str, *,
              max_shard_size: int = 5 * 10**9, seed: int = 0, prefetch: int = 2,
-             prefetch_bytes: int = PREFETCH_BYTES, progress: bool = True) -> None:
+             prefetch_bytes: int = PREFETCH_BYTES, progress: bool = True,
+             allow_nonfinite: bool = False) -> None:
     """Merge every job of `plan` and write the tensors into `out_dir` (safetensors shards only).
 
-    `prefetch` / `prefetch_bytes`: read-ahead limits, see merge_recipe.
+    `prefetch` / `prefetch_bytes`: read-ahead limits; `allow_nonfinite`: see merge_recipe.
+    On any exception (KeyboardInterrupt included) the read-ahead threads and the writer thread are
+    stopped and joined, and every dispatched merge has finished, before the exception propagates.
     """
     from tqdm.auto import tqdm
 
@@ -204,16 +263,26 @@ def run_plan(plan: MergePlan, readers: dict[str, CheckpointReader], out_dir: str
     done: queue.Queue = queue.Queue(maxsize=2)
     failure: list[BaseException] = []
 
+    stop = threading.Event()  # set when the main thread gives up: the writer drains without writing
+
     def write_loop():
         while True:
             item = done.get()
             if item is None:
                 return
-            if failure:
-                continue  # drain so the producer never blocks
             name, result = item
+            if failure or stop.is_set():
+                _settle(result)  # drain so the producer never blocks; wait, so nothing runs on at exit
+                continue
             try:
                 arr = np.asarray(result)
+                bad = count_nonfinite(arr)
+                if bad:
+                    msg = (f"merged tensor {name}: {bad} of {arr.size} values are NaN/Inf (check the "
+                           "weights and parameters of this tensor)")
+                    if not allow_nonfinite:
+                        raise NonFiniteError(msg + "; nothing was written")
+                    warnings.warn(msg, NonFiniteWarning, stacklevel=1)
                 writer.write(name, arr)
                 bar.update(arr.nbytes)
             except BaseException as e:  # re-raised in the main thread
@@ -229,7 +298,7 @@ def run_plan(plan: MergePlan, readers: dict[str, CheckpointReader], out_dir: str
     def submit() -> None:
         job = jobs[state["next"]]
         nbytes = _input_bytes(readers, job)
-        pending.append((job, pool.submit(_load, readers, job), nbytes))
+        pending.append((job, pool.submit(_load, readers, job, allow_nonfinite), nbytes))
         state["next"] += 1
         state["ahead"] += nbytes
 
@@ -241,8 +310,10 @@ def run_plan(plan: MergePlan, readers: dict[str, CheckpointReader], out_dir: str
                 break
             submit()
 
+    in_flight = None  # a dispatched result not yet handed to the writer
     try:
         while pending or state["next"] < len(jobs):
+            interrupt.check()
             if not pending:
                 submit()
             job, fut, nbytes = pending.popleft()
@@ -257,15 +328,32 @@ def run_plan(plan: MergePlan, readers: dict[str, CheckpointReader], out_dir: str
             load, out = _dtypes(plan, job)
             fn = compiled.get(static, load, out, base is not None)
             rng = tensor_key(root, job.name) if root is not None else None
-            done.put((job.name, fn(base, models, weights, rng, traced)))
+            in_flight = fn(base, models, weights, rng, traced)
+            done.put((job.name, in_flight))
+            in_flight = None
             del arrays, base, models
+    except BaseException:
+        stop.set()
+        _settle(in_flight)
+        raise
     finally:
+        # In order: no new loads, wait for the running ones (they read the input files the caller
+        # closes next); then let the writer drain and finish; only then return or raise.
         for _, fut, _ in pending:
             fut.cancel()
         pool.shutdown(wait=True)
+        pending.clear()
         done.put(None)
         writer_thread.join()
         bar.close()
     if failure:
         raise failure[0]
     writer.close()
+
+
+def _settle(result: Any) -> None:
+    """Wait until a dispatched computation has finished (its errors are not ours to report)."""
+    try:
+        jax.block_until_ready(result)
+    except Exception:
+        pass
