@@ -84,6 +84,14 @@ def params_from_source(cfg: ModelConfig, source: TensorSource, dtype: Any = None
                               f"({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}); "
                               + _mismatch(missing, unexpected))
 
+    shard_of = getattr(source, "shard_of", None)
+    for name in expected:
+        dt = np.dtype(source.dtype(name))
+        if dt not in FLOAT_DTYPES:
+            file = shard_of(name) if shard_of is not None else where
+            raise CheckpointError(f"{file}: tensor {name}: dtype {dt.name} in the file; expected a float dtype "
+                                  f"({', '.join(d.name for d in FLOAT_DTYPES)}) for model weights")
+
     shapes = param_shapes(cfg)
     bad = []
     for name, (path, layer) in expected.items():

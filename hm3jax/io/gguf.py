@@ -105,25 +105,76 @@ class _GGUFSource:
             w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(self.shape(name))
         except NotImplementedError as e:
             raise CheckpointError(f"{self.path}: tensor {t.name}: {e}") from None
+        except (ValueError, TypeError, IndexError, KeyError):
+            raise CheckpointError(f"{self.path}: tensor {t.name}: its data does not match its type "
+                                  f"{getattr(t.tensor_type, 'name', t.tensor_type)} and shape "
+                                  f"{list(self.shape(name))} (corrupt)") from None
         proj = name.split(".")[-2]
         if proj in self._heads:
             w = unpermute_rotary(w, self._heads[proj])
         return w
 
 
-def _field(reader, key: str, path: str, default: Any = _REQUIRED) -> Any:
+_KINDS = {int: "an integer", float: "a number", str: "a string"}
+
+
+def _field(reader, key: str, path: str, default: Any = _REQUIRED, kind: type | None = None) -> Any:
+    """Metadata value `key`; `kind` (int, float, str) checks its type. Errors name the key."""
     f = reader.get_field(key)
     if f is None:
         if default is _REQUIRED:
             raise CheckpointError(f"{path}: GGUF metadata key {key!r} is missing")
         return default
-    return f.contents()
+    try:
+        v = f.contents()
+    except Exception:  # a corrupt field: the gguf package raises whatever numpy does
+        raise CheckpointError(f"{path}: GGUF metadata key {key!r}: value cannot be read (corrupt)") from None
+    if kind is None:
+        return v
+    if isinstance(v, np.generic):
+        v = v.item()
+    ok = (isinstance(v, str) if kind is str else
+          isinstance(v, int) and not isinstance(v, bool) if kind is int else
+          isinstance(v, (int, float)) and not isinstance(v, bool))
+    if not ok:
+        raise CheckpointError(f"{path}: GGUF metadata key {key!r}: expected {_KINDS[kind]}, "
+                              f"got {type(v).__name__}")
+    return kind(v)
+
+
+def _positive(reader, key: str, path: str, default: Any = _REQUIRED) -> int:
+    v = _field(reader, key, path, default, int)
+    if not 0 < v < 2**31:
+        raise CheckpointError(f"{path}: GGUF metadata key {key!r} is {v}; expected a positive integer")
+    return v
+
+
+def open_gguf(path: str):
+    """A `gguf.GGUFReader` of `path`; a file that is not GGUF, or is corrupt or truncated, is a
+    CheckpointError naming the file (the gguf package's own errors are IndexError, ValueError, ...)."""
+    import gguf
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    if len(head) < 8 or head[:4] != b"GGUF":
+        raise CheckpointError(f"{path}: not a GGUF file (it does not start with the GGUF magic number)")
+    version = int.from_bytes(head[4:8], "little")
+    if version not in (2, 3) and int.from_bytes(head[4:8], "big") not in (2, 3):
+        raise CheckpointError(f"{path}: GGUF version field: expected 2 or 3, the versions this reader supports")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # untrusted bytes through a third-party parser; its messages may quote them
+        raise CheckpointError(f"{path}: corrupt or truncated GGUF file (its metadata or tensor table "
+                              f"cannot be read: {type(e).__name__})") from None
 
 
 def _rope_scaling(reader, path: str, theta: float, head_dim: int) -> RopeScaling:
-    kind = _field(reader, "llama.rope.scaling.type", path, "none")
+    kind = _field(reader, "llama.rope.scaling.type", path, "none", str)
     if kind == "linear":
-        return RopeScaling(rope_type="linear", factor=float(_field(reader, "llama.rope.scaling.factor", path)))
+        return RopeScaling(rope_type="linear", factor=_field(reader, "llama.rope.scaling.factor", path, kind=float))
     if kind != "none":
         raise CheckpointError(f"{path}: llama.rope.scaling.type {kind!r} is not supported; supported: none, linear")
     freqs = next((t for t in reader.tensors if t.name == _ROPE_FREQS), None)
@@ -131,8 +182,11 @@ def _rope_scaling(reader, path: str, theta: float, head_dim: int) -> RopeScaling
         return RopeScaling()
     # llama3 scaling is stored only as its per-frequency result; recover the standard parameters
     # (the factor is the largest divisor) and accept them only if they reproduce the tensor.
-    stored = np.asarray(freqs.data, np.float32).reshape(-1)
-    factor = float(stored.max())
+    try:
+        stored = np.asarray(freqs.data, np.float32).reshape(-1)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{path}: tensor {_ROPE_FREQS}: expected float values") from None
+    factor = float(stored.max()) if stored.size else 0.0
     expect = _llama3_rope_factors(theta, head_dim, factor)
     if stored.shape != expect.shape or not np.allclose(stored, expect, rtol=1e-4, atol=1e-6):
         raise CheckpointError(
@@ -144,38 +198,42 @@ def _rope_scaling(reader, path: str, theta: float, head_dim: int) -> RopeScaling
 
 def gguf_config(reader, path: str = "<gguf>") -> ModelConfig:
     """ModelConfig from the metadata (and tensor list) of an open `gguf.GGUFReader`."""
-    arch = _field(reader, "general.architecture", path)
+    arch = _field(reader, "general.architecture", path, kind=str)
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise CheckpointError(f"{path}: general.architecture is {arch!r}; supported GGUF architectures: "
+        raise CheckpointError(f"{path}: general.architecture is {arch!r:.40}; supported GGUF architectures: "
                               f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama 2/3, SmolLM2, Mistral exported as llama)")
     names = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in names:
         raise CheckpointError(f"{path}: no token_embd.weight tensor")
-    n_head = int(_field(reader, "llama.attention.head_count", path))
-    hidden = int(_field(reader, "llama.embedding_length", path))
-    head_dim = _field(reader, "llama.rope.dimension_count", path, None)
-    head_dim = int(head_dim) if head_dim is not None else hidden // n_head
-    theta = float(_field(reader, "llama.rope.freq_base", path, 10000.0))
+    if len(names["token_embd.weight"].shape) != 2:
+        raise CheckpointError(f"{path}: tensor token_embd.weight: expected 2 dimensions, found "
+                              f"{len(names['token_embd.weight'].shape)}")
+    n_head = _positive(reader, "llama.attention.head_count", path)
+    hidden = _positive(reader, "llama.embedding_length", path)
+    head_dim = _field(reader, "llama.rope.dimension_count", path, None, int)
+    head_dim = head_dim if head_dim is not None else hidden // n_head
+    if head_dim <= 0:
+        raise CheckpointError(f"{path}: GGUF metadata: head dimension {head_dim}; expected a positive integer")
+    theta = _field(reader, "llama.rope.freq_base", path, 10000.0, float)
     defaults = ModelConfig()
     return ModelConfig(
         model_type="llama",
         vocab_size=int(names["token_embd.weight"].shape[-1]),
         hidden_size=hidden,
-        intermediate_size=int(_field(reader, "llama.feed_forward_length", path)),
-        num_hidden_layers=int(_field(reader, "llama.block_count", path)),
+        intermediate_size=_positive(reader, "llama.feed_forward_length", path),
+        num_hidden_layers=_positive(reader, "llama.block_count", path),
         num_attention_heads=n_head,
-        num_key_value_heads=int(_field(reader, "llama.attention.head_count_kv", path, n_head)),
+        num_key_value_heads=_positive(reader, "llama.attention.head_count_kv", path, n_head),
         head_dim=head_dim,
-        rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", path, defaults.rms_norm_eps)),
+        rms_norm_eps=_field(reader, "llama.attention.layer_norm_rms_epsilon", path, defaults.rms_norm_eps, float),
         rope_theta=theta,
         rope_scaling=_rope_scaling(reader, path, theta, head_dim),
-        max_position_embeddings=int(_field(reader, "llama.context_length", path,
-                                           defaults.max_position_embeddings)),
+        max_position_embeddings=_positive(reader, "llama.context_length", path, defaults.max_position_embeddings),
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id", path, defaults.bos_token_id),
-        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id", path, defaults.eos_token_id),
-        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id", path, None),
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id", path, defaults.bos_token_id, int),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id", path, defaults.eos_token_id, int),
+        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id", path, None, int),
         torch_dtype="float32",
     )
 
@@ -187,16 +245,11 @@ def load_gguf(path: str | os.PathLike, dtype: Any = None) -> tuple[ModelConfig, 
     if given), and q/k rows are put back in HF order, so the result equals what transformers'
     `from_pretrained(..., gguf_file=...)` loads.
     """
-    import gguf
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointNotFoundError(f"{path}: no such GGUF file", path)
     out_dt = None if dtype is None else float_dtype(dtype)
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
+    reader = open_gguf(path)
     cfg = gguf_config(reader, path)
     source = _GGUFSource(reader, path, cfg.num_attention_heads, cfg.num_key_value_heads)
     params = params_from_source(cfg, source, dtype=out_dt, where=path)
@@ -211,7 +264,6 @@ def load_gguf_tokenizer(path: str | os.PathLike):
     Built from the metadata with transformers' GGUF tokenizer converters, but read through the
     `gguf` package, so it works without PyTorch (transformers' own GGUF file reader imports torch).
     """
-    import gguf
     from transformers import PreTrainedTokenizerFast
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (
         _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
@@ -219,11 +271,8 @@ def load_gguf_tokenizer(path: str | os.PathLike):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointNotFoundError(f"{path}: no such GGUF file", path)
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
-    architecture = _field(reader, "general.architecture", path)
+    reader = open_gguf(path)
+    architecture = _field(reader, "general.architecture", path, kind=str)
     if _field(reader, "tokenizer.ggml.tokens", path, None) is None:
         raise CheckpointError(f"{path}: GGUF file has no tokenizer (no tokenizer.ggml.tokens)")
     grouped = {

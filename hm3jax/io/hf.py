@@ -16,11 +16,12 @@ import ml_dtypes
 import numpy as np
 
 from hm3jax.io.assemble import EMBED, check_params, float_dtype, hf_order, params_from_source
-from hm3jax.io.atomic import atomic_output_dir
+from hm3jax.io.atomic import atomic_output_dir, check_output_path
 from hm3jax.io.errors import CheckpointError, CheckpointNotFoundError, PickleCheckpointError
-from hm3jax.io.safetensors_io import CONFIG_FILE, CheckpointReader, ShardedWriter, parse_size
+from hm3jax.io.paths import model_file
+from hm3jax.io.safetensors_io import CONFIG_FILE, CheckpointReader, ShardedWriter, parse_size, read_json_object
 from hm3jax.io.gguf import load_gguf_tokenizer
-from hm3jax.models.config import ModelConfig
+from hm3jax.models.config import ConfigError, ModelConfig
 from hm3jax.models.params import get_path, hf_names
 
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -45,21 +46,43 @@ def _has_safetensors(root: str) -> bool:
 def _pickle_files(root: str) -> list[str]:
     index = os.path.join(root, _PICKLE_INDEX)
     if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                shards = dict.fromkeys(json.load(f)["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a weights index ({e!r})") from None
-        return [os.path.join(root, s) for s in shards]
-    return sorted(os.path.join(root, f) for f in os.listdir(root)
+        weight_map = read_json_object(index, "a weights index (a JSON object with a 'weight_map')").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map: expected an object of tensor name -> weights file")
+        return list(dict.fromkeys(model_file(root, s, f"{index}: weight_map[{k!r:.100}]")
+                                  for k, s in weight_map.items()))
+    return sorted(model_file(root, f, root) for f in os.listdir(root)
                   if f.endswith(_PICKLE_SUFFIXES) and not f.startswith(_NOT_WEIGHTS))
+
+
+def read_config(path: str) -> ModelConfig:
+    """The ModelConfig of an HF config.json; every problem is a ConfigError naming the file."""
+    try:
+        d = read_json_object(path, "an HF config.json (a JSON object)")
+    except CheckpointNotFoundError:
+        raise ConfigError(f"{path}: no such file (expected an HF config.json)") from None
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        return ModelConfig.from_hf_dict(d, source=path)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: a field has a value of the wrong type ({e}); expected an HF "
+                          "config.json of a supported model") from None
 
 
 class _TorchSource:
     """Tensors of pickle checkpoints, loaded with torch's restricted (weights-only) unpickler."""
 
-    def __init__(self, files: list[str]):
-        import torch
+    def __init__(self, files: list[str], root: str):
+        try:
+            import torch
+        except ModuleNotFoundError:
+            raise CheckpointError(
+                f"{root}: reading pickle weights ({', '.join(map(os.path.basename, files))}) with "
+                "allow_pickle=True needs PyTorch, which is not installed; install torch or convert the "
+                "checkpoint to safetensors") from None
 
         self._sd: dict[str, Any] = {}
         for f in files:
@@ -122,7 +145,7 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = None,
         ggufs = [f for f in os.listdir(path) if f.lower().endswith(".gguf")]
         hint = f"; for GGUF pass the file itself, e.g. {os.path.join(path, ggufs[0])}" if ggufs else ""
         raise CheckpointNotFoundError(f"{path}: no {CONFIG_FILE} (not an HF checkpoint directory){hint}", cfg_path)
-    cfg = ModelConfig.from_json_file(cfg_path)
+    cfg = read_config(cfg_path)
 
     if _has_safetensors(path):
         with CheckpointReader(path) as reader:
@@ -139,7 +162,7 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = None,
                 "Unpickling can execute arbitrary code, so they are not read by default. Convert the "
                 "checkpoint to safetensors, or pass allow_pickle=True to read it with "
                 "torch.load(weights_only=True) if you trust its source.")
-        params = params_from_source(cfg, _TorchSource(pickles), dtype=dtype, where=path)
+        params = params_from_source(cfg, _TorchSource(pickles, path), dtype=dtype, where=path)
     return cfg.replace(torch_dtype=np.dtype(params["embed_tokens"]["weight"].dtype).name), params
 
 
@@ -177,10 +200,11 @@ def _tokenizer_saver(tokenizer_from: Any) -> Callable[[str], None] | None:
     if not files:
         raise CheckpointError(f"tokenizer_from {src}: no tokenizer files (looked for "
                               f"{', '.join(TOKENIZER_FILES)}) and not a .gguf file")
+    paths = [model_file(src, f, f"tokenizer_from {src}") for f in files]  # no link out of the directory
 
     def copy(dst: str) -> None:
-        for f in files:
-            shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
+        for path, f in zip(paths, files):
+            shutil.copy2(path, os.path.join(dst, f))
 
     return copy
 
@@ -193,8 +217,9 @@ def _generation_config(cfg: ModelConfig, generation_config: Any, tokenizer_from:
     if generation_config is None and isinstance(tokenizer_from, (str, os.PathLike)):
         src = os.path.join(os.fspath(tokenizer_from), GENERATION_CONFIG_FILE)
         if os.path.isfile(src):
-            with open(src) as f:
-                return json.load(f)
+            return read_json_object(model_file(os.fspath(tokenizer_from), GENERATION_CONFIG_FILE,
+                                               f"tokenizer_from {os.fspath(tokenizer_from)}"),
+                                    "a generation_config.json (a JSON object)")
     if generation_config not in (None, True):
         raise TypeError(f"generation_config must be a dict, True, False or None; got {generation_config!r}")
     ids = {"bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
@@ -215,13 +240,16 @@ def save_pretrained(out_dir: str | os.PathLike, cfg: ModelConfig, params: dict, 
         tokenizer is rebuilt by transformers and saved); or a tokenizer object (its save_pretrained).
       max_shard_size: bytes per safetensors shard, int or "5GB"/"500MiB"; over it, several shards
         plus model.safetensors.index.json are written.
-      overwrite: replace an existing `out_dir` (only after the new one is complete).
+      overwrite: replace an existing `out_dir` (only after the new one is complete). `out_dir` may
+        never be, contain or lie inside `tokenizer_from` (UnsafeOutputError).
       dtype: float dtype to store tensors in; None keeps each leaf's dtype. Recorded in config.json.
       generation_config: a dict to write as generation_config.json; False for none; None copies the
         one next to an HF-directory `tokenizer_from`, else writes the token ids of `cfg` (as True does).
 
     Returns the absolute path of the written directory.
     """
+    inputs = [tokenizer_from] if isinstance(tokenizer_from, (str, os.PathLike)) else []
+    check_output_path(out_dir, inputs)
     check_params(cfg, params)
     out_dt = None if dtype is None else float_dtype(dtype)
     limit = parse_size(max_shard_size)
@@ -238,7 +266,7 @@ def save_pretrained(out_dir: str | os.PathLike, cfg: ModelConfig, params: dict, 
     gen = _generation_config(cfg, generation_config, tokenizer_from)
     save_tokenizer = _tokenizer_saver(tokenizer_from)
 
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         if save_tokenizer is not None:
             save_tokenizer(tmp)
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
