@@ -414,8 +414,9 @@ def test_tokenizer_copied_from_hf_dir(tmp_path):
     save_pretrained(tmp_path / "out", cfg, random_params(cfg), tokenizer_from=src)
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(listing(tmp_path / "out"))
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["temperature"] == 0.5
+    (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no tokenizer files"):
-        save_pretrained(tmp_path / "out2", cfg, random_params(cfg), tokenizer_from=tmp_path / "out" / "..")
+        save_pretrained(tmp_path / "out2", cfg, random_params(cfg), tokenizer_from=tmp_path / "empty" / ".")
     assert not (tmp_path / "out2").exists()
 
 
