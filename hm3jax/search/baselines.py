@@ -11,6 +11,7 @@ in memory: merges and scoring are vmapped over the preferences.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hm3jax.io.atomic import write_json_atomic
+from hm3jax.io.atomic import UnsafeOutputError, check_output_path, write_json_atomic
 from hm3jax.models import forward
 from hm3jax.moo import das_dennis, dirichlet, hypervolume, pareto_mask
 from hm3jax.objectives import answer_loglik, exact_match, make_suite_batch, task_means
@@ -103,6 +104,13 @@ def main(argv=None) -> int:
                          "HV measured above the base model's scores")
     ap.add_argument("--out", help="write the scores as JSON here")
     args = ap.parse_args(argv)
+    if args.out:  # checked before the minutes of scoring, not at the end
+        try:
+            check_output_path(args.out, [args.zoo_dir], what="--out")
+        except UnsafeOutputError as e:
+            raise SystemExit(f"error: {e}") from None
+        if os.path.isdir(args.out):
+            raise SystemExit(f"error: --out {args.out} is a directory; give the path of a JSON file")
 
     cfg, models, tokenizer = load_zoo(args.zoo_dir)
     suite = task_suite()
@@ -131,7 +139,7 @@ def main(argv=None) -> int:
     print(f"held-out {what}, methods at λ = centre; front HV over {len(prefs)} preferences, {where}")
     print(format_table(names, rows, hv, percent=exact))
     if args.out:
-        write_json_atomic(args.out, {
+        write_json_atomic(args.out, inputs=[args.zoo_dir], obj={
             "tasks": names, "objective": args.objective, "reference": ref.tolist(),
             "preferences": prefs.tolist(), "rows": {k: v.tolist() for k, v in rows.items()},
             "fronts": {k: v.tolist() for k, v in fronts.items()}, "hypervolume": hv})
