@@ -1,0 +1,435 @@
+"""RunConfig: every setting of `python -m hm3jax.train`, as nested frozen dataclasses.
+
+Parsed by draccus (the config library of levanter) from a YAML file plus dotted command-line
+overrides (`--config_path configs/smoke.yaml --upper.density 0.5`); `--help` lists every field with
+its documentation. Config flows one way: YAML + CLI -> RunConfig -> `validate` (before any work) ->
+the stages. The resolved config is written to `<output_dir>/config.yaml`; a later run with the same
+output directory resumes only when its resolved config is the same (`check_run_dir`).
+
+    cfg = validate(parse_run_config(["--config_path", "configs/smoke.yaml"]))
+    resumed = prepare_run_dir(cfg)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from typing import Optional, Sequence
+
+import draccus
+
+from hm3jax.search.upper import UpperConfig
+
+CONFIG_FILE = "config.yaml"
+ZOO_CONFIGS = ("default", "small")
+TASK_KINDS = ("embedded", "files")
+# Scorers of hm3jax.objectives.realtasks, by the name a task file entry gives.
+SCORERS = {"gsm8k": "gsm8k_accuracy", "chrf": "chrf_corpus", "pass_at_k": "code_pass_at_k"}
+OBJECTIVES = ("exact_match", "loglik")
+PREFERENCE_KINDS = ("dirichlet", "grid")
+SIMPLEX_TOL = 1e-6
+# Keys that do not change a run's results: a run directory may be resumed with other values.
+_NOT_COMPARED = ("log",)
+
+
+class RunConfigError(ValueError):
+    """A run config that cannot be used; the message names the config key (and file) at fault."""
+
+
+# ------------------------------------------------------------------------------------ the config
+@dataclasses.dataclass(frozen=True)
+class ZooSource:
+    """The embedded model zoo (a base and one expert per embedded task), built on CPU if missing."""
+
+    dir: str = "zoo"
+    """Directory of the zoo: built there when missing, reused when its zoo.json matches config and seed."""
+    config: str = "default"
+    """Zoo hyperparameter set: default (6 layers, width 64) or small (3 layers, width 32; for tests)."""
+    seed: int = 0
+    """Seed of the zoo build (init and batch sampling)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSource:
+    """Local Hugging Face checkpoints: a base and one fine-tuned expert per task, all of one width."""
+
+    base: str = ""
+    """Directory of the base model (config.json + safetensors)."""
+    experts: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Task name -> expert checkpoint directory; the task order of the run is this mapping's order."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelsConfig:
+    """Where the base and experts come from: exactly one of `zoo` and `checkpoints` (neither = the
+    default embedded zoo)."""
+
+    zoo: Optional[ZooSource] = None
+    """Use (and build if missing) the embedded zoo."""
+    checkpoints: Optional[CheckpointSource] = None
+    """Use local checkpoints."""
+    dtype: str = "float32"
+    """dtype the params are loaded and merged in (float32, bfloat16)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskFiles:
+    """A real task's data: JSONL files with one {"prompt", "answer"} object per line ("answer": the
+    GSM8K solution ending in "#### <number>", the reference translation, or the test code)."""
+
+    search: str = ""
+    """JSONL file of the search split (scored while searching)."""
+    heldout: str = ""
+    """JSONL file of the held-out split (the front and the report)."""
+    scorer: str = "gsm8k"
+    """Scorer of hm3jax.objectives.realtasks: gsm8k (answer match), chrf (chrF) or pass_at_k (pass@1)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TasksConfig:
+    """What the merged models are scored on: one task per expert."""
+
+    kind: str = "embedded"
+    """embedded (the synthetic math / code / translation suite) or files (real tasks, `files`)."""
+    files: dict[str, TaskFiles] = dataclasses.field(default_factory=dict)
+    """Task name -> its data files and scorer (kind=files); the names are the experts' task names."""
+    objective: str = "exact_match"
+    """Score of the embedded suite: exact_match (teacher-forced, in [0, 1]) or loglik."""
+    max_new_tokens: int = 256
+    """Generation length of the real-task scorers."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferencesConfig:
+    """The preference vectors λ (one per front point searched)."""
+
+    n: int = 10
+    """Number of generated preferences."""
+    kind: str = "dirichlet"
+    """dirichlet (uniform draws on the simplex, seeded by the run seed) or grid (Das-Dennis, >= n points)."""
+    extra: tuple[tuple[float, ...], ...] = ()
+    """Explicit preferences added to the generated ones: one weight per task, >= 0, summing to 1."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation and the baselines of the report."""
+
+    batch_rows: int = 64
+    """Examples scored per batch."""
+    baselines: bool = True
+    """Also run the report's baselines (TA, TIES, DARE-TIES, random and evolutionary path search)."""
+    path_search_budget: Optional[int] = None
+    """Scored paths per preference for the random and evolutionary path searches (None: HM3's count)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontConfig:
+    """The Pareto front."""
+
+    cost_objective: bool = False
+    """Add the inference cost (FLOPs per token, lower is better) as one more objective of the front."""
+    cost_seq_len: int = 64
+    """Sequence length at which FLOPs per token are counted (hm3jax.cost)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """Logging (never part of the run comparison: a run may be resumed with other log settings)."""
+
+    tensorboard: bool = True
+    """Write TensorBoard event files to <output_dir>/tensorboard when tensorboardX is installed."""
+    progress: bool = True
+    """Progress bars on long stages."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A whole `python -m hm3jax.train` run."""
+
+    output_dir: str = "runs/default"
+    """Run directory (config.yaml, front.json, front.png, report.md, metrics.jsonl, checkpoints/)."""
+    seed: int = 0
+    """Seed of the preferences, DARE masks and searches."""
+    models: ModelsConfig = dataclasses.field(default_factory=ModelsConfig)
+    """The base model and the experts."""
+    tasks: TasksConfig = dataclasses.field(default_factory=TasksConfig)
+    """The tasks (one per expert)."""
+    preferences: PreferencesConfig = dataclasses.field(default_factory=PreferencesConfig)
+    """The preference vectors."""
+    upper: UpperConfig = dataclasses.field(default_factory=UpperConfig)
+    """Upper level: parameter-space merge per preference (hm3jax.search.upper.UpperConfig)."""
+    lower: dict = dataclasses.field(default_factory=dict)
+    """Lower level: layer-path search settings (placeholder mapping; becomes the search's config class)."""
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    """Held-out evaluation and baselines."""
+    front: FrontConfig = dataclasses.field(default_factory=FrontConfig)
+    """The Pareto front."""
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    """Logging."""
+
+
+# ------------------------------------------------------------------------------------ parsing
+def _draccus_message(e: BaseException) -> str:
+    parts = [str(e)]
+    cause = e.__cause__
+    while cause is not None:  # e.g. UpperConfig's own check, chained by draccus
+        parts.append(str(cause))
+        cause = cause.__cause__
+    return ": ".join(p for p in parts if p)
+
+
+def parse_run_config(args: Sequence[str] | None = None, config_path: str | os.PathLike | None = None,
+                     prog: str = "python -m hm3jax.train") -> RunConfig:
+    """Parse `args` (`--config_path FILE`, dotted overrides; default sys.argv[1:]) into a RunConfig.
+
+    `config_path` is the file read when `args` give none. Raises RunConfigError naming the unknown
+    or malformed key (and the file); `--help` prints the documented fields and exits.
+    """
+    args = list(args) if args is not None else None
+    where = config_path
+    if args is not None and "--config_path" in args:
+        i = args.index("--config_path")
+        where = args[i + 1] if i + 1 < len(args) else None
+    if where is not None and not os.path.isfile(where):
+        raise RunConfigError(f"--config_path {where}: no such file")
+    try:
+        return draccus.parse(RunConfig, config_path=config_path, args=args, prog=prog, exit_on_error=False)
+    except (draccus.utils.DraccusException, draccus.utils.ParsingError, ValueError, TypeError) as e:
+        src = f"{where}: " if where else ""
+        raise RunConfigError(f"{src}{_draccus_message(e)}") from None
+
+
+def load_run_config(path: str | os.PathLike) -> RunConfig:
+    """The RunConfig of a YAML file (e.g. a run directory's config.yaml), no overrides."""
+    return parse_run_config([], config_path=os.fspath(path))
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The config as YAML, fields in declaration order (what config.yaml holds)."""
+    return draccus.dump(cfg, sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------ validation
+def task_names(cfg: RunConfig) -> tuple[str, ...]:
+    """The run's tasks in order: the embedded suite's, or the checkpoint experts' mapping order."""
+    ck = cfg.models.checkpoints
+    if ck is not None and ck.experts:
+        return tuple(ck.experts)
+    if cfg.tasks.kind == "files":
+        return tuple(cfg.tasks.files)
+    from hm3jax.objectives.synthetic import TASK_NAMES
+
+    return tuple(TASK_NAMES)
+
+
+def _width(path: str, key: str):
+    from hm3jax.models.config import ConfigError, ModelConfig
+
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise RunConfigError(f"{key}: {path} is not a checkpoint directory (no such directory)")
+    if not os.path.isfile(cfg_file):
+        raise RunConfigError(f"{key}: {path} has no config.json (expected an HF checkpoint directory)")
+    try:
+        return ModelConfig.from_json_file(cfg_file)
+    except ConfigError as e:
+        raise RunConfigError(f"{key}: {e}") from None
+
+
+_SIGNATURE = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "qkv_bias", "mlp_bias")
+
+
+def _check_checkpoints(ck: CheckpointSource) -> None:
+    if not ck.base:
+        raise RunConfigError("models.checkpoints.base: no base checkpoint directory given")
+    if not ck.experts:
+        raise RunConfigError("models.checkpoints.experts: no experts given (task name -> directory)")
+    base = _width(ck.base, "models.checkpoints.base")
+    for name, path in ck.experts.items():
+        key = f"models.checkpoints.experts.{name}"
+        c = _width(path, key)
+        if c.layer_signature != base.layer_signature:
+            diff = ", ".join(f"{f} {a} vs {b}" for f, a, b in zip(_SIGNATURE, c.layer_signature,
+                                                                 base.layer_signature) if a != b)
+            raise RunConfigError(f"{key}: {os.path.join(path, 'config.json')} has another width than the "
+                                 f"base {os.path.join(ck.base, 'config.json')} ({diff}); the layers of "
+                                 "all models must share one layout")
+
+
+def _check_preferences(p: PreferencesConfig, k: int) -> None:
+    if p.kind not in PREFERENCE_KINDS:
+        raise RunConfigError(f"preferences.kind {p.kind!r}: expected one of {', '.join(PREFERENCE_KINDS)}")
+    if p.n < 0:
+        raise RunConfigError(f"preferences.n must be >= 0, got {p.n}")
+    if p.n + len(p.extra) < 1:
+        raise RunConfigError("preferences: no preferences (n = 0 and no extra ones)")
+    for i, lam in enumerate(p.extra):
+        key = f"preferences.extra[{i}] = {list(lam)}"
+        if len(lam) != k:
+            raise RunConfigError(f"{key}: {len(lam)} weights for {k} tasks")
+        if any(not math.isfinite(x) or x < 0 for x in lam):
+            raise RunConfigError(f"{key} is off the simplex: weights must be finite and >= 0")
+        if abs(sum(lam) - 1.0) > SIMPLEX_TOL:
+            raise RunConfigError(f"{key} is off the simplex: weights sum to {sum(lam):.6g}, not 1")
+
+
+def _check_tasks(cfg: RunConfig) -> None:
+    t = cfg.tasks
+    if t.kind not in TASK_KINDS:
+        raise RunConfigError(f"tasks.kind {t.kind!r}: expected one of {', '.join(TASK_KINDS)}")
+    if t.objective not in OBJECTIVES:
+        raise RunConfigError(f"tasks.objective {t.objective!r}: expected one of {', '.join(OBJECTIVES)}")
+    ck = cfg.models.checkpoints
+    experts = tuple(ck.experts) if ck is not None else task_names(dataclasses.replace(
+        cfg, tasks=TasksConfig()))
+    where = "models.checkpoints.experts" if ck is not None else f"the {cfg.models.zoo.config} zoo's experts"
+    if t.kind == "embedded":
+        if t.files:
+            raise RunConfigError("tasks.files is set but tasks.kind is embedded; set tasks.kind: files")
+        from hm3jax.objectives.synthetic import TASK_NAMES
+
+        if len(experts) != len(TASK_NAMES) or set(experts) != set(TASK_NAMES):
+            raise RunConfigError(f"tasks: the embedded suite has {len(TASK_NAMES)} tasks "
+                                 f"({', '.join(TASK_NAMES)}) but {where} are {len(experts)} "
+                                 f"({', '.join(experts)}); one expert per task, named after it")
+        return
+    if len(t.files) != len(experts) or set(t.files) != set(experts):
+        raise RunConfigError(f"tasks.files has {len(t.files)} tasks ({', '.join(t.files) or 'none'}) but "
+                             f"{where} are {len(experts)} ({', '.join(experts)}); one expert per task, "
+                             "named after it")
+    for name, f in t.files.items():
+        if f.scorer not in SCORERS:
+            raise RunConfigError(f"tasks.files.{name}.scorer {f.scorer!r}: expected one of "
+                                 f"{', '.join(SCORERS)}")
+        for split in ("search", "heldout"):
+            path = getattr(f, split)
+            if not path:
+                raise RunConfigError(f"tasks.files.{name}.{split}: no JSONL file given")
+            if not os.path.isfile(path):
+                raise RunConfigError(f"tasks.files.{name}.{split}: {path}: no such file")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check everything that can be checked before any work; return the resolved config.
+
+    Resolution: `models` with neither source becomes the default embedded zoo. Checks: one model
+    source; zoo config name; checkpoint directories exist and share one layer layout (their
+    config.json files only are read); one task per expert, named after it; task files and scorers;
+    preferences on the simplex; the other enumerations and counts. Raises RunConfigError naming
+    the key (and the file) at fault. Reads, never writes.
+    """
+    m = cfg.models
+    if m.zoo is not None and m.checkpoints is not None:
+        raise RunConfigError("models: give either models.zoo or models.checkpoints, not both")
+    if m.zoo is None and m.checkpoints is None:
+        cfg = dataclasses.replace(cfg, models=dataclasses.replace(m, zoo=ZooSource()))
+        m = cfg.models
+    if m.zoo is not None and m.zoo.config not in ZOO_CONFIGS:
+        raise RunConfigError(f"models.zoo.config {m.zoo.config!r}: expected one of {', '.join(ZOO_CONFIGS)}")
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        raise RunConfigError(f"models.dtype {m.dtype!r}: expected float32, bfloat16 or float16")
+    if m.checkpoints is not None:
+        _check_checkpoints(m.checkpoints)
+    _check_tasks(cfg)
+    _check_preferences(cfg.preferences, len(task_names(cfg)))
+    if not isinstance(cfg.lower, dict):
+        raise RunConfigError(f"lower: expected a mapping of settings, got {type(cfg.lower).__name__}")
+    if cfg.eval.batch_rows < 1:
+        raise RunConfigError(f"eval.batch_rows must be >= 1, got {cfg.eval.batch_rows}")
+    if cfg.eval.path_search_budget is not None and cfg.eval.path_search_budget < 1:
+        raise RunConfigError(f"eval.path_search_budget must be >= 1 or null, got {cfg.eval.path_search_budget}")
+    if cfg.front.cost_seq_len < 1:
+        raise RunConfigError(f"front.cost_seq_len must be >= 1, got {cfg.front.cost_seq_len}")
+    if not cfg.output_dir:
+        raise RunConfigError("output_dir: empty")
+    inputs = []
+    if m.checkpoints is not None:
+        inputs += [m.checkpoints.base, *m.checkpoints.experts.values()]
+    inputs += [p for f in cfg.tasks.files.values() for p in (f.search, f.heldout)]
+    from hm3jax.io.atomic import UnsafeOutputError, check_output_path
+
+    try:
+        check_output_path(cfg.output_dir, inputs, what="output_dir")
+    except UnsafeOutputError as e:
+        raise RunConfigError(str(e)) from None
+    return cfg
+
+
+def _flat(d, prefix: str = "") -> dict:
+    if isinstance(d, dict) and d:
+        out = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def _compared(cfg: RunConfig) -> dict:
+    flat = _flat(json.loads(json.dumps(draccus.encode(cfg))))
+    return {k: v for k, v in flat.items() if k.split(".")[0] not in _NOT_COMPARED}
+
+
+def check_run_dir(cfg: RunConfig) -> bool:
+    """Whether `cfg.output_dir` holds a run of this same (resolved) config, to be resumed.
+
+    Returns False when the directory is missing or empty (a new run), True when its config.yaml
+    equals `cfg` (log settings aside). Raises RunConfigError naming the file and the differing keys
+    when it was made by another config, or when it is a non-empty directory without config.yaml.
+    """
+    out = cfg.output_dir
+    if not os.path.exists(out):
+        return False
+    if not os.path.isdir(out):
+        raise RunConfigError(f"output_dir {out} exists and is not a directory")
+    path = os.path.join(out, CONFIG_FILE)
+    if not os.path.isfile(path):
+        if os.listdir(out):
+            raise RunConfigError(f"output_dir {out} is not empty and has no {CONFIG_FILE}: not an hm3jax "
+                                 "run directory; choose another output_dir")
+        return False
+    try:
+        old = load_run_config(path)
+    except RunConfigError as e:
+        raise RunConfigError(f"{path}: cannot be read as a run config ({e}); choose another output_dir") from None
+    a, b = _compared(old), _compared(cfg)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    if diff:
+        shown = "; ".join(f"{k}: {a.get(k, '<unset>')!r} there, {b.get(k, '<unset>')!r} now" for k in diff[:8])
+        more = f" (and {len(diff) - 8} more)" if len(diff) > 8 else ""
+        raise RunConfigError(f"{path} was made by a different config: {shown}{more}. Use another "
+                             "output_dir, or the same config to resume that run")
+    return True
+
+
+def prepare_run_dir(cfg: RunConfig) -> bool:
+    """Create `cfg.output_dir` with its config.yaml (written atomically) unless it holds this run.
+
+    `cfg` must be validated. Returns True when an existing run of the same config is resumed.
+    """
+    if check_run_dir(cfg):
+        return True
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cfg.output_dir, prefix=f".{CONFIG_FILE}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(to_yaml(cfg))
+        os.replace(tmp, os.path.join(cfg.output_dir, CONFIG_FILE))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return False
+
+
+def scorer(name: str):
+    """The hm3jax.objectives.realtasks function of a task file's `scorer` name."""
+    if name not in SCORERS:
+        raise RunConfigError(f"scorer {name!r}: expected one of {', '.join(SCORERS)}")
+    from hm3jax.objectives import realtasks
+
+    return getattr(realtasks, SCORERS[name])

@@ -1,0 +1,186 @@
+"""hm3jax.config: every configs/*.yaml parses; each config error is caught before any work, names
+the key (and file), and leaves nothing written."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+
+import pytest
+
+from hm3jax.config import (CONFIG_FILE, CheckpointSource, ModelsConfig, RunConfig, RunConfigError,
+                           TaskFiles, TasksConfig, ZooSource, check_run_dir, load_run_config,
+                           parse_run_config, prepare_run_dir, task_names, to_yaml, validate)
+from hm3jax.models import ModelConfig
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+PAPER = ("qwen2.5-1.5b.yaml", "llama2-7b.yaml", "llama2-13b.yaml")
+
+
+def test_configs_dir_has_the_documented_files():
+    names = {os.path.basename(p) for p in glob.glob(os.path.join(CONFIGS, "*.yaml"))}
+    assert {"default.yaml", "smoke.yaml", *PAPER} <= names
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIGS, "*.yaml"))),
+                         ids=os.path.basename)
+def test_every_config_parses(path, tmp_path):
+    cfg = parse_run_config(["--config_path", path])
+    assert isinstance(cfg, RunConfig)
+    if os.path.basename(path) in PAPER:  # their paths are placeholders: parse only
+        ck = cfg.models.checkpoints
+        assert ck is not None and ck.base and len(ck.experts) == 3
+        assert cfg.tasks.kind == "files" and set(cfg.tasks.files) == set(ck.experts)
+        assert task_names(cfg) == tuple(ck.experts)
+        return
+    resolved = validate(dataclasses.replace(cfg, output_dir=str(tmp_path / "run")))
+    assert resolved.models.zoo is not None
+    assert task_names(resolved) == ("math", "code", "translation")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_resolved_config_round_trips_and_overrides_apply(tmp_path):
+    cfg = validate(parse_run_config(["--config_path", os.path.join(CONFIGS, "smoke.yaml"),
+                                     "--upper.density", "0.5", "--preferences.extra", "[[1, 0, 0]]",
+                                     "--output_dir", str(tmp_path / "run")]))
+    assert cfg.upper.density == 0.5 and cfg.preferences.extra == ((1.0, 0.0, 0.0),)
+    assert prepare_run_dir(cfg) is False
+    assert load_run_config(tmp_path / "run" / CONFIG_FILE) == cfg
+    assert prepare_run_dir(cfg) is True  # same config: resume
+    # neither model source resolves to the default zoo
+    assert validate(RunConfig(output_dir=str(tmp_path / "x"))).models.zoo == ZooSource()
+
+
+def _yaml(tmp_path, text: str) -> str:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def _refused(tmp_path, cfg_or_args, *words):
+    """The config is refused with a message holding `words`, and nothing is written."""
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(RunConfigError) as e:
+        if isinstance(cfg_or_args, list):
+            validate(parse_run_config(cfg_or_args))
+        else:
+            prepare_run_dir(validate(cfg_or_args))
+    for w in words:
+        assert w in str(e.value), str(e.value)
+    assert sorted(os.listdir(tmp_path)) == before
+    return str(e.value)
+
+
+def test_unknown_keys_are_named(tmp_path):
+    out = str(tmp_path / "run")
+    path = _yaml(tmp_path, "preferences:\n  n: 3\n  bogus_key: 2\n")
+    _refused(tmp_path, ["--config_path", path, "--output_dir", out], "bogus_key", "preferences", path)
+    _refused(tmp_path, ["--output_dir", out, "--upper.not_a_key", "1"], "--upper.not_a_key")
+    _refused(tmp_path, ["--output_dir", out, "--upper.method", "magic"], "upper.method", "magic")
+    _refused(tmp_path, ["--output_dir", out, "--preferences.n", "many"], "preferences.n")
+    with pytest.raises(RunConfigError, match="no such file"):
+        parse_run_config(["--config_path", str(tmp_path / "missing.yaml")])
+
+
+@pytest.mark.parametrize("extra,words", [
+    ("[[0.5, 0.6, 0.0]]", ("preferences.extra[0]", "off the simplex", "sum to 1.1")),
+    ("[[1.5, -0.5, 0.0]]", ("preferences.extra[0]", "off the simplex", ">= 0")),
+    ("[[0.5, 0.5]]", ("preferences.extra[0]", "2 weights for 3 tasks")),
+])
+def test_preferences_off_the_simplex(tmp_path, extra, words):
+    _refused(tmp_path, ["--output_dir", str(tmp_path / "run"), "--preferences.extra", extra], *words)
+
+
+def _checkpoint(root, name: str, **over) -> str:
+    """A directory holding only a config.json (validation reads nothing else)."""
+    d = root / name
+    d.mkdir()
+    kw = dict(model_type="llama", vocab_size=100, hidden_size=64, intermediate_size=128,
+              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
+    kw.update(over)
+    ModelConfig(**kw).to_json_file(d / "config.json")
+    return str(d)
+
+
+@pytest.fixture
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    return {n: _checkpoint(root, n) for n in ("base", "math", "code", "translation")} | {
+        "wide": _checkpoint(root, "wide", hidden_size=32, intermediate_size=64), "root": str(root)}
+
+
+def _cfg(tmp_path, ckpts, experts=("math", "code", "translation"), **over) -> RunConfig:
+    source = CheckpointSource(base=ckpts["base"], experts={e: ckpts[e] for e in experts})
+    return RunConfig(output_dir=str(tmp_path / "run"), models=ModelsConfig(checkpoints=source), **over)
+
+
+def test_checkpoints_of_different_widths(tmp_path, ckpts):
+    assert validate(_cfg(tmp_path, ckpts)).models.checkpoints.base == ckpts["base"]
+    bad = _cfg(tmp_path, ckpts, experts=("math", "code", "wide"))
+    bad = dataclasses.replace(bad, models=ModelsConfig(checkpoints=CheckpointSource(
+        base=ckpts["base"], experts={"math": ckpts["math"], "code": ckpts["code"],
+                                     "translation": ckpts["wide"]})))
+    _refused(tmp_path, bad, "models.checkpoints.experts.translation",
+             os.path.join(ckpts["wide"], "config.json"), "hidden_size 32 vs 64")
+    missing = dataclasses.replace(bad, models=ModelsConfig(checkpoints=CheckpointSource(
+        base=str(tmp_path / "nope"), experts={"math": ckpts["math"]})))
+    _refused(tmp_path, missing, "models.checkpoints.base", "nope")
+
+
+def test_task_count_must_match_the_experts(tmp_path, ckpts):
+    _refused(tmp_path, _cfg(tmp_path, ckpts, experts=("math", "code")),
+             "embedded suite has 3 tasks", "models.checkpoints.experts are 2")
+    files = {n: TaskFiles(search=ckpts["base"] + "/config.json", heldout=ckpts["base"] + "/config.json")
+             for n in ("math", "code")}
+    cfg = _cfg(tmp_path, ckpts, tasks=TasksConfig(kind="files", files=files))
+    _refused(tmp_path, cfg, "tasks.files has 2 tasks", "models.checkpoints.experts are 3")
+    files["translation"] = TaskFiles(search=str(tmp_path / "none.jsonl"), heldout="x", scorer="chrf")
+    cfg = _cfg(tmp_path, ckpts, tasks=TasksConfig(kind="files", files=files))
+    _refused(tmp_path, cfg, "tasks.files.translation.search", "no such file")
+    files["translation"] = dataclasses.replace(files["math"], scorer="bleu")
+    cfg = _cfg(tmp_path, ckpts, tasks=TasksConfig(kind="files", files=files))
+    _refused(tmp_path, cfg, "tasks.files.translation.scorer", "bleu")
+    # the zoo's experts are the embedded tasks: task files must name them too
+    zoo = RunConfig(output_dir=str(tmp_path / "run"), tasks=TasksConfig(kind="files", files={"math": files["math"]}))
+    _refused(tmp_path, zoo, "tasks.files has 1 tasks", "zoo's experts are 3")
+
+
+def test_model_source_and_output_dir(tmp_path, ckpts):
+    both = dataclasses.replace(_cfg(tmp_path, ckpts), models=ModelsConfig(
+        zoo=ZooSource(), checkpoints=CheckpointSource(base=ckpts["base"])))
+    _refused(tmp_path, both, "models.zoo", "models.checkpoints")
+    _refused(tmp_path, RunConfig(output_dir=str(tmp_path), models=ModelsConfig(zoo=ZooSource(config="huge"))),
+             "models.zoo.config", "huge")
+    inside = dataclasses.replace(_cfg(tmp_path, ckpts), output_dir=os.path.join(ckpts["math"], "run"))
+    _refused(tmp_path, inside, "output_dir", "lies inside the input")
+    assert sorted(os.listdir(ckpts["math"])) == ["config.json"]
+
+
+def test_run_dir_made_by_a_different_config(tmp_path, ckpts):
+    cfg = validate(_cfg(tmp_path, ckpts))
+    assert prepare_run_dir(cfg) is False
+    (tmp_path / "run" / "front.json").write_text("{}")
+    before = (tmp_path / "run" / CONFIG_FILE).read_text()
+    other = dataclasses.replace(cfg, seed=7, upper=dataclasses.replace(cfg.upper, density=0.5))
+    msg = _refused(tmp_path, other, os.path.join(str(tmp_path / "run"), CONFIG_FILE), "upper.density",
+                   "seed", "different config")
+    assert "0.7" in msg and "0.5" in msg
+    assert (tmp_path / "run" / CONFIG_FILE).read_text() == before
+    assert sorted(os.listdir(tmp_path / "run")) == [CONFIG_FILE, "front.json"]
+    # other log settings resume the same run
+    assert check_run_dir(dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False)))
+    # a non-empty directory that is not a run directory
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.txt").write_text("x")
+    _refused(tmp_path, dataclasses.replace(cfg, output_dir=str(tmp_path / "junk")), "not an hm3jax run")
+
+
+def test_help_documents_fields(capsys):
+    with pytest.raises(SystemExit):
+        parse_run_config(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # help text is wrapped
+    for text in ("--upper.density", "--preferences.extra", "--front.cost_objective",
+                 "one weight per task", "Lower level"):
+        assert text in out
+    assert "output_dir: " in to_yaml(RunConfig())
