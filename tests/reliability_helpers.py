@@ -1,0 +1,72 @@
+"""Small checkpoints written directly (no torch) and file-tree hashing for the reliability tests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from hm3jax.io.safetensors_io import ShardedWriter
+
+
+def llama_config(layers: int = 2, hidden: int = 16, inter: int = 32, vocab: int = 32, **over) -> dict:
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+           "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 2,
+           "num_key_value_heads": 2, "vocab_size": vocab, "max_position_embeddings": 64,
+           "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "float32"}
+    cfg.update(over)
+    return cfg
+
+
+def llama_tensors(cfg: dict, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
+    h, i, v, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    rng = np.random.default_rng(seed)
+    shapes = {"model.embed_tokens.weight": (v, h)}
+    for layer in range(n):
+        p = f"model.layers.{layer}."
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                       p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (h, h),
+                       p + "self_attn.v_proj.weight": (h, h), p + "self_attn.o_proj.weight": (h, h),
+                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                       p + "mlp.down_proj.weight": (h, i)})
+    shapes.update({"model.norm.weight": (h,), "lm_head.weight": (v, h)})
+    return {k: rng.standard_normal(s).astype(np.float32).astype(dtype) for k, s in shapes.items()}
+
+
+def write_model(path, cfg: dict | None = None, tensors: dict | None = None, seed: int = 0,
+                max_shard_size: int | str = "5GB", tokenizer: bool = True) -> str:
+    """An HF-style llama directory: config.json, safetensors, stand-in tokenizer files."""
+    path = os.fspath(path)
+    cfg = cfg or llama_config()
+    tensors = tensors if tensors is not None else llama_tensors(cfg, seed)
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with ShardedWriter(path, {k: (a.shape, a.dtype) for k, a in tensors.items()},
+                       max_shard_size=max_shard_size) as w:
+        for k, a in tensors.items():
+            w.write(k, a)
+    if tokenizer:
+        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+            json.dump({"model_max_length": 64}, f)
+    return path
+
+
+def tree_hashes(root) -> dict[str, str]:
+    """{relative path: sha256 (files) or '->target' (links) or 'dir'} of everything under root."""
+    root = os.fspath(root)
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for d in dirnames:
+            p = os.path.join(dirpath, d)
+            out[os.path.relpath(p, root)] = "->" + os.readlink(p) if os.path.islink(p) else "dir"
+        for fn in filenames:
+            p = os.path.join(dirpath, fn)
+            if os.path.islink(p):
+                out[os.path.relpath(p, root)] = "->" + os.readlink(p)
+            else:
+                with open(p, "rb") as f:
+                    out[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
