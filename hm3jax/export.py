@@ -35,7 +35,7 @@ import numpy as np
 import yaml
 
 from hm3jax.io.atomic import atomic_output_dir, check_output_path
-from hm3jax.io.hf import save_pretrained
+from hm3jax.io.hf import TOKENIZER_FILES, save_pretrained
 from hm3jax.models.config import ModelConfig
 from hm3jax.models.pool import shell_of
 
@@ -216,6 +216,10 @@ def _readme(steps, shell: str, has_path: bool, upper: Mapping | None, uses_merge
 
 
 # ------------------------------------------------------------------------------------ writing
+def _has_tokenizer(path: str) -> bool:
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)
+
+
 def export_path(out_dir: str | os.PathLike, cfg: ModelConfig, models: Mapping[str, dict], path: Sequence,
                 shell: str, *, solution: Mapping[str, Any] | None = None,
                 checkpoints: Mapping[str, str | os.PathLike] | None = None,
@@ -236,7 +240,8 @@ def export_path(out_dir: str | os.PathLike, cfg: ModelConfig, models: Mapping[st
       experts: expert names in preference order (default: the names in `models` other than
         "base" and "merge", in mapping order).
       tokenizer_from: tokenizer source for save_pretrained (default: the shell model's checkpoint
-        directory when `checkpoints` names it).
+        directory when `checkpoints` names it and it holds tokenizer files, else the base's; no
+        tokenizer when neither has one).
       overwrite: replace an existing `out_dir`.
       dtype: storage dtype (default: each tensor's own).
     Returns the absolute path of the export.
@@ -244,8 +249,8 @@ def export_path(out_dir: str | os.PathLike, cfg: ModelConfig, models: Mapping[st
     nothing is written when any is raised.
     """
     ckpts = {n: os.fspath(p) for n, p in (checkpoints or {}).items()}
-    if tokenizer_from is None and shell in ckpts:
-        tokenizer_from = ckpts[shell]
+    if tokenizer_from is None:
+        tokenizer_from = next((d for d in (ckpts.get(shell), ckpts.get(BASE)) if d and _has_tokenizer(d)), None)
     inputs = list(ckpts.values()) + ([os.fspath(tokenizer_from)]
                                      if isinstance(tokenizer_from, (str, os.PathLike)) else [])
     check_output_path(out_dir, inputs)

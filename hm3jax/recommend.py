@@ -1,0 +1,216 @@
+"""python -m hm3jax.recommend RUN_DIR --preference a,b,c [--export DIR] [--search-iterations N]
+
+Picks, from a finished run's front.json, the HM3 solution best for your preference λ: the one with
+the lowest Tchebycheff value max_k λ_k |f_k - z*_k| on held-out scores, z* = front.json's "ideal"
+(the best held-out score per task among the experts). Ties go to the first such solution.
+The preference needs one non-negative weight per task (front.json's "tasks" order), not all zero;
+weights that do not sum to 1 are normalised (divided by their sum), and the normalised vector is
+printed.
+
+Prints the chosen solution record as JSON on stdout and a one-line summary on stderr. `--export DIR`
+also writes it as a Hugging Face checkpoint (see hm3jax.export): the source models are those of
+RUN_DIR/config.yaml (the zoo or the checkpoints), and the upper-level merge, when the path uses it,
+is rebuilt with `merge_for_preference(method, base, experts, preference,
+jax.random.key(upper["seed"]), density, scale)` from the solution's "upper" settings.
+`--search-iterations N` (a short online search for this exact preference) needs a λ-conditioned
+agent checkpoint in RUN_DIR/checkpoints/agent.
+
+Exit status: 0 on success, 2 on a usage or input error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Mapping, Sequence
+
+import numpy as np
+
+FRONT_FILE = "front.json"
+AGENT_CHECKPOINT = os.path.join("checkpoints", "agent")
+
+
+class RecommendError(ValueError):
+    """A preference, run directory or front that recommend cannot use."""
+
+
+def parse_preference(text: str | Sequence[float], tasks: Sequence[str]) -> np.ndarray:
+    """The preference as float64 [K] on the simplex.
+
+    Accepts "a,b,c" or numbers; needs one finite, non-negative weight per task, not all zero.
+    Weights not summing to 1 are normalised by their sum.
+    """
+    if isinstance(text, str):
+        try:
+            w = [float(x) for x in text.split(",")]
+        except ValueError:
+            raise RecommendError(f"--preference {text!r}: expected comma-separated numbers, one per task "
+                                 f"({', '.join(tasks)})") from None
+    else:
+        w = [float(x) for x in text]
+    if len(w) != len(tasks):
+        raise RecommendError(f"--preference has {len(w)} weights but the run has {len(tasks)} tasks "
+                             f"({', '.join(tasks)})")
+    if not all(math.isfinite(x) for x in w) or any(x < 0 for x in w):
+        raise RecommendError(f"--preference {w}: weights must be finite and >= 0")
+    total = sum(w)
+    if total <= 0:
+        raise RecommendError("--preference: the weights are all zero; give at least one positive weight")
+    return np.asarray(w, np.float64) / total
+
+
+def read_front(run_dir: str | os.PathLike) -> dict:
+    """front.json of a run directory (RecommendError naming the file when missing or malformed)."""
+    path = os.path.join(os.fspath(run_dir), FRONT_FILE)
+    if not os.path.isfile(path):
+        raise RecommendError(f"{path}: no such file (is {os.fspath(run_dir)} a finished hm3jax run?)")
+    try:
+        with open(path) as f:
+            front = json.load(f)
+    except json.JSONDecodeError as e:
+        raise RecommendError(f"{path}: not valid JSON ({e})") from None
+    for key in ("tasks", "solutions", "ideal"):
+        if key not in front:
+            raise RecommendError(f"{path}: no {key!r} field")
+    if not front["solutions"]:
+        raise RecommendError(f"{path}: the front has no solutions")
+    return front
+
+
+def pick_solution(front: Mapping, preference: Sequence[float]) -> tuple[int, dict, float]:
+    """(index, record, Tchebycheff value) of the HM3 solution minimising max_k λ_k |f_k - z*_k|.
+
+    f = held-out scores, z* = front["ideal"], λ = `preference` (already on the simplex).
+    """
+    import jax.numpy as jnp
+
+    from hm3jax.moo import tchebycheff
+    from hm3jax.report import heldout
+
+    k = len(front["tasks"])
+    scores = heldout(front["solutions"], k, "solutions")
+    lam = np.asarray(preference, np.float64)
+    values = np.asarray(tchebycheff(jnp.asarray(scores), jnp.asarray(lam), jnp.asarray(front["ideal"])),
+                        np.float64)
+    i = int(np.argmin(values))
+    return i, front["solutions"][i], float(values[i])
+
+
+# ------------------------------------------------------------------------------------ export
+def source_checkpoints(run_dir: str | os.PathLike) -> tuple[object, dict[str, str]]:
+    """(RunConfig of RUN_DIR/config.yaml, {"base" | task name: checkpoint directory})."""
+    from hm3jax.config import CONFIG_FILE, RunConfigError, load_run_config
+
+    path = os.path.join(os.fspath(run_dir), CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise RecommendError(f"{path}: no such file; --export needs the run's config to find its models")
+    try:
+        cfg = load_run_config(path)
+    except RunConfigError as e:
+        raise RecommendError(str(e)) from None
+    if cfg.models.checkpoints is not None:
+        return cfg, {"base": cfg.models.checkpoints.base, **cfg.models.checkpoints.experts}
+    from hm3jax.zoo import read_manifest
+
+    zoo_dir = cfg.models.zoo.dir if cfg.models.zoo is not None else "zoo"
+    manifest = read_manifest(zoo_dir) if os.path.isdir(zoo_dir) else None
+    if manifest is None:
+        raise RecommendError(f"{path}: models.zoo.dir {zoo_dir} holds no zoo (no zoo.json); run recommend "
+                             "from the directory the run was started in, or rebuild the zoo")
+    return cfg, {n: os.path.join(zoo_dir, sub) for n, sub in manifest["models"].items()}
+
+
+def export_solution(run_dir: str | os.PathLike, solution: Mapping, out_dir: str | os.PathLike,
+                    overwrite: bool = False) -> str:
+    """Write `solution` (a record of RUN_DIR's front) as an HF checkpoint with recipes (hm3jax.export)."""
+    import jax
+
+    from hm3jax.config import task_names
+    from hm3jax.export import MERGE, export_path
+    from hm3jax.io import load_pretrained
+    from hm3jax.io.atomic import check_output_path
+
+    cfg, ckpts = source_checkpoints(run_dir)
+    check_output_path(out_dir, [run_dir, *ckpts.values()])  # before loading anything
+    tasks = list(task_names(cfg))
+    steps = [s for s in solution["path"] if s is not None]
+    needed = {s[0] for s in steps} | {solution["shell"]}
+    uses_merge = MERGE in needed
+    if uses_merge:
+        needed |= {"base", *tasks}
+    unknown = sorted(needed - set(ckpts) - {MERGE})
+    if unknown:
+        raise RecommendError(f"solution names model(s) {', '.join(unknown)}, not among the run's models "
+                             f"({', '.join(ckpts)})")
+    models, model_cfg = {}, None
+    for name in sorted(needed - {MERGE}):
+        model_cfg, models[name] = load_pretrained(ckpts[name], dtype=cfg.models.dtype)
+    if uses_merge:
+        from hm3jax.search.upper import merge_for_preference
+
+        up = solution.get("upper") or {}
+        if "method" not in up or "seed" not in up:
+            raise RecommendError("solution's 'upper' needs 'method' and 'seed' to rebuild its merge")
+        merge = jax.jit(merge_for_preference, static_argnums=0)  # one compile, not one per op
+        models[MERGE] = merge(
+            up["method"], models["base"], [models[t] for t in tasks],
+            np.asarray(solution["preference"], np.float32), jax.random.key(int(up["seed"])),
+            float(up.get("density", 1.0)), float(up.get("scale", 1.0)))
+    return export_path(out_dir, model_cfg, models, steps, solution["shell"], solution=solution,
+                       checkpoints=ckpts, experts=tasks, overwrite=overwrite)
+
+
+# ------------------------------------------------------------------------------------ CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hm3jax.recommend", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a finished run directory (front.json, config.yaml)")
+    p.add_argument("--preference", required=True,
+                   help="comma-separated weights, one per task in front.json's order, >= 0 "
+                        "(normalised to sum to 1)")
+    p.add_argument("--export", metavar="DIR", help="write the chosen model here as an HF checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the --export directory if it exists")
+    p.add_argument("--search-iterations", type=int, default=0, metavar="N",
+                   help="run N iterations of online search for this preference with the run's "
+                        "λ-conditioned agent (needs RUN_DIR/checkpoints/agent)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from hm3jax.io.atomic import OutputExistsError, UnsafeOutputError
+
+    try:
+        front = read_front(args.run_dir)
+        lam = parse_preference(args.preference, front["tasks"])
+        if args.search_iterations:
+            agent = os.path.join(args.run_dir, AGENT_CHECKPOINT)
+            if args.search_iterations < 0:
+                raise RecommendError(f"--search-iterations must be >= 0, got {args.search_iterations}")
+            if not os.path.exists(agent):
+                raise RecommendError(f"--search-iterations needs a λ-conditioned agent checkpoint; "
+                                     f"{agent} does not exist (this run saved none)")
+            raise RecommendError("--search-iterations: online search with the λ-conditioned agent is not "
+                                 "available in this version")
+        i, sol, value = pick_solution(front, lam)
+        print(f"preference {[round(float(x), 4) for x in lam]} over {', '.join(front['tasks'])}: solution "
+              f"{i} of {len(front['solutions'])}, held-out {sol['scores']['heldout']}, Tchebycheff "
+              f"{value:.4f}, {len([s for s in sol['path'] if s is not None])} layers", file=sys.stderr)
+        print(json.dumps(sol, indent=2))
+        if args.export:
+            out = export_solution(args.run_dir, sol, args.export, overwrite=args.overwrite)
+            print(f"exported to {out}", file=sys.stderr)
+    except OutputExistsError as e:
+        print(f"error: output {e.filename} already exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    except (RecommendError, UnsafeOutputError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
