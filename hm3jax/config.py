@@ -20,6 +20,7 @@ import tempfile
 from typing import Optional, Sequence
 
 import draccus
+import numpy as np
 
 from hm3jax.search.upper import UpperConfig
 
@@ -224,6 +225,24 @@ def task_names(cfg: RunConfig) -> tuple[str, ...]:
     from hm3jax.objectives.synthetic import TASK_NAMES
 
     return tuple(TASK_NAMES)
+
+
+def preference_matrix(cfg: RunConfig) -> np.ndarray:
+    """[N, K] float32 preferences of a validated config: `preferences.n` generated ones (Dirichlet
+    draws seeded by `seed`, or the smallest Das-Dennis grid with >= n points), then `extra`."""
+    from hm3jax.moo import das_dennis, dirichlet
+
+    p, k = cfg.preferences, len(task_names(cfg))
+    rows = np.zeros((0, k), np.float32)
+    if p.n and p.kind == "dirichlet":
+        rows = np.asarray(dirichlet(p.n, k, cfg.seed), np.float32)
+    elif p.n:
+        divisions = 1
+        while len(das_dennis(k, divisions)) < p.n:
+            divisions += 1
+        rows = np.asarray(das_dennis(k, divisions), np.float32)
+    extra = np.asarray(p.extra, np.float32).reshape(-1, k)
+    return np.concatenate([rows, extra], axis=0)
 
 
 def _width(path: str, key: str):

@@ -53,6 +53,27 @@ HM3_LABEL = "HM3 full"
 COST_REFERENCE = -1.1
 
 
+def make_solution(preference: Sequence[float], upper: Mapping[str, Any] | None, path: Sequence,
+                  shell: str, search: Sequence[float], heldout: Sequence[float],
+                  cost: Mapping[str, Any] | None = None) -> dict:
+    """A solution record in the module docstring's format (plain JSON types; "dominated" False
+    until build_front sets it).
+
+    Args:
+      preference: [K] λ. upper: {"method", "density", "scale", "seed"} of the upper-level merge
+        ("seed": the int s of the key jax.random.key(s) the merge used; recommend --export rebuilds
+        the merge with it), or None for a solution without one (e.g. an expert).
+      path: (model name, layer) pairs (None for a skipped step). shell: the shell's model name.
+      search, heldout: [K] scores. cost: e.g. hm3jax.cost.path_cost(...).to_dict().
+    """
+    up = None if upper is None else {k: (v if isinstance(v, str) else float(v) if k != "seed" else int(v))
+                                     for k, v in upper.items()}
+    return {"preference": [float(x) for x in preference], "upper": up,
+            "path": [None if s is None else [str(s[0]), int(s[1])] for s in path], "shell": str(shell),
+            "scores": {"search": [float(x) for x in search], "heldout": [float(x) for x in heldout]},
+            "cost": dict(cost) if cost is not None else None, "dominated": False}
+
+
 # ------------------------------------------------------------------------------------ objectives
 def heldout(solutions: Sequence[Mapping], k: int, where: str) -> np.ndarray:
     """[N, K] held-out scores of `solutions` (ValueError naming the solution when malformed)."""

@@ -184,3 +184,19 @@ def test_help_documents_fields(capsys):
                  "one weight per task", "Lower level"):
         assert text in out
     assert "output_dir: " in to_yaml(RunConfig())
+
+
+def test_preference_matrix(tmp_path):
+    import numpy as np
+
+    from hm3jax.config import preference_matrix
+
+    cfg = validate(parse_run_config(["--output_dir", str(tmp_path / "r"), "--preferences.n", "4",
+                                     "--preferences.extra", "[[1, 0, 0]]"]))
+    p = preference_matrix(cfg)
+    assert p.shape == (5, 3) and np.allclose(p.sum(axis=1), 1) and (p >= 0).all()
+    np.testing.assert_array_equal(p[-1], [1, 0, 0])
+    np.testing.assert_array_equal(p, preference_matrix(cfg))  # seeded
+    grid = validate(parse_run_config(["--output_dir", str(tmp_path / "r"), "--preferences.n", "5",
+                                      "--preferences.kind", "grid"]))
+    assert preference_matrix(grid).shape == (6, 3)  # Das-Dennis with 2 divisions

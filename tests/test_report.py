@@ -119,3 +119,16 @@ def test_files_exist_and_parse(tmp_path):
     # rewriting replaces the files in place, leaving no temporary siblings
     write_front(tmp_path / "run", front)
     assert sorted(os.listdir(tmp_path / "run")) == sorted([FRONT_FILE, PLOT_FILE, REPORT_FILE])
+
+
+def test_make_solution_is_plain_json():
+    from hm3jax.report import make_solution
+
+    s = make_solution([0.5, 0.5], {"method": "ties", "density": 0.7, "scale": 1, "seed": 3},
+                      [("merge", 1), None], "merge", [0.1, 0.2], [0.3, 0.4],
+                      {"layers": 1, "parameters": 10, "flops_per_token": 20.0})
+    assert json.loads(json.dumps(s)) == s
+    assert set(s) == {"preference", "upper", "path", "shell", "scores", "cost", "dominated"}
+    assert s["path"] == [["merge", 1], None] and s["upper"]["seed"] == 3
+    front = build_front(["a", "b"], [s], {})
+    assert front["solutions"][0]["dominated"] is False
