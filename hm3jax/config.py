@@ -45,8 +45,9 @@ class RunConfigError(ValueError):
 class ZooSource:
     """The embedded model zoo (a base and one expert per embedded task), built on CPU if missing."""
 
-    dir: str = "zoo"
-    """Directory of the zoo: built there when missing, reused when its zoo.json matches config and seed."""
+    dir: str = "zoo/default"
+    """Directory of the zoo (relative paths: to the working directory): built there when missing,
+    reused when its zoo.json matches config and seed."""
     config: str = "default"
     """Zoo hyperparameter set: default (6 layers, width 64) or small (3 layers, width 32; for tests)."""
     seed: int = 0

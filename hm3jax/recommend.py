@@ -115,7 +115,9 @@ def source_checkpoints(run_dir: str | os.PathLike) -> tuple[object, dict[str, st
         return cfg, {"base": cfg.models.checkpoints.base, **cfg.models.checkpoints.experts}
     from hm3jax.zoo import read_manifest
 
-    zoo_dir = cfg.models.zoo.dir if cfg.models.zoo is not None else "zoo"
+    from hm3jax.config import ZooSource
+
+    zoo_dir = (cfg.models.zoo or ZooSource()).dir
     manifest = read_manifest(zoo_dir) if os.path.isdir(zoo_dir) else None
     if manifest is None:
         raise RecommendError(f"{path}: models.zoo.dir {zoo_dir} holds no zoo (no zoo.json); run recommend "

@@ -200,3 +200,9 @@ def test_preference_matrix(tmp_path):
     grid = validate(parse_run_config(["--output_dir", str(tmp_path / "r"), "--preferences.n", "5",
                                       "--preferences.kind", "grid"]))
     assert preference_matrix(grid).shape == (6, 3)  # Das-Dennis with 2 divisions
+
+
+def test_default_yaml_is_the_dataclass_defaults():
+    # `python -m hm3jax.train` without arguments runs RunConfig(): keep configs/default.yaml equal
+    assert validate(parse_run_config(["--config_path", os.path.join(CONFIGS, "default.yaml")])) == \
+        validate(RunConfig())
