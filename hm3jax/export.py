@@ -43,7 +43,9 @@ SOLUTION_FILE = "hm3jax_solution.json"
 PATH_RECIPE = "mergekit_path.yml"
 UPPER_RECIPE = "mergekit_upper.yml"
 README_FILE = "README.md"
-UPPER_OUTPUT = "upper_merge"  # where the README's first command writes the upper-level merge
+# Where the README's first command writes the upper-level merge. "./" marks it local for mergekit
+# (its model card would otherwise look a bare name up on the Hugging Face hub).
+UPPER_OUTPUT = "./upper_merge"
 MERGE = "merge"  # the name of the upper-level merged model among the source models
 BASE = "base"
 
@@ -142,11 +144,13 @@ def passthrough_recipe(path: Sequence, shell: str, checkpoints: Mapping[str, str
         raise ExportError(f"no checkpoint directory for model(s) {', '.join(missing)} "
                           f"(checkpoints has {', '.join(checkpoints) or 'none'})")
     slices = [{"sources": [{"model": checkpoints[m], "layer_range": [a, b]}]} for m, a, b in _runs(steps)]
-    edge = {"sources": [{"model": checkpoints[shell], "layer_range": [0, 0]}]}
+    def edge():  # a fresh dict each time: no YAML anchors in the written recipe
+        return {"sources": [{"model": checkpoints[shell], "layer_range": [0, 0]}]}
+
     if steps[0][0] != shell:
-        slices.insert(0, edge)
+        slices.insert(0, edge())
     if steps[-1][0] != shell:
-        slices.append(edge)
+        slices.append(edge())
     return {"merge_method": "passthrough", "base_model": checkpoints[shell], "dtype": dtype,
             "slices": slices}
 
@@ -235,7 +239,7 @@ def export_path(out_dir: str | os.PathLike, cfg: ModelConfig, models: Mapping[st
         None writes {"path", "shell"} only.
       checkpoints: {model name: checkpoint directory} of the source models, for the mergekit recipes
         ("base" and the experts for the upper recipe; "merge" is optional and defaults to the
-        upper recipe's output directory, `upper_merge`, relative to the export). None: no recipes.
+        upper recipe's output directory, `./upper_merge`, relative to the export). None: no recipes.
         The output may not be, contain or lie inside any of these directories.
       experts: expert names in preference order (default: the names in `models` other than
         "base" and "merge", in mapping order).

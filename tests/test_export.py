@@ -232,3 +232,25 @@ def test_cost_on_a_known_config():
     assert c.to_dict() == {"layers": 3, "parameters": c.parameters, "flops_per_token": c.flops_per_token}
     with pytest.raises(ValueError, match="seq_len"):
         model_cost(cfg, 3, 0)
+
+
+@pytest.mark.slow
+def test_mergekit_yaml_cli_runs_the_readme_commands(family, tmp_path):
+    """The README's two commands, through the real `mergekit-yaml` (model card, tokenizer copy), offline."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("mergekit-yaml")
+    if exe is None:
+        pytest.skip("mergekit-yaml not installed")
+    models, ckpts = family
+    path, shell = [("math", 0), ("merge", 1), ("code", 2)], "merge"
+    out = export_path(tmp_path / "e", CFG, models, path, shell, solution=_solution(path, shell),
+                      checkpoints=ckpts, experts=EXPERTS)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for recipe, target in ((UPPER_RECIPE, UPPER_OUTPUT), (PATH_RECIPE, str(tmp_path / "rebuilt"))):
+        r = subprocess.run([exe, recipe, target], cwd=out, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    want, got = _read_all(out), _read_all(str(tmp_path / "rebuilt"))
+    assert sorted(got) == sorted(want)
+    assert max(float(np.max(np.abs(want[k] - got[k]))) for k in want) <= 1e-5
