@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -33,13 +32,9 @@ UPPER = {"method": "task_arithmetic", "density": 1.0, "scale": 0.9, "seed": 0}
 
 
 def _random(params: dict, seed: int, scale: float) -> dict:
-    key = jax.random.key(seed)
-
-    def perturb(path, a):
-        k = jax.random.fold_in(key, zlib.crc32(jax.tree_util.keystr(path).encode()) & 0x7FFFFFFF)
-        return a + scale * jax.random.normal(k, a.shape, a.dtype)
-
-    return jax.tree_util.tree_map_with_path(perturb, params)
+    """`params` plus normal(scale) noise (numpy: no per-leaf XLA compiles)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: np.asarray(a) + scale * rng.standard_normal(a.shape, np.float32), params)
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +43,9 @@ def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("family")
     base = _random(init_params(CFG, jax.random.key(0)), 1, 0.05)
     experts = {n: _random(base, 10 + i, 0.02) for i, n in enumerate(EXPERTS)}
-    merge = merge_for_preference(UPPER["method"], base, [experts[n] for n in EXPERTS],
-                                 jnp.asarray(PREFERENCE), jax.random.key(0), UPPER["density"],
-                                 UPPER["scale"])
+    merge = jax.jit(merge_for_preference, static_argnums=0)(
+        UPPER["method"], base, [experts[n] for n in EXPERTS], jnp.asarray(PREFERENCE), jax.random.key(0),
+        UPPER["density"], UPPER["scale"])
     tok = save_tokenizer(root / "tokenizer")
     models = {"base": base, **experts}
     ckpts = {n: save_pretrained(root / n, CFG, p, tokenizer_from=tok) for n, p in models.items()}
