@@ -297,10 +297,26 @@ def _write_via_temp(path: str, write) -> None:
         raise
 
 
+def _plain(x):
+    """JSON-ready copy: numpy scalars and arrays become Python numbers and lists, tuples lists."""
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.ndarray) or hasattr(x, "__array__") and not isinstance(x, (str, bytes)):
+        a = np.asarray(x)
+        return _plain(a.tolist()) if a.ndim else a.item()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
 def write_front(run_dir: str | os.PathLike, front: Mapping) -> dict[str, str]:
     """Write front.json, front.png and report.md into `run_dir` (each atomically: a temporary
-    sibling renamed into place). Returns {file name: path}."""
+    sibling renamed into place). Numpy and JAX numbers in the records are written as plain JSON
+    numbers. Returns {file name: path}."""
     run_dir = os.fspath(run_dir)
+    front = _plain(front)
     os.makedirs(run_dir, exist_ok=True)
     k = len(front["tasks"])
     paths = {f: os.path.join(run_dir, f) for f in (FRONT_FILE, PLOT_FILE, REPORT_FILE)}

@@ -132,3 +132,15 @@ def test_make_solution_is_plain_json():
     assert s["path"] == [["merge", 1], None] and s["upper"]["seed"] == 3
     front = build_front(["a", "b"], [s], {})
     assert front["solutions"][0]["dominated"] is False
+
+
+def test_numpy_numbers_are_written_as_json(tmp_path):
+    import numpy as np
+
+    s = sol([0.5, 0.5])
+    s["scores"]["heldout"] = np.asarray([0.5, 0.5], np.float32)
+    s["cost"]["layers"] = np.int64(2)
+    paths = write_front(tmp_path, build_front(["a", "b"], [s], {}))
+    back = json.load(open(paths[FRONT_FILE]))
+    assert back["solutions"][0]["scores"]["heldout"] == [0.5, 0.5]
+    assert back["solutions"][0]["cost"]["layers"] == 2
