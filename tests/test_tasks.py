@@ -131,3 +131,20 @@ def test_saved_tokenizer_loads_with_transformers(tmp_path, tokenizer):
     assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert loaded.decode(loaded(text)["input_ids"], skip_special_tokens=True) == text
     assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (BOS_ID, EOS_ID, PAD_ID)
+
+
+def test_every_task_has_an_easy_and_a_hard_half(suite):
+    hard = [synthetic.is_hard(name, p) for name, p in [
+        ("math", "M 12+99="), ("math", "M 100+5="), ("code", "C max [1 2]="), ("code", "C sort [2 1]="),
+        ("translation", "T cat saw dog="), ("translation", "T cat saw big dog=")]]
+    assert hard == [False, True, False, True, False, True]
+    for t in suite:
+        ex = t.examples("search") + t.examples("heldout")
+        share = sum(synthetic.is_hard(t.name, p) for p, _ in ex) / len(ex)
+        assert 0.35 < share < 0.65, (t.name, share)
+        if t.name == "math":  # the halves are what they say: two-digit vs three-digit operands
+            for p, _ in ex:
+                a, b = map(int, p[2:-1].split("+"))
+                assert (a >= 100 and b >= 100) == synthetic.is_hard("math", p) == (a >= 100 or b >= 100)
+    with pytest.raises(ValueError, match="unknown task name"):
+        synthetic.is_hard("poetry", "P x=")

@@ -5,9 +5,15 @@ one-letter task marker ("M", "C", "T") so one model can tell the tasks apart, an
 the answer follows directly. Every example fits in MAX_EXAMPLE_CHARS characters (prompt + answer) so
 a tiny character-level model can learn it.
 
-    math         "M 12+45="             -> "57"         (addition of two numbers 0-99)
+    math         "M 12+45="             -> "57"         (addition: two 2-digit or two 3-digit numbers)
     code         "C rev [3 1 4]="       -> "4 1 3"      (rev, sort, sum, max, min, inc on 2-4 digits)
     translation  "T big cat saw dog="   -> "ka gu mo bi" (fixed lexicon; SVO -> SOV, adjective after noun)
+
+Each task has an easy half and a hard half (`is_hard`): numbers below 100 vs three-digit numbers;
+the per-element list programs (max, min, inc) vs those that reorder or combine the whole list (rev,
+sort, sum); sentences without vs with an adjective (whose translation follows its noun). The
+embedded zoo "pretrains" its base on the easy halves only, so the base has partial skill on every
+task and each expert adds the hard half of its task: the skill a merge has to carry over.
 
 Splits: the first `n_eval` unique examples are the evaluation set, cut 70/30 into "search" (scored
 during the path search) and "heldout" (reported only). A further `n_train` unique examples, disjoint
@@ -48,11 +54,12 @@ def _number(rng: np.random.Generator, max_digits: int) -> int:
 # their CPU time budget the embedded zoo's tiny experts plateau at ~0.3 exact match on "*" and, with
 # "-" in the mix, at 0.3-0.9 depending on the seed; on "+" alone they pass 0.95.
 _MATH_OPS = ("+",)
-# "+" and "-" take operands uniform on [0, 10**_ADD_SUB_MAX_DIGITS). Two digits, not three, for the
-# same budget. Uniform values, not digit count first: with digit count first, the few
-# 1-digit-op-1-digit prompts are used up by the evaluation splits (13% of "heldout" but 2% of
-# "train"), so "heldout" would lean on cases "train" hardly has.
-_ADD_SUB_MAX_DIGITS = 2
+# Half the "+" and "-" prompts take two operands uniform on [0, 100) (the easy half), half two
+# three-digit operands uniform on [100, 1000) (the hard half: one more column and carry). Uniform
+# values within a half, not digit count first: with digit count first, the few 1-digit-op-1-digit
+# prompts are used up by the evaluation splits, so "heldout" would lean on cases "train" hardly has.
+_EASY_LIMIT = 100
+_HARD_LIMIT = 1000
 
 
 def _sample_math(rng: np.random.Generator) -> Example:
@@ -63,7 +70,8 @@ def _sample_math(rng: np.random.Generator) -> Example:
         a, b = _number(rng, 2), _number(rng, 1)
         value = a * b
     else:
-        a, b = (int(x) for x in rng.integers(10**_ADD_SUB_MAX_DIGITS, size=2))
+        lo, hi = (_EASY_LIMIT, _HARD_LIMIT) if rng.integers(2) else (0, _EASY_LIMIT)
+        a, b = (int(x) for x in rng.integers(lo, hi, size=2))
         value = a + b if op == "+" else a - b
     return f"M {a}{op}{b}=", str(value)
 
@@ -127,6 +135,22 @@ def _sample_translation(rng: np.random.Generator) -> Example:
     source = " ".join(src_subj + [verb] + src_obj)
     target = " ".join(tgt_subj + tgt_obj + [LEXICON[verb]])
     return f"T {source}=", target
+
+
+# The hard half of each task (see the module docstring); the rest is the easy half.
+_HARD_LIST_OPS = ("rev", "sort", "sum")
+
+
+def is_hard(task_name: str, prompt: str) -> bool:
+    """Whether a prompt of `task_name` belongs to the task's hard half (see the module docstring)."""
+    body = prompt[2:-1]  # without the task marker and the final "="
+    if task_name == "math":
+        return any(len(x) >= 3 for x in body.replace("-", "+").replace("*", "+").split("+"))
+    if task_name == "code":
+        return body.split(" ", 1)[0] in _HARD_LIST_OPS
+    if task_name == "translation":
+        return any(w in _ADJECTIVES for w in body.split())
+    raise ValueError(f"unknown task name {task_name!r}; expected one of {TASK_NAMES}")
 
 
 _SAMPLERS: dict[str, Sampler] = {

@@ -89,11 +89,11 @@ def format_table(names: Sequence[str], rows: dict[str, np.ndarray], hv: dict[str
 
 
 def main(argv=None) -> int:
-    from hm3jax.objectives.zoo import load_zoo
+    from hm3jax.zoo import load_zoo
 
     ap = argparse.ArgumentParser(prog="python -m hm3jax.search.baselines", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("zoo_dir", help="directory written by python -m hm3jax.objectives.zoo")
+    ap.add_argument("zoo_dir", help="directory written by python -m hm3jax.zoo")
     ap.add_argument("--preferences", type=int, default=10)
     ap.add_argument("--grid", action="store_true", help="Das-Dennis grid instead of Dirichlet draws")
     ap.add_argument("--density", type=float, default=0.7)

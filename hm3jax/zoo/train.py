@@ -1,4 +1,4 @@
-"""Next-token training of a decoder on padded task batches (used to build the zoo).
+"""Next-token training of a decoder on padded task batches (how the zoo's models are trained).
 
 `train_chunk(cfg, opt, batch_size, n_steps, state, key, data, schedule)` is one jitted `lax.scan`
 over `n_steps` optimizer steps; each step samples rows of an on-device dataset, computes the masked

@@ -1,0 +1,42 @@
+"""python -m hm3jax.zoo OUT_DIR [--config default|small] [--seed N] [--force] [--workers N]"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from hm3jax.zoo.build import ZooError, build_zoo
+from hm3jax.zoo.config import CONFIGS
+from hm3jax.zoo.probe import format_report
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m hm3jax.zoo") -> int:
+    ap = argparse.ArgumentParser(
+        prog=prog, description="Build (or reuse) the embedded model zoo: a base pretrained on the "
+        "task mixture and one gently fine-tuned expert per task, saved as HF checkpoints, with a "
+        "report of how well they merge.")
+    ap.add_argument("out_dir", help="directory for base/, one directory per task expert and zoo.json "
+                    "(must be missing, empty, or a zoo this command wrote)")
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="default", help="hyperparameter set")
+    ap.add_argument("--seed", type=int, default=0, help="seed of init and batch sampling")
+    ap.add_argument("--force", action="store_true",
+                    help="rebuild a zoo of another config or seed, or one with a corrupt manifest "
+                         "(replaces only what a zoo build writes)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="processes for the expert runs (default: one per core; 0: in this process)")
+    args = ap.parse_args(argv)
+    try:
+        manifest = build_zoo(args.out_dir, CONFIGS[args.config], seed=args.seed, force=args.force,
+                             workers=args.workers)
+    except ZooError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was replaced (the zoo directory has no zoo.json until a build "
+              "completes)", file=sys.stderr)
+        return 130
+    print(format_report(manifest))
+    print(f"build time {manifest['build_seconds']:.1f}s (as recorded when built); "
+          f"targets {'met' if manifest['targets_met'] else 'NOT met'}")
+    return 0

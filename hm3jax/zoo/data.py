@@ -1,0 +1,55 @@
+"""The zoo's training sets: the base's task mixture and each expert's task."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hm3jax.objectives.batch import Batch, make_batch
+from hm3jax.objectives.synthetic import is_hard
+from hm3jax.zoo.config import ZooConfig
+from hm3jax.zoo.train import whole_sequence_targets
+
+
+def base_rows(zc: ZooConfig, task_index: int) -> list[tuple[str, str]]:
+    """The base's rows of one task: the first `base_mixture[k]` "train" examples (of the easy half
+    only when `base_easy_only`)."""
+    task, n = zc.suite()[task_index], zc.base_mixture[task_index]
+    rows = [e for e in task.examples("train") if not (zc.base_easy_only and is_hard(task.name, e[0]))]
+    if len(rows) < n:
+        raise ValueError(f"ZooConfig.base_mixture[{task.name}]={n}: the train split has only "
+                         f"{len(rows)} such rows (n_train[{task.name}]={zc.n_train[task_index]})")
+    return rows[:n]
+
+
+def base_training_set(zc: ZooConfig, tokenizer) -> Batch:
+    """The base's rows of every task as one Batch, every token after BOS a target (the base learns
+    the prompts' language as well as the answers)."""
+    rows: list[tuple[str, str]] = []
+    ids: list[int] = []
+    for k in range(len(zc.suite())):
+        ex = base_rows(zc, k)
+        rows += ex
+        ids += [k] * len(ex)
+    batch = make_batch(rows, tokenizer, seq_len=zc.seq_len, pad_multiple=4, task_ids=ids)
+    return whole_sequence_targets(batch)
+
+
+def expert_training_set(zc: ZooConfig, task_index: int, tokenizer) -> Batch:
+    """Every "train" example of one task (loss on the answer and EOS only), plus `expert_replay`
+    rows of each other task's base mixture with loss on every token: an anchor that keeps the
+    expert near the base on the tasks it is not tuned for, so the experts' task vectors interfere
+    less when merged."""
+    rows = list(zc.suite()[task_index].examples("train"))
+    ids = [task_index] * len(rows)
+    n_own = len(rows)
+    for k in range(len(zc.suite())):
+        if k != task_index and zc.expert_replay:
+            replay = base_rows(zc, k)[:zc.expert_replay]
+            rows += replay
+            ids += [k] * len(replay)
+    batch = make_batch(rows, tokenizer, seq_len=zc.seq_len, pad_multiple=4, task_ids=ids)
+    if len(rows) == n_own:
+        return batch
+    whole = whole_sequence_targets(batch).target_mask
+    target = np.concatenate([np.asarray(batch.target_mask)[:n_own], np.asarray(whole)[n_own:]])
+    return batch._replace(target_mask=target)

@@ -1,0 +1,138 @@
+"""How mergeable a zoo is: parameter-level merges of its experts and single-layer swaps between them.
+
+HM3 needs experts whose task vectors combine (the upper level) and whose layers are interchangeable
+enough that a path through several models' layers still computes something (the lower level). The
+probe measures both on the held-out split, and `targets` checks them against the config's targets:
+- each method of hm3jax.search.upper (task arithmetic, TIES, DARE-TIES) merged at the centre
+  preference and at one preference leaning to each task (`probe_lean` on it, the rest shared);
+- each expert with its middle layer swapped for the same layer of every other expert and of the
+  best centre merge, scored on the expert's own task (one `forward_path` per swap, no copy made).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hm3jax.models.config import ModelConfig
+from hm3jax.models.decoder import forward
+from hm3jax.models.pool import build_pool, shell_of
+from hm3jax.objectives.batch import Batch, make_suite_batch
+from hm3jax.objectives.scoring import exact_match, make_path_scorer, task_means
+from hm3jax.objectives.synthetic import TASK_NAMES
+from hm3jax.zoo.config import ZooConfig
+
+MERGED = "merge"  # name of the centre merge among the swap donors
+
+
+def probe_preferences(zc: ZooConfig) -> dict[str, np.ndarray]:
+    """{"centre": uniform weights, task name: weights leaning `probe_lean` to that task}."""
+    k = len(TASK_NAMES)
+    prefs = {"centre": np.full(k, 1.0 / k, np.float32)}
+    for i, name in enumerate(TASK_NAMES):
+        w = np.full(k, (1.0 - zc.probe_lean) / (k - 1), np.float32)
+        w[i] = zc.probe_lean
+        prefs[name] = w
+    return prefs
+
+
+def probe_mergeability(cfg: ModelConfig, models: dict[str, dict], zc: ZooConfig, tokenizer,
+                       key: jax.Array) -> dict:
+    """Held-out exact match of the zoo's merges and layer swaps.
+
+    Args:
+      cfg: the zoo's architecture; models: {"base" | task name: params}.
+      zc: the zoo config (probe settings); tokenizer: the zoo's tokenizer.
+      key: PRNG key of DARE's drop masks.
+
+    Returns:
+      {"merges": {method: {preference name: {task: exact match}}}, "preferences": {name: weights},
+       "best_centre_method": the method whose centre merge has the highest worst-task score,
+       "swap_layer": the swapped layer, "swaps": {expert: {donor: exact match on its own task}}}.
+    """
+    from hm3jax.search.upper import UPPER_METHODS, merge_for_preference
+
+    k = len(TASK_NAMES)
+    batch = Batch(*(jnp.asarray(np.asarray(x)) for x in make_suite_batch(zc.suite(), "heldout", tokenizer)))
+    base, experts = models["base"], [models[t] for t in TASK_NAMES]
+
+    def score(params, batch):
+        logits = forward(cfg, params, batch.tokens, batch.attention_mask)
+        return task_means(exact_match(logits, batch), batch, k)
+
+    prefs = probe_preferences(zc)
+    stacked = jnp.asarray(np.stack(list(prefs.values())))
+    merges = {}
+    for method in UPPER_METHODS:
+        # models and batch are arguments, not closed-over constants, so XLA does not fold them
+        @jax.jit
+        def merged_scores(lams, base, experts, batch, method=method):
+            return jax.vmap(lambda lam: score(merge_for_preference(
+                method, base, experts, lam, key, zc.probe_density, zc.probe_scale), batch))(lams)
+        rows = np.asarray(merged_scores(stacked, base, experts, batch))
+        merges[method] = {p: dict(zip(TASK_NAMES, map(float, row))) for p, row in zip(prefs, rows)}
+    best = max(UPPER_METHODS, key=lambda m: min(merges[m]["centre"].values()))
+
+    centre = merge_for_preference(best, base, experts, jnp.asarray(prefs["centre"]), key,
+                                  zc.probe_density, zc.probe_scale)
+    donors = list(TASK_NAMES) + [MERGED]
+    pool = build_pool(experts + [centre], names=donors)
+    n_layers = zc.num_hidden_layers
+    mid = n_layers // 2
+    swaps = {}
+    for i, name in enumerate(TASK_NAMES):
+        own = [pool.lookup(i, layer) for layer in range(n_layers)]
+        others = [d for d in donors if d != name]
+        paths = np.asarray([own[:mid] + [pool.lookup(d, mid)] + own[mid + 1:] for d in others], np.int32)
+        scorer = make_path_scorer(cfg, shell_of(experts[i]), pool, batch, num_tasks=k)
+        em, _ = jax.vmap(scorer)(jnp.asarray(paths))
+        swaps[name] = {d: float(v) for d, v in zip(others, np.asarray(em)[:, i])}
+    return {"merges": merges, "preferences": {p: w.tolist() for p, w in prefs.items()},
+            "best_centre_method": best, "swap_layer": mid, "swaps": swaps}
+
+
+def targets(scores: dict[str, dict[str, float]], probe: dict, zc: ZooConfig) -> dict[str, bool]:
+    """Which of the config's targets the zoo meets (held-out exact match).
+
+    expert_own_task: every expert >= min_expert_exact_match on its task.
+    expert_off_task: every expert at least min_off_task_gap weaker on each other task.
+    base_weak: the base <= max_base_exact_match on every task.
+    merge_centre: some method's centre merge >= min_merge_exact_match on every task AND above the
+      base on every task.
+    layer_swap: every single-layer swap keeps its expert >= min_swap_exact_match on its own task.
+    """
+    base = scores["base"]
+    centre_ok = [all(v >= zc.min_merge_exact_match and v > base[t] for t, v in m["centre"].items())
+                 for m in probe["merges"].values()]
+    return {
+        "expert_own_task": all(scores[t][t] >= zc.min_expert_exact_match for t in TASK_NAMES),
+        "expert_off_task": all(scores[t][o] <= scores[t][t] - zc.min_off_task_gap
+                               for t in TASK_NAMES for o in TASK_NAMES if o != t),
+        "base_weak": all(v <= zc.max_base_exact_match for v in base.values()),
+        "merge_centre": any(centre_ok),
+        "layer_swap": all(v >= zc.min_swap_exact_match
+                          for row in probe["swaps"].values() for v in row.values()),
+    }
+
+
+def format_report(manifest: dict) -> str:
+    """The build's summary: held-out exact match of the models and merges, the swaps, the targets."""
+    names = list(manifest["tasks"])
+    rows = dict(manifest["heldout_exact_match"])
+    probe = manifest["probe"]
+    for method, by_pref in probe["merges"].items():
+        for pref, row in by_pref.items():
+            rows[f"{method} @ {pref}"] = row
+    width = max(map(len, list(rows) + ["model"]))
+    lines = ["held-out exact match (teacher-forced); merges at the centre preference and leaning "
+             f"{manifest['config']['probe_lean']} to one task",
+             f"{'model':<{width}}  " + "  ".join(f"{n:>11}" for n in names)]
+    for model, row in rows.items():
+        lines.append(f"{model:<{width}}  " + "  ".join(f"{row[n]:>11.3f}" for n in names))
+    lines.append(f"layer-swap probe (layer {probe['swap_layer']}; expert's own task, donor in brackets):")
+    for expert, row in probe["swaps"].items():
+        lines.append(f"  {expert:<11} " + "  ".join(f"[{d}] {v:.3f}" for d, v in row.items()))
+    lines.append("targets: " + ", ".join(f"{t} {'met' if ok else 'NOT met'}"
+                                         for t, ok in manifest["targets"].items()))
+    return "\n".join(lines)
