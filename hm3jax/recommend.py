@@ -10,8 +10,9 @@ printed.
 Prints the chosen solution record as JSON on stdout and a one-line summary on stderr. `--export DIR`
 also writes it as a Hugging Face checkpoint (see hm3jax.export): the source models are those of
 RUN_DIR/config.yaml (the zoo or the checkpoints), and the upper-level merge, when the path uses it,
-is rebuilt with `merge_for_preference(method, base, experts, preference,
-jax.random.key(upper["seed"]), density, scale)` from the solution's "upper" settings.
+is rebuilt with `merge_for_preference(method, base, experts, preference, key, density, scale)` from
+the solution's "upper" settings, key = `jax.random.key(upper["seed"])`, or the key whose raw data
+`upper["key_data"]` holds when present (see merge_key).
 `--search-iterations N` (a short online search for this exact preference) needs a λ-conditioned
 agent checkpoint in RUN_DIR/checkpoints/agent.
 
@@ -125,6 +126,20 @@ def source_checkpoints(run_dir: str | os.PathLike) -> tuple[object, dict[str, st
     return cfg, {n: os.path.join(zoo_dir, sub) for n, sub in manifest["models"].items()}
 
 
+def merge_key(upper: Mapping):
+    """The PRNG key the upper-level merge used: `jax.random.wrap_key_data(upper["key_data"])` when the
+    record carries the key's raw data (e.g. the merge key `run_upper` split off its key), else
+    `jax.random.key(upper["seed"])`."""
+    import jax
+
+    if upper.get("key_data") is not None:
+        return jax.random.wrap_key_data(np.asarray(upper["key_data"], np.uint32))
+    if upper.get("seed") is None:
+        raise RecommendError("solution's 'upper' has neither 'seed' nor 'key_data': the merge's random "
+                             "key cannot be rebuilt")
+    return jax.random.key(int(upper["seed"]))
+
+
 def export_solution(run_dir: str | os.PathLike, solution: Mapping, out_dir: str | os.PathLike,
                     overwrite: bool = False) -> str:
     """Write `solution` (a record of RUN_DIR's front) as an HF checkpoint with recipes (hm3jax.export)."""
@@ -154,12 +169,12 @@ def export_solution(run_dir: str | os.PathLike, solution: Mapping, out_dir: str 
         from hm3jax.search.upper import merge_for_preference
 
         up = solution.get("upper") or {}
-        if "method" not in up or "seed" not in up:
-            raise RecommendError("solution's 'upper' needs 'method' and 'seed' to rebuild its merge")
+        if "method" not in up:
+            raise RecommendError("solution's 'upper' needs 'method' (and 'seed' or 'key_data') to rebuild its merge")
         merge = jax.jit(merge_for_preference, static_argnums=0)  # one compile, not one per op
         models[MERGE] = merge(
             up["method"], models["base"], [models[t] for t in tasks],
-            np.asarray(solution["preference"], np.float32), jax.random.key(int(up["seed"])),
+            np.asarray(solution["preference"], np.float32), merge_key(up),
             float(up.get("density", 1.0)), float(up.get("scale", 1.0)))
     return export_path(out_dir, model_cfg, models, steps, solution["shell"], solution=solution,
                        checkpoints=ckpts, experts=tasks, overwrite=overwrite)

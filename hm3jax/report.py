@@ -53,6 +53,14 @@ HM3_LABEL = "HM3 full"
 COST_REFERENCE = -1.1
 
 
+def _upper_value(key: str, v):
+    if v is None or isinstance(v, str):
+        return v
+    if key == "key_data":
+        return [int(x) for x in np.asarray(v).reshape(-1)]
+    return int(v) if key == "seed" else float(v)
+
+
 def make_solution(preference: Sequence[float], upper: Mapping[str, Any] | None, path: Sequence,
                   shell: str, search: Sequence[float], heldout: Sequence[float],
                   cost: Mapping[str, Any] | None = None) -> dict:
@@ -62,12 +70,13 @@ def make_solution(preference: Sequence[float], upper: Mapping[str, Any] | None, 
     Args:
       preference: [K] λ. upper: {"method", "density", "scale", "seed"} of the upper-level merge
         ("seed": the int s of the key jax.random.key(s) the merge used; recommend --export rebuilds
-        the merge with it), or None for a solution without one (e.g. an expert).
+        the merge with it), optionally "key_data": the raw data of the merge's key
+        (`jax.random.key_data(key)`, for a key split off another, as run_upper does), which
+        recommend uses instead of "seed"; or None for a solution without one (e.g. an expert).
       path: (model name, layer) pairs (None for a skipped step). shell: the shell's model name.
       search, heldout: [K] scores. cost: e.g. hm3jax.cost.path_cost(...).to_dict().
     """
-    up = None if upper is None else {k: (v if isinstance(v, str) else float(v) if k != "seed" else int(v))
-                                     for k, v in upper.items()}
+    up = None if upper is None else {k: _upper_value(k, v) for k, v in upper.items()}
     return {"preference": [float(x) for x in preference], "upper": up,
             "path": [None if s is None else [str(s[0]), int(s[1])] for s in path], "shell": str(shell),
             "scores": {"search": [float(x) for x in search], "heldout": [float(x) for x in heldout]},
