@@ -128,3 +128,15 @@ def test_merge_key_from_seed_or_key_data():
     assert same(merge_key({"seed": 3}), jax.random.key(3))
     with pytest.raises(RecommendError, match="neither 'seed' nor 'key_data'"):
         merge_key({"method": "ties"})
+
+
+def test_module_entry_point(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    write_front(run, build_front(TASKS, FRONT["solutions"], {}, {}, ideal=[1.0, 1.0, 1.0]))
+    r = subprocess.run([sys.executable, "-m", "hm3jax.recommend", str(run), "--preference", "0,0,1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["scores"]["heldout"] == [0.2, 0.2, 0.9]
