@@ -258,8 +258,8 @@ def export_path(out_dir: str | os.PathLike, cfg: ModelConfig, models: Mapping[st
     inputs = list(ckpts.values()) + ([os.fspath(tokenizer_from)]
                                      if isinstance(tokenizer_from, (str, os.PathLike)) else [])
     check_output_path(out_dir, inputs)
-    out_cfg, params = path_params(cfg, models, path, shell)
-    steps = [tuple(s) for s in path if s is not None]
+    out_cfg, params = path_params(cfg, models, path, shell)  # validates the path
+    steps = [(str(s[0]), int(s[1])) for s in path if s is not None]
     record = dict(solution) if solution is not None else {}
     for key, want in (("path", [list(s) for s in steps]), ("shell", shell)):
         if key in record and record[key] is not None:
