@@ -3,7 +3,8 @@
 The paper's way: DARE-TIES with λ as the per-model coefficients, fixed density. Also TA and TIES,
 and, optionally, per-preference tuning of (density, scale) by CMA-ES (evosax) minimising the
 Tchebycheff value of the merged model's scores. A whole ES population is merged and scored in memory
-(vmapped merges, vmapped scoring): no candidate is written to disk.
+(vmapped merges, vmapped scoring): no candidate is written to disk. The ES is one pure program (a
+`lax.scan` over generations), so `run_upper_many` runs N preferences as one vmapped program.
 """
 
 from __future__ import annotations
@@ -106,6 +107,53 @@ def _unsquash(v: float, lo: float, hi: float) -> float:
     return float(np.log(p / (1 - p)))
 
 
+def _tune(cfg: UpperConfig, base: dict, experts: Sequence[dict], score_fn, pref, ideal, key):
+    """CMA-ES over (density, scale) for one preference as ONE pure program (a scan over generations).
+
+    Returns (density [], scale [], scores [K], tcheby [], history [generations]) of the best setting
+    found, the untuned (cfg.density, cfg.scale) being the incumbent; jittable and vmappable over
+    (pref, ideal, key). Keys: merge (shared by every candidate), ES init, and one per generation,
+    all split from `key` (none is used twice).
+    """
+    from evosax.algorithms import CMA_ES  # optional dependency of the tuner only
+
+    k_merge, k_init, k_gens = jax.random.split(key, 3)
+    (dlo, dhi), (slo, shi) = cfg.density_range, cfg.scale_range
+    x0 = jnp.asarray([_unsquash(cfg.density, dlo, dhi), _unsquash(cfg.scale, slo, shi)], jnp.float32)
+    es = CMA_ES(population_size=cfg.es_population, solution=x0)
+    es_params = es.default_params.replace(std_init=jnp.asarray(cfg.es_sigma, jnp.float32))
+
+    def evaluate(density, scale):
+        params = merge_for_preference(cfg.method, base, experts, pref, k_merge, density, scale)
+        s = score_fn(params)
+        return s, tchebycheff(s, pref, ideal)
+
+    d0, sc0 = jnp.asarray(cfg.density, jnp.float32), jnp.asarray(cfg.scale, jnp.float32)
+    s0, t0 = evaluate(d0, sc0)
+    best0 = _strong((t0, d0, sc0, s0))
+
+    def generation(carry, k):
+        state, best = carry
+        k_ask, k_tell = jax.random.split(k)
+        pop, state = es.ask(k_ask, state, es_params)
+        dens, scal = _squash(pop[:, 0], dlo, dhi), _squash(pop[:, 1], slo, shi)
+        scores, fit = jax.vmap(evaluate)(dens, scal)
+        state, _ = es.tell(k_tell, pop, fit, state, es_params)
+        i = jnp.argmin(fit)
+        new = (fit[i], dens[i], scal[i], scores[i])
+        best = jax.tree.map(lambda n, o: jnp.where(fit[i] < best[0], n, o), new, best)
+        return (_strong(state), _strong(best)), best[0]
+
+    state = _strong(es.init(k_init, x0, es_params))
+    (_, (t, d, sc, s)), history = jax.lax.scan(generation, (state, best0),
+                                              jax.random.split(k_gens, cfg.es_generations))
+    return d, sc, s, t, history
+
+
+def _merge_key(key: jax.Array) -> jax.Array:
+    return jax.random.split(key, 3)[0]
+
+
 def run_upper(cfg: UpperConfig, base: dict, experts: Sequence[dict], preference, ideal,
               score_fn: Callable[[dict], jax.Array], key: jax.Array) -> UpperResult:
     """Merge for `preference`, tuning (density, scale) by CMA-ES when `cfg.tune`.
@@ -121,47 +169,51 @@ def run_upper(cfg: UpperConfig, base: dict, experts: Sequence[dict], preference,
     """
     pref = jnp.asarray(preference, jnp.float32)
     ideal = jnp.asarray(ideal, jnp.float32)
-    k_merge, k_es = jax.random.split(key)
-
-    def evaluate(density, scale):
-        params = merge_for_preference(cfg.method, base, experts, pref, k_merge, density, scale)
-        s = score_fn(params)
-        return s, tchebycheff(s, pref, ideal)
+    k_merge = _merge_key(key)
 
     if not cfg.tune:
-        # merge once and score that merge (evaluate() would merge a second time inside its jit)
+        # merge once and score that merge
         params = merge_for_preference(cfg.method, base, experts, pref, k_merge, cfg.density, cfg.scale)
         s = score_fn(params)
         t = tchebycheff(s, pref, ideal)
         return UpperResult(params, cfg.density, cfg.scale, np.asarray(s), float(t), np.zeros(0))
 
-    from evosax.algorithms import CMA_ES  # optional dependency of the tuner only
+    d, sc, s, t, history = jax.jit(lambda p, z, k: _tune(cfg, base, experts, score_fn, p, z, k))(
+        pref, ideal, key)
+    d, sc = float(d), float(sc)
+    params = merge_for_preference(cfg.method, base, experts, pref, k_merge, d, sc)
+    return UpperResult(params, d, sc, np.asarray(s), float(t), np.asarray(history))
 
-    (dlo, dhi), (slo, shi) = cfg.density_range, cfg.scale_range
-    x0 = jnp.asarray([_unsquash(cfg.density, dlo, dhi), _unsquash(cfg.scale, slo, shi)], jnp.float32)
-    es = CMA_ES(population_size=cfg.es_population, solution=x0)
-    es_params = es.default_params.replace(std_init=jnp.asarray(cfg.es_sigma, jnp.float32))
+
+def run_upper_many(cfg: UpperConfig, base: dict, experts: Sequence[dict], preferences, ideal,
+                   score_fn: Callable[[dict], jax.Array], key: jax.Array) -> UpperResult:
+    """run_upper for N preferences as one vmapped program (tuning included when cfg.tune).
+
+    Args: as run_upper, with preferences [N, K]; ideal [K] (shared) or [N, K]. Preference i uses
+    jax.random.split(key, N)[i], so row i equals run_upper(..., preferences[i], ..., that key).
+    Returns:
+      UpperResult whose fields carry a leading [N] axis: params (stacked merged params), density,
+      scale, tcheby and history as arrays, scores [N, K].
+    """
+    prefs = jnp.asarray(preferences, jnp.float32)
+    n = prefs.shape[0]
+    ideal = jnp.broadcast_to(jnp.asarray(ideal, jnp.float32), prefs.shape)
+    keys = jax.random.split(key, n)
 
     @jax.jit
-    def generation(state, k):
-        k_ask, k_tell = jax.random.split(k)
-        pop, state = es.ask(k_ask, state, es_params)
-        dens, scal = _squash(pop[:, 0], dlo, dhi), _squash(pop[:, 1], slo, shi)
-        scores, fit = jax.vmap(evaluate)(dens, scal)
-        state, _ = es.tell(k_tell, pop, fit, state, es_params)
-        best = jnp.argmin(fit)
-        return _strong(state), (fit[best], dens[best], scal[best], scores[best])
+    def many(prefs, ideal, keys):
+        def one(pref, z, k):
+            if cfg.tune:
+                d, sc, s, t, h = _tune(cfg, base, experts, score_fn, pref, z, k)
+            else:
+                d, sc = jnp.asarray(cfg.density, jnp.float32), jnp.asarray(cfg.scale, jnp.float32)
+                params = merge_for_preference(cfg.method, base, experts, pref, _merge_key(k), d, sc)
+                s = score_fn(params)
+                t, h = tchebycheff(s, pref, z), jnp.zeros((0,), jnp.float32)
+            params = merge_for_preference(cfg.method, base, experts, pref, _merge_key(k), d, sc)
+            return params, d, sc, s, t, h
 
-    # the untuned setting is the incumbent: tuning can only improve on it
-    s0, t0 = jax.jit(evaluate)(cfg.density, cfg.scale)
-    best = (float(t0), cfg.density, cfg.scale, np.asarray(s0))
-    state = _strong(es.init(k_es, x0, es_params))
-    history = []
-    for k in jax.random.split(k_es, cfg.es_generations):
-        state, (f, d, sc, s) = generation(state, k)
-        if float(f) < best[0]:
-            best = (float(f), float(d), float(sc), np.asarray(s))
-        history.append(best[0])
-    t, d, sc, s = best
-    params = merge_for_preference(cfg.method, base, experts, pref, k_merge, d, sc)
-    return UpperResult(params, d, sc, s, t, np.asarray(history))
+        return jax.vmap(one)(prefs, ideal, keys)
+
+    params, d, sc, s, t, h = many(prefs, ideal, keys)
+    return UpperResult(params, np.asarray(d), np.asarray(sc), np.asarray(s), np.asarray(t), np.asarray(h))

@@ -1,0 +1,231 @@
+"""The lower level's MDP (HM3's layer-path search) as pure functions.
+
+For one preference λ the *local* action set is every layer of the K experts, then every layer of that
+preference's merged model, then (optionally) STOP:
+
+    local a in [0, K·L)          expert a // L, layer a % L
+    local a in [K·L, (K+1)·L)    the merged model's layer a - K·L
+    local a == (K+1)·L           STOP (only when EnvConfig.stop)
+
+The *global* pool that scores paths holds the K·L expert layers once and then one block of L merged
+layers per preference (block i of N), so preferences share the expert layers; `to_global` maps a
+local path into it. State = the path so far; a step appends a layer; an episode ends at STOP or after
+T_max steps. The reward is computed once the path is complete (one scoring forward for a whole batch
+of paths), at the end of the episode or spread evenly over its steps.
+
+`Scorer` is the only contact with a model: scores of a batch of global paths on a random minibatch of
+the search split (rollouts) or on the whole search split (best paths). Tests plug in synthetic ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from hm3jax.models.pool import SKIP
+from hm3jax.moo import tchebycheff
+
+REWARDS = ("weighted_sum", "tchebycheff")
+REWARD_TIMINGS = ("spread", "end")
+
+
+def _require(ok: bool, field: str, allowed: str, value) -> None:
+    """Raise ValueError naming `field` (a config key), the accepted range and the value given."""
+    if not ok:
+        raise ValueError(f"{field} must be {allowed}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvConfig:
+    """The path MDP (config keys under `lower.env.`).
+
+    Attributes:
+      t_max: most steps per path; None = the depth L of one model (the identity path fits exactly).
+      stop: offer a STOP action (the paper has none: its paths always run T_max steps).
+      reward: "weighted_sum" (the paper's Σ_k λ_k f_k) or "tchebycheff" (-max_k λ_k |f_k - z*_k|).
+      reward_timing: "spread" (the paper: R / T on each of the T steps) or "end" (R on the last step).
+      length_penalty: β1, subtracted per layer in the path (R = scalarised score - β1·T). The default
+        0.002 lets a layer stay only if it gains a fifth of a point of weighted exact match.
+      search_minibatch: rows of the search split scoring each rollout batch, split evenly over the
+        tasks (a fresh random draw per batch); best paths are re-scored on the whole split.
+      rescore_top: per preference and chunk of iterations, how many of the best paths (by minibatch
+        reward) are re-scored on the whole search split to update the best path found.
+    """
+
+    t_max: int | None = None
+    stop: bool = True
+    reward: str = "weighted_sum"
+    reward_timing: str = "spread"
+    length_penalty: float = 0.002
+    search_minibatch: int = 96
+    rescore_top: int = 2
+
+    def __post_init__(self):
+        _require(self.t_max is None or (isinstance(self.t_max, int) and self.t_max >= 1),
+                 "lower.env.t_max", "None or an integer >= 1", self.t_max)
+        _require(self.reward in REWARDS, "lower.env.reward", f"one of {', '.join(REWARDS)}", self.reward)
+        _require(self.reward_timing in REWARD_TIMINGS, "lower.env.reward_timing",
+                 f"one of {', '.join(REWARD_TIMINGS)}", self.reward_timing)
+        _require(self.length_penalty >= 0.0, "lower.env.length_penalty", ">= 0", self.length_penalty)
+        _require(isinstance(self.search_minibatch, int) and self.search_minibatch >= 1,
+                 "lower.env.search_minibatch", "an integer >= 1", self.search_minibatch)
+        _require(isinstance(self.rescore_top, int) and self.rescore_top >= 1, "lower.env.rescore_top",
+                 "an integer >= 1", self.rescore_top)
+
+
+@dataclasses.dataclass(frozen=True)
+class PathLayout:
+    """Static shape of the action set: K experts of L layers each, T_max steps, STOP or not."""
+
+    num_experts: int
+    num_layers: int
+    t_max: int
+    stop: bool
+
+    @classmethod
+    def make(cls, cfg: EnvConfig, num_experts: int, num_layers: int) -> "PathLayout":
+        return cls(num_experts, num_layers, cfg.t_max or num_layers, cfg.stop)
+
+    @property
+    def merged_start(self) -> int:
+        return self.num_experts * self.num_layers
+
+    @property
+    def num_layer_actions(self) -> int:
+        return (self.num_experts + 1) * self.num_layers
+
+    @property
+    def num_actions(self) -> int:
+        return self.num_layer_actions + int(self.stop)
+
+    @property
+    def stop_action(self) -> int:
+        """Index of STOP (== num_layer_actions; an index no action takes when stop is off)."""
+        return self.num_layer_actions
+
+    def model_of(self, a: jax.Array) -> jax.Array:
+        """Model id of local actions: 0..K-1 experts, K the merged model, K+1 STOP."""
+        return jnp.minimum(a // self.num_layers, self.num_experts + 1)
+
+    def layer_of(self, a: jax.Array) -> jax.Array:
+        return jnp.where(a >= self.num_layer_actions, 0, a % self.num_layers)
+
+    def identity_action(self, t: jax.Array) -> jax.Array:
+        """The upper level's answer as a path: merged layer t for t < L, then STOP (or layer L-1)."""
+        after = self.stop_action if self.stop else self.num_layer_actions - 1
+        return jnp.where(t < self.num_layers, self.merged_start + t, after)
+
+
+class PathProblem(NamedTuple):
+    """What differs between preferences (arrays; a leading [N] axis when batched).
+
+    preference: [K] λ; ideal: [K] z* of the Tchebycheff reward; block: int32 [] index of this
+    preference's merged block in the global pool; summary: [(K+1)·L, S] fixed per-layer weight
+    statistics of the local layer actions (experts, then this preference's merged model).
+    """
+
+    preference: jax.Array
+    ideal: jax.Array
+    block: jax.Array
+    summary: jax.Array
+
+
+class Scorer(NamedTuple):
+    """Scores of global paths (higher is better), both pure and vmappable.
+
+    minibatch(data, paths [B, T], block [], key) -> [B, K] on a random minibatch of the search split
+      (fresh per key); block picks the preference's shell (embeddings / head) where that matters.
+    full(data, paths [B, T], block []) -> [B, K] on the whole search split.
+    """
+
+    minibatch: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+    full: Callable[[Any, jax.Array, jax.Array], jax.Array]
+
+
+class BestPaths(NamedTuple):
+    """Best path found so far for one preference, scored on the whole search split."""
+
+    path: jax.Array      # int32 [T_max] local actions, SKIP after the end (STOP kept)
+    scores: jax.Array    # [K]
+    reward: jax.Array    # [] terminal reward (scalarised score - β1·length)
+    tcheby: jax.Array    # [] Tchebycheff value of `scores` (lower is better)
+
+
+def layer_mask(layout: PathLayout, path: jax.Array) -> jax.Array:
+    """bool [..., T]: steps of `path` (local actions, SKIP after the end) that run a layer."""
+    return (path >= 0) & (path < layout.num_layer_actions)
+
+
+def path_length(layout: PathLayout, path: jax.Array) -> jax.Array:
+    """Number of layers the local path runs (STOP and SKIP steps excluded)."""
+    return jnp.sum(layer_mask(layout, path), axis=-1)
+
+
+def to_global(layout: PathLayout, path: jax.Array, block: jax.Array) -> jax.Array:
+    """Local actions -> global pool indices (SKIP for STOP and for steps after the end)."""
+    merged = path >= layout.merged_start
+    shift = block * layout.num_layers
+    return jnp.where(layer_mask(layout, path), jnp.where(merged, path + shift, path), SKIP).astype(jnp.int32)
+
+
+def initial_path(layout: PathLayout) -> jax.Array:
+    return jnp.full((layout.t_max,), SKIP, jnp.int32)
+
+
+def append(layout: PathLayout, path: jax.Array, t: jax.Array, action: jax.Array, done: jax.Array):
+    """One environment step: (path, done) after taking `action` at step t (a no-op once done)."""
+    path = jnp.where(done, path, path.at[t].set(action))
+    now_done = done | (action == layout.stop_action) | (t + 1 >= layout.t_max)
+    return path, now_done
+
+
+def terminal_reward(cfg: EnvConfig, scores: jax.Array, problem: PathProblem, length: jax.Array) -> jax.Array:
+    """R for paths of `scores` [..., K] and `length` [...] layers under problem's λ (and z*)."""
+    if cfg.reward == "weighted_sum":
+        value = jnp.sum(scores * problem.preference, axis=-1)
+    else:
+        value = -tchebycheff(scores, problem.preference, problem.ideal)
+    return value - cfg.length_penalty * length
+
+
+def step_rewards(cfg: EnvConfig, reward: jax.Array, valid: jax.Array) -> jax.Array:
+    """Per-step rewards [..., T] for episodes with terminal `reward` [...] over `valid` steps [..., T]."""
+    n = jnp.maximum(valid.sum(-1, keepdims=True), 1)
+    if cfg.reward_timing == "spread":
+        return jnp.where(valid, reward[..., None] / n, 0.0)
+    last = jnp.arange(valid.shape[-1]) == (n - 1)
+    return jnp.where(last & valid, reward[..., None], 0.0)
+
+
+def score_paths(cfg: EnvConfig, layout: PathLayout, scorer: Scorer, data, problem: PathProblem,
+                paths: jax.Array, key: jax.Array | None):
+    """(scores [B, K], reward [B]) of local paths [B, T]; key None scores on the whole search split."""
+    g = to_global(layout, paths, problem.block)
+    if key is None:
+        scores = scorer.full(data, g, problem.block)
+    else:
+        scores = scorer.minibatch(data, g, problem.block, key)
+    return scores, terminal_reward(cfg, scores, problem, path_length(layout, paths))
+
+
+def empty_best(layout: PathLayout, num_objectives: int) -> BestPaths:
+    """A BestPaths that any scored path beats (reward -inf)."""
+    return BestPaths(initial_path(layout), jnp.zeros((num_objectives,), jnp.float32),
+                     jnp.asarray(-jnp.inf, jnp.float32), jnp.asarray(jnp.inf, jnp.float32))
+
+
+def update_best(cfg: EnvConfig, layout: PathLayout, scorer: Scorer, data, problem: PathProblem,
+                best: BestPaths, candidates: jax.Array, candidate_reward: jax.Array) -> BestPaths:
+    """Re-score the `rescore_top` best `candidates` [C, T] (by minibatch reward [C]) on the whole
+    search split and keep the best of them and `best` (ties keep `best`)."""
+    top = min(cfg.rescore_top, candidates.shape[0])
+    _, idx = jax.lax.top_k(candidate_reward, top)
+    paths = candidates[idx]
+    scores, reward = score_paths(cfg, layout, scorer, data, problem, paths, None)
+    i = jnp.argmax(reward)
+    better = reward[i] > best.reward
+    new = BestPaths(paths[i], scores[i], reward[i], tchebycheff(scores[i], problem.preference, problem.ideal))
+    return jax.tree.map(lambda n, o: jnp.where(better, n, o), new, best)

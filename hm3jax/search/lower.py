@@ -1,0 +1,254 @@
+"""Lower level of HM3 on real models: the global layer pool, the model scorer and the chunk loop.
+
+    data, problems, layout = build_search(model_cfg, experts, merged, search_batch, preferences, ideal)
+    scorer = make_model_scorer(model_cfg, num_tasks, cfg)
+    trainer = make_lower_train(cfg, layout, scorer)
+    result = run_lower(trainer, problems, data, key, checkpoint_dir=..., progress=True)
+
+The pool holds the K experts' layers once and each preference's merged layers as its own block
+(env.to_global maps a preference's local actions into it); a path is scored with the shell
+(embeddings, final norm, head) of that preference's merged model. Only the "search" split reaches
+the scorer: rollouts see a random stratified minibatch of it, best paths the whole of it.
+`run_lower` is the only Python loop: one jitted chunk per step, then log, orbax checkpoint and tqdm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hm3jax.models import forward_path
+from hm3jax.models.params import iter_leaves
+from hm3jax.models.pool import LayerPool, build_pool, shell_of
+from hm3jax.objectives.batch import Batch, pad_rows
+from hm3jax.objectives.scoring import answer_loglik, exact_match, task_means
+from hm3jax.search import env as en
+from hm3jax.search.agent import AgentConfig
+from hm3jax.search.env import BestPaths, EnvConfig, PathLayout, PathProblem, Scorer, _require
+from hm3jax.search.ppo import ChunkMetrics, PPOConfig, Trainer, make_train
+
+OBJECTIVES = ("exact_match", "loglik")
+
+
+@dataclasses.dataclass(frozen=True)
+class LowerConfig:
+    """The whole lower level (config keys under `lower.`).
+
+    Attributes:
+      env, agent, ppo: see EnvConfig, AgentConfig, PPOConfig.
+      objective: per-task score f_k: "exact_match" (teacher-forced, in [0, 1]) or "loglik" (mean
+        answer log-likelihood, <= 0; smooth where exact match is flat).
+      score_chunk: rows per lax.map chunk when a path is scored on the whole search split (bounds
+        activation memory; the split is padded with empty rows to a multiple).
+    """
+
+    env: EnvConfig = EnvConfig()
+    agent: AgentConfig = AgentConfig()
+    ppo: PPOConfig = PPOConfig()
+    objective: str = "exact_match"
+    score_chunk: int = 128
+
+    def __post_init__(self):
+        _require(self.objective in OBJECTIVES, "lower.objective", f"one of {', '.join(OBJECTIVES)}",
+                 self.objective)
+        _require(isinstance(self.score_chunk, int) and self.score_chunk >= 1, "lower.score_chunk",
+                 "an integer >= 1", self.score_chunk)
+
+
+class SearchData(NamedTuple):
+    """Arrays the model scorer reads (a jit argument of every chunk).
+
+    layers: the global pool's stacked layers [K·L + N·L, ...]; shells: each preference's merged
+    shell, stacked [N, ...]; batch: the search split (padded to a multiple of score_chunk);
+    task_rows: int32 [K, n] row indices of each task in `batch` (n = the smallest task's count).
+    """
+
+    layers: Any
+    shells: Any
+    batch: Batch
+    task_rows: jax.Array
+
+
+def layer_summary(layers: dict, base_layers: dict | None = None) -> np.ndarray:
+    """[P, S] fixed per-layer statistics of stacked `layers` [P, ...], standardised over the pool.
+
+    Per weight tensor: log Frobenius norm; with `base_layers` [L, ...] (pool entry p is compared
+    with base layer p % L), also the relative distance ||w - w_base|| / ||w_base|| of the task vector.
+    """
+    cols = []
+    base = dict(iter_leaves(base_layers)) if base_layers is not None else None
+    for path, a in sorted(iter_leaves(layers)):
+        a = np.asarray(a, np.float32).reshape(a.shape[0], -1)
+        norm = np.linalg.norm(a, axis=1)
+        cols.append(np.log(norm + 1e-8))
+        if base is not None:
+            b = np.asarray(base[path], np.float32).reshape(base[path].shape[0], -1)
+            b = b[np.arange(a.shape[0]) % b.shape[0]]
+            cols.append(np.linalg.norm(a - b, axis=1) / (np.linalg.norm(b, axis=1) + 1e-8))
+    s = np.stack(cols, axis=1)
+    sd = s.std(0)
+    return ((s - s.mean(0)) / np.where(sd > 1e-6, sd, 1.0)).astype(np.float32)
+
+
+def build_search(model_cfg, experts: Sequence[dict], merged: Sequence[dict], batch: Batch,
+                 preferences, ideal, cfg: LowerConfig = LowerConfig(), base: dict | None = None):
+    """(SearchData, PathProblem [N], PathLayout) for N preferences.
+
+    Args:
+      model_cfg: the shared ModelConfig; experts: K params pytrees; merged: N params pytrees, the
+        upper level's merge for each preference (in preference order).
+      batch: the *search* split (e.g. make_suite_batch(tasks, "search", tokenizer)).
+      preferences: [N, K]; ideal: [K] (or [N, K]) ideal point z* for the Tchebycheff reward.
+      base: optional base params; adds task-vector distances to the layer summaries.
+    """
+    K, N = len(experts), len(merged)
+    prefs = np.asarray(preferences, np.float32)
+    if prefs.shape != (N, K):
+        raise ValueError(f"preferences must be [N={N}, K={K}] (one per merged model, one weight per "
+                         f"expert), got {prefs.shape}")
+    pool = build_pool(list(experts) + list(merged), cfgs=[model_cfg] * (K + N))
+    L = model_cfg.num_hidden_layers
+    layout = PathLayout.make(cfg.env, K, L)
+    summ = layer_summary(pool.layers, base["layers"] if base is not None else None)
+    local = np.stack([np.concatenate([summ[:K * L], summ[K * L + i * L: K * L + (i + 1) * L]])
+                      for i in range(N)])
+    problems = PathProblem(jnp.asarray(prefs), jnp.broadcast_to(jnp.asarray(ideal, jnp.float32), (N, K)),
+                           jnp.arange(N, dtype=jnp.int32), jnp.asarray(local))
+    task_id = np.asarray(batch.task_id)
+    counts = [int((task_id == k).sum()) for k in range(K)]
+    if min(counts) == 0:
+        raise ValueError(f"the search batch has no rows for tasks {[k for k in range(K) if not counts[k]]}")
+    n = min(counts)
+    task_rows = np.stack([np.flatnonzero(task_id == k)[:n] for k in range(K)]).astype(np.int32)
+    padded = pad_rows(batch, cfg.score_chunk)
+    shells = jax.tree.map(lambda *xs: jnp.stack(xs), *[shell_of(m) for m in merged])
+    data = SearchData(pool.layers, shells, Batch(*(jnp.asarray(np.asarray(x)) for x in padded)),
+                      jnp.asarray(task_rows))
+    return data, problems, layout
+
+
+def make_model_scorer(model_cfg, num_tasks: int, cfg: LowerConfig = LowerConfig()) -> Scorer:
+    """Scorer over SearchData: per-task means of exact match / answer log-likelihood of paths."""
+    per_example = exact_match if cfg.objective == "exact_match" else answer_loglik
+    per_task = max(1, cfg.env.search_minibatch // num_tasks)
+
+    def rows_score(data: SearchData, paths, block, rows: Batch):
+        shell = jax.tree.map(lambda x: x[block], data.shells)
+        pool = LayerPool(data.layers, (), ())
+
+        def one(path):
+            logits = forward_path(model_cfg, shell, pool, path, rows.tokens, rows.attention_mask)
+            return per_example(logits, rows)
+
+        return jax.vmap(one)(paths)  # [B, rows]
+
+    def minibatch(data: SearchData, paths, block, key):
+        n = data.task_rows.shape[1]
+        keys = jax.random.split(key, num_tasks)
+        pick = jax.vmap(lambda k, r: r[jax.random.permutation(k, n)[:min(per_task, n)]])(keys, data.task_rows)
+        rows = jax.tree.map(lambda x: x[pick.reshape(-1)], data.batch)
+        vals = rows_score(data, paths, block, rows)
+        return jax.vmap(lambda v: task_means(v, rows, num_tasks))(vals)
+
+    def full(data: SearchData, paths, block):
+        c = cfg.score_chunk
+        chunks = jax.tree.map(lambda x: x.reshape((-1, c) + x.shape[1:]), data.batch)
+        vals = jax.lax.map(lambda rows: rows_score(data, paths, block, rows), chunks)  # [nc, B, c]
+        vals = jnp.moveaxis(vals, 0, 1).reshape(paths.shape[0], -1)
+        return jax.vmap(lambda v: task_means(v, data.batch, num_tasks))(vals)
+
+    return Scorer(minibatch, full)
+
+
+def make_lower_train(cfg: LowerConfig, layout: PathLayout, scorer: Scorer) -> Trainer:
+    return make_train(cfg.env, cfg.agent, cfg.ppo, layout, scorer)
+
+
+class LowerResult(NamedTuple):
+    """Outcome of run_lower (host arrays).
+
+    best: BestPaths [N] (local paths, whole-search-split scores); global_paths: [N, T] pool indices
+    (SKIP = -1); history: ChunkMetrics [iterations run here, N]; state: the final TrainState.
+    """
+
+    best: BestPaths
+    global_paths: np.ndarray
+    history: ChunkMetrics
+    state: Any
+
+
+def run_lower(trainer: Trainer, layout: PathLayout, problems: PathProblem, data, key: jax.Array,
+              num_chunks: int, checkpoint_dir: str | os.PathLike | None = None,
+              stop_after: int | None = None, progress: bool = False,
+              log: Callable[[int, ChunkMetrics], None] | None = None) -> LowerResult:
+    """Run `num_chunks` jitted chunks (resuming from the latest checkpoint in checkpoint_dir).
+
+    Args:
+      trainer, layout: from make_lower_train / build_search (or ppo.make_train for other scorers).
+      problems, data: PathProblem [N] and the scorer's data (SearchData, or None for a scorer
+        without data).
+      key: PRNG key of the run (the same key gives the same result, resumed or not).
+      checkpoint_dir: save the state with orbax after every chunk; a run restarted with the same
+        directory continues after the last saved chunk.
+      stop_after: stop after this many chunks in all (to test resuming); None runs all.
+      progress: show a tqdm bar; log: called with (chunk index, ChunkMetrics) after each chunk.
+    """
+    state = trainer.init(key, problems)
+    start, mngr = 0, None
+    if checkpoint_dir is not None:
+        import orbax.checkpoint as ocp
+
+        mngr = ocp.CheckpointManager(os.path.abspath(checkpoint_dir),
+                                     options=ocp.CheckpointManagerOptions(max_to_keep=2))
+        if mngr.latest_step() is not None:
+            start = int(mngr.latest_step())
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+            restored = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
+            state = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(restored))
+    end = num_chunks if stop_after is None else min(stop_after, num_chunks)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_chunks, initial=start, desc="lower level", unit="chunk")
+    history = []
+    for c in range(start, end):
+        state, metrics = trainer.chunk(state, problems, data)
+        metrics = jax.tree.map(np.asarray, metrics)
+        history.append(metrics)
+        if mngr is not None:
+            mngr.save(c + 1, args=ocp.args.StandardSave(state))
+        if log is not None:
+            log(c, metrics)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=float(metrics.reward[-1].mean()))
+    if mngr is not None:
+        mngr.wait_until_finished()
+        mngr.close()
+    if bar is not None:
+        bar.close()
+    best = jax.tree.map(np.asarray, trainer.best(state))
+    hist = (jax.tree.map(lambda *xs: np.concatenate(xs), *history) if history else None)
+    glob = np.asarray(jax.vmap(lambda p, b: en.to_global(layout, p, b))(jnp.asarray(best.path), problems.block))
+    return LowerResult(best, glob, hist, state)
+
+
+def propose(trainer: Trainer, layout: PathLayout, cfg: EnvConfig, scorer: Scorer, params,
+            problem: PathProblem, data, key: jax.Array) -> BestPaths:
+    """Answer a preference with a trained λ-conditioned agent, without training: sample one batch
+    of paths for `problem` (a single PathProblem, its merged block present in `data`), score them
+    on the whole search split and return the best (BestPaths of one preference)."""
+    problems = jax.tree.map(lambda x: jnp.asarray(x)[None], problem)
+    traj = trainer.sample(params, problems, key)
+    paths = traj.actions[0]
+    scores, reward = en.score_paths(cfg, layout, scorer, data, problem, paths, None)
+    i = jnp.argmax(reward)
+    from hm3jax.moo import tchebycheff
+
+    return BestPaths(paths[i], scores[i], reward[i], tchebycheff(scores[i], problem.preference, problem.ideal))
