@@ -22,6 +22,11 @@ from hm3jax.models.params import hf_name, hf_names, iter_leaves, param_shapes, s
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 FLOAT_DTYPES = tuple(np.dtype(d) for d in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64))
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _span(layers: set[int]) -> str:
+    return f"0..{max(layers)}" if layers else "none"
 
 
 class TensorSource(Protocol):
@@ -72,8 +77,15 @@ def params_from_source(cfg: ModelConfig, source: TensorSource, dtype: Any = None
     that differs from the embedding of a tied model.
     """
     out_dt = None if dtype is None else float_dtype(dtype)
-    expected = hf_names(cfg)
     present = list(source.names)
+    # Before enumerating the expected names: a corrupt layer count (a flipped bit can declare 33
+    # million layers) would otherwise build hundreds of millions of names.
+    layers = {int(m.group(1)) for m in map(_LAYER_RE.match, present) if m}
+    if cfg.num_hidden_layers > len(present):
+        raise CheckpointError(f"{where}: the layer count (num_hidden_layers; llama.block_count in GGUF) is "
+                              f"{cfg.num_hidden_layers}, but the checkpoint holds only {len(present)} tensors "
+                              f"(layers {_span(layers)})")
+    expected = hf_names(cfg)
     present_set = set(present)
     tied_head = cfg.tie_word_embeddings and HEAD in present
     missing = [n for n in hf_order(cfg) if n not in present_set]
