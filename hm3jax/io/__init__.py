@@ -1,6 +1,7 @@
 """Checkpoints in and out: HF directories (safetensors, sharded), GGUF import, atomic writing."""
 
-from hm3jax.io.atomic import OutputExistsError, atomic_output_dir
+from hm3jax.io.atomic import (OutputExistsError, UnsafeOutputError, atomic_output_dir, check_output_path,
+                              clean_stale_temp_dirs)
 from hm3jax.io.errors import CheckpointError, CheckpointNotFoundError, PickleCheckpointError
 from hm3jax.io.gguf import load_gguf
 from hm3jax.io.hf import load_pretrained, load_tokenizer, save_pretrained
@@ -13,7 +14,10 @@ __all__ = [
     "OutputExistsError",
     "PickleCheckpointError",
     "ShardedWriter",
+    "UnsafeOutputError",
     "atomic_output_dir",
+    "check_output_path",
+    "clean_stale_temp_dirs",
     "load_gguf",
     "load_pretrained",
     "load_tokenizer",
