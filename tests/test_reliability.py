@@ -191,6 +191,10 @@ def test_interrupt_in_process_stops_between_tensors(tmp_path, models, capsys, mo
     assert snap(tmp_path) == before
     assert not [t for t in threading.enumerate() if t.name.startswith("hm3jax-merge")]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    from hm3jax.io import interrupt
+
+    assert interrupt.requested() is None  # forgotten: later runs in this process are not interrupted
+    assert run_cli(tmp_path, None, out, "--overwrite") == 0
 
 
 def test_keyboard_interrupt_in_library_leaves_nothing(tmp_path, models, monkeypatch):

@@ -59,6 +59,12 @@ def install(already: int | None = None) -> None:
         signal.signal(sig, _handler)
 
 
+def reset() -> None:
+    """Forget a noted signal (a CLI's `main` calls this when it returns, so a later run in the same
+    process, e.g. a test, does not see it). Signal handlers are the caller's to restore."""
+    _state.update(signum=None, count=0, deferred=0)
+
+
 def requested() -> int | None:
     """The signal number of a pending interruption, or None."""
     return _state["signum"]

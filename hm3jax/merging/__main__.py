@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():  # main() may be called in-process (tests)
             signal.signal(sig, handler)
+        if "hm3jax.io.interrupt" in sys.modules:
+            sys.modules["hm3jax.io.interrupt"].reset()
     if not args.quiet:
         print(f"merged model written to {out}", file=sys.stderr)
     return 0
