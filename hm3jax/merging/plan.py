@@ -1,5 +1,9 @@
 """From a recipe and the input checkpoints' headers to a list of per-tensor jobs (no tensor data read).
 
+Every input's config.json must be a supported model; in the `models` form all models must have the
+same number of layers (use `slices` otherwise); weights must be float tensors; `linear` weights that
+sum to 0 under `normalize` are refused (the division would make every tensor NaN/Inf).
+
 Follows mergekit 0.1.5's planner: the `models` form becomes one output slice over all layers (the base
 model is appended as an input when it is not listed); each output slice's layer i gets
 t = i / (n − 1) (t = 1 for a one-layer slice) for gradients; embeddings take the first slice's
@@ -16,11 +20,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from hm3jax.io.safetensors_io import CheckpointReader
+from hm3jax.io.assemble import FLOAT_DTYPES
+from hm3jax.io.safetensors_io import CheckpointReader, dtype_code
 from hm3jax.merging.base import MergeMethod
 from hm3jax.merging.recipe import OutputSlice, Recipe, RecipeError, Source, resolve
-from hm3jax.io.assemble import FLOAT_DTYPES
-from hm3jax.io.safetensors_io import dtype_code
 from hm3jax.models.config import ConfigError, ModelConfig
 from hm3jax.models.params import layer_shapes
 
