@@ -542,3 +542,15 @@ def test_sigint_ten_times_no_segfault(tmp_path):
     proc = _merge_proc(tmp_path, "quick.yml")
     assert proc.wait(timeout=120) == 0
     _check_signals(tmp_path, [signal.SIGINT] * 7 + [signal.SIGTERM, signal.SIGKILL, signal.SIGINT], seed=1)
+
+
+def test_cli_reports_temp_dirs_it_cannot_judge(tmp_path, models, capsys):
+    """A temporary sibling whose writer may be alive (here: this process) is left and reported."""
+    from hm3jax.io.atomic import _host_tag
+
+    live = tmp_path / f".out.tmp-{os.getpid()}-{_host_tag()}-0123abcd"
+    live.mkdir()
+    assert run_cli(tmp_path, None, tmp_path / "out") == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: 1 temporary directory of") and str(live) in err and err.count("\n") == 1
+    assert live.is_dir() and (tmp_path / "out" / "config.json").is_file()
