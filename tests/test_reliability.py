@@ -166,6 +166,18 @@ def test_stale_temp_dirs_are_removed_and_live_ones_kept(tmp_path):
     assert (out / "f").read_text() == "old" and not old.exists() and not newer.exists()
 
 
+def test_json_writer_removes_temp_files_of_killed_writers(tmp_path):
+    from hm3jax.io.atomic import _host_tag
+
+    stale = tmp_path / f".zoo.json.tmp-{_dead_pid()}-{_host_tag()}-0123abcd"
+    live = tmp_path / f".zoo.json.tmp-{os.getpid()}-{_host_tag()}-0123abcd"
+    stale.write_text("{half")
+    live.write_text("{half")
+    write_json_atomic(tmp_path / "zoo.json", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "zoo.json"])
+    assert json.loads((tmp_path / "zoo.json").read_text()) == {"a": 1}
+
+
 def test_interrupt_in_process_stops_between_tensors(tmp_path, models, capsys, monkeypatch):
     """SIGINT during a CLI merge (handled in-process): exit 130, one line, old output and inputs
     unchanged, no temporary directory, no merge thread left running."""

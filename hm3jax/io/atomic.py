@@ -15,7 +15,6 @@ import re
 import secrets
 import shutil
 import socket
-import tempfile
 import warnings
 import zlib
 from typing import Any, Iterable, Iterator
@@ -132,7 +131,8 @@ def pid_alive(pid: int) -> bool:
 
 
 def temp_dirs(out_dir: str | os.PathLike) -> list[tuple[str, str, int | None, bool]]:
-    """Temporary siblings of `out_dir` written by atomic_output_dir, as (path, kind, pid, stale).
+    """Temporary siblings of `out_dir` (directories of atomic_output_dir, files of
+    write_json_atomic), as (path, kind, pid, stale).
 
     kind is "tmp" (an output being written) or "old" (a replaced output being removed); pid is the
     writer's process id, None for names without one (written by an older version); stale is True
@@ -152,7 +152,7 @@ def temp_dirs(out_dir: str | os.PathLike) -> list[tuple[str, str, int | None, bo
             continue
         m = _TEMP_RE.match(entry[len(prefix):])
         path = os.path.join(parent, entry)
-        if m is None or not os.path.isdir(path) or os.path.islink(path):
+        if m is None or os.path.islink(path) or not (os.path.isdir(path) or os.path.isfile(path)):
             continue
         pid = int(m["pid"]) if m["pid"] else None
         stale = pid is not None and m["host"] == host and not pid_alive(pid)
@@ -188,7 +188,11 @@ def clean_stale_temp_dirs(out_dir: str | os.PathLike, remove: bool = True) -> tu
         done.append(old[0])
         stale.remove(old[0])
     for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
+        if os.path.isdir(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(p)
         if not os.path.lexists(p):
             done.append(p)
         else:
@@ -291,14 +295,22 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, inputs: Iterable[str | 
     holds either its old content or the whole new document, never a partial one.
 
     `inputs`: files or directories the caller read; `path` may not be one of them or lie inside
-    one (UnsafeOutputError). An existing directory at `path` is refused (IsADirectoryError).
+    one (UnsafeOutputError). An existing directory at `path` is refused (IsADirectoryError). The
+    temporary file is `.<name>.tmp-<pid>-<host>-<random>`; ones left by a killed writer are removed.
     """
     path = os.path.abspath(os.fspath(path))
     check_output_path(path, inputs)
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a directory; give a file path for the JSON output")
     folder, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    clean_stale_temp_dirs(path)  # temporary files of a writer that was killed
+    while True:
+        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{_host_tag()}-{secrets.token_hex(4)}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2)
