@@ -65,7 +65,7 @@ def zoo_subject(args):
 
 
 def smollm2_subject(args):
-    from hm3jax.demo import smollm2_gguf
+    from hm3jax.io import smollm2_gguf
     from hm3jax.io.gguf import load_gguf, load_gguf_tokenizer
 
     path = smollm2_gguf()

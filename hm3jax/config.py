@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import draccus
 import numpy as np
 
+from hm3jax.search.lower import LowerConfig
 from hm3jax.search.upper import UpperConfig
 
 CONFIG_FILE = "config.yaml"
@@ -164,8 +165,9 @@ class RunConfig:
     """The preference vectors."""
     upper: UpperConfig = dataclasses.field(default_factory=UpperConfig)
     """Upper level: parameter-space merge per preference (hm3jax.search.upper.UpperConfig)."""
-    lower: dict = dataclasses.field(default_factory=dict)
-    """Lower level: layer-path search settings (placeholder mapping; becomes the search's config class)."""
+    lower: LowerConfig = dataclasses.field(default_factory=LowerConfig)
+    """Lower level: the layer-path search (hm3jax.search.lower.LowerConfig: env, agent, ppo); the
+    random and evolutionary path searches of the report run at the same budget of scored paths."""
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     """Held-out evaluation and baselines."""
     front: FrontConfig = dataclasses.field(default_factory=FrontConfig)
@@ -357,8 +359,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check_checkpoints(m.checkpoints)
     _check_tasks(cfg)
     _check_preferences(cfg.preferences, len(task_names(cfg)))
-    if not isinstance(cfg.lower, dict):
-        raise RunConfigError(f"lower: expected a mapping of settings, got {type(cfg.lower).__name__}")
+    if cfg.lower.objective != cfg.tasks.objective:
+        raise RunConfigError(f"lower.objective {cfg.lower.objective!r} differs from tasks.objective "
+                             f"{cfg.tasks.objective!r}; the search must score what the front reports")
     if cfg.eval.batch_rows < 1:
         raise RunConfigError(f"eval.batch_rows must be >= 1, got {cfg.eval.batch_rows}")
     if cfg.eval.path_search_budget is not None and cfg.eval.path_search_budget < 1:

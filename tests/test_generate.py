@@ -176,7 +176,7 @@ def test_clear_errors(models):
 # -------------------------------------------------------------------- real weights (SmolLM2)
 @pytest.fixture(scope="module")
 def smollm2():
-    from hm3jax.demo import smollm2_gguf
+    from hm3jax.io import smollm2_gguf
     from hm3jax.io import load_pretrained, load_tokenizer
     path = smollm2_gguf()
     cfg, params = load_pretrained(path)

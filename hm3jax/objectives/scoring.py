@@ -144,3 +144,43 @@ def make_path_scorer(
         return _score(shell, pool, batch, path)
 
     return score
+
+
+SCORE_OBJECTIVES = ("exact_match", "loglik")
+
+
+def make_params_scorer(cfg, batch: Batch, num_tasks: int, objective: str = "exact_match",
+                       chunk_size: int | None = None) -> Callable[[dict], jax.Array]:
+    """params -> [num_tasks] per-task scores of a model on `batch`, higher is better (jittable,
+    vmappable over params, e.g. over the merges of several preferences).
+
+    Args:
+      cfg: ModelConfig (static). batch: the rows to score (rows tagged by task_id).
+      objective: "exact_match" (teacher-forced, in [0, 1]) or "loglik" (mean answer
+        log-likelihood per example, <= 0; smooth, so it still ranks models whose exact match is ~0).
+      chunk_size: score the rows in chunks of this many (lax.map) to bound activation memory; None
+        scores all rows at once.
+    """
+    from hm3jax import models
+
+    if objective not in SCORE_OBJECTIVES:
+        raise ValueError(f"objective {objective!r} is not supported; supported: {', '.join(SCORE_OBJECTIVES)}")
+    per_example = exact_match if objective == "exact_match" else answer_loglik
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"make_params_scorer: chunk_size must be >= 1 or None, got {chunk_size}")
+        batch = pad_rows(batch, chunk_size)
+    b = Batch(*(jnp.asarray(np.asarray(x)) for x in batch))
+
+    def rows_score(params, rows: Batch):
+        return per_example(models.forward(cfg, params, rows.tokens, rows.attention_mask), rows)
+
+    def score(params):
+        if chunk_size is None:
+            vals = rows_score(params, b)
+        else:
+            chunks = jax.tree.map(lambda x: x.reshape((-1, chunk_size) + x.shape[1:]), b)
+            vals = jax.lax.map(lambda rows: rows_score(params, rows), chunks).reshape(-1)
+        return task_means(vals, b, num_tasks)
+
+    return score

@@ -20,33 +20,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from hm3jax.io.atomic import UnsafeOutputError, check_output_path, write_json_atomic
-from hm3jax.models import forward
 from hm3jax.moo import das_dennis, dirichlet, hypervolume, pareto_mask
-from hm3jax.objectives import answer_loglik, exact_match, make_suite_batch, task_means
+from hm3jax.objectives import make_suite_batch
+from hm3jax.objectives.scoring import SCORE_OBJECTIVES, make_params_scorer
 from hm3jax.objectives import tasks as task_suite
 from hm3jax.search.upper import UPPER_METHODS, merge_for_preference
 
 
-SCORER_OBJECTIVES = ("exact_match", "loglik")
+SCORER_OBJECTIVES = SCORE_OBJECTIVES
 
 
 def make_scorer(cfg, batch, num_tasks: int, objective: str = "exact_match") -> Callable[[dict], jax.Array]:
-    """params -> [K] per-task scores on `batch`, higher is better (jittable, vmappable).
-
-    objective: "exact_match" (teacher-forced exact match, in [0, 1]) or "loglik" (mean answer
-    log-likelihood per example, <= 0; smooth, so it still ranks merges whose exact match is ~0).
-    """
-    if objective not in SCORER_OBJECTIVES:
-        raise ValueError(f"make_scorer: objective {objective!r} is not supported; supported: "
-                         f"{', '.join(SCORER_OBJECTIVES)}")
-    per_example = exact_match if objective == "exact_match" else answer_loglik
-    b = jax.tree.map(jnp.asarray, batch)
-
-    def score(params):
-        logits = forward(cfg, params, b.tokens, b.attention_mask)
-        return task_means(per_example(logits, b), b, num_tasks)
-
-    return score
+    """params -> [K] per-task scores on `batch` (see objectives.scoring.make_params_scorer)."""
+    return make_params_scorer(cfg, batch, num_tasks, objective)
 
 
 def preferences(k: int, n: int, seed: int = 0, grid: bool = False) -> np.ndarray:

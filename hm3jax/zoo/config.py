@@ -152,9 +152,9 @@ class ZooConfig:
 # A fast variant for tests: narrower and shorter, with relaxed targets it reaches with margin.
 SMALL = ZooConfig(
     hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-    num_key_value_heads=2, n_train=(2000, 4000, 2000), base_mixture=(2000, 2000, 200),
-    base_steps=300, expert_steps=(300, 300, 100), expert_learning_rate=1e-3, warmup_steps=20,
-    chunk_steps=50, seq_len=32, min_expert_exact_match=0.05, min_off_task_gap=0.0,
+    num_key_value_heads=2, n_eval=600, n_train=(3000, 3000, 2000), base_mixture=(1200, 1200, 300),
+    base_steps=300, expert_steps=(300, 300, 100), expert_learning_rate=1e-3, expert_replay=100,
+    warmup_steps=20, chunk_steps=50, seq_len=32, min_expert_exact_match=0.05, min_off_task_gap=0.0,
     max_base_exact_match=0.95, min_merge_exact_match=0.0, min_swap_exact_match=0.0)
 DEFAULT = ZooConfig()
 CONFIGS = {"small": SMALL, "default": DEFAULT}

@@ -1,0 +1,330 @@
+"""The stages of `python -m hm3jax.train`, each a function of the run's context and earlier results.
+
+    models -> references (base and experts scored; the ideal point) -> preferences -> upper level
+    -> lower level (PPO over layer paths) -> baselines (parameter merges, random / evolutionary path
+    search, the two ablations) -> held-out evaluation -> front.json, front.png, report.md
+
+Every stage's result is saved under `checkpoints/` with orbax as soon as it is done, and the searches
+save their state after every chunk of iterations, so a run killed at any point and started again
+with the same command redoes only the unfinished work and ends with the same front. Stage results
+are small arrays; merged models are recomputed from them (merges are deterministic), never stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hm3jax.config import RunConfig, RunConfigError
+from hm3jax.cost import path_cost
+from hm3jax.models.config import ModelConfig
+from hm3jax.objectives.batch import Batch, make_suite_batch
+from hm3jax.search.lower import build_search, make_lower_train, make_model_scorer, run_lower
+from hm3jax.search.path_baselines import PathSearchConfig, make_path_search
+from hm3jax.search.upper import UPPER_METHODS, _merge_key, merge_for_preference, run_upper_many
+
+MERGE, BASE = "merge", "base"
+STAGES = ("references", "upper", "lower", "arch_only", "random_path", "evolutionary_path",
+          "param_baselines", "heldout")
+
+
+class StopRun(Exception):
+    """Raised by a stage when the run was asked to stop there (tests of resuming)."""
+
+
+class Context(NamedTuple):
+    """What every stage reads: the validated config, the models, the batches and the sinks."""
+
+    cfg: RunConfig
+    model_cfg: ModelConfig
+    tasks: tuple[str, ...]
+    base: dict
+    experts: list[dict]
+    tokenizer: Any
+    search: Batch
+    heldout: Batch
+    prefs: np.ndarray
+    store: "StageStore"
+    log: Callable[[dict], None]
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+class StageStore:
+    """Stage results as orbax checkpoints under RUN_DIR/checkpoints/<stage> (pytrees of arrays)."""
+
+    def __init__(self, run_dir: str):
+        self.root = os.path.abspath(os.path.join(run_dir, "checkpoints"))
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def load(self, name: str) -> dict | None:
+        import orbax.checkpoint as ocp
+
+        p = os.path.join(self.root, "stages", name)
+        if not os.path.isdir(p):
+            return None
+        with ocp.StandardCheckpointer() as ckpt:
+            return jax.tree.map(np.asarray, ckpt.restore(p))
+
+    def save(self, name: str, tree: dict) -> dict:
+        import orbax.checkpoint as ocp
+
+        os.makedirs(os.path.join(self.root, "stages"), exist_ok=True)
+        tree = jax.tree.map(np.asarray, tree)
+        with ocp.StandardCheckpointer() as ckpt:  # writes a temporary directory, then renames it
+            ckpt.save(os.path.join(self.root, "stages", name), tree)
+        return tree
+
+
+def _stage(ctx: Context, name: str, compute: Callable[[], dict], summary: Callable[[dict], str],
+           stop_after: str | None) -> dict:
+    """Load stage `name` from its checkpoint or compute and save it; print its one-line summary."""
+    start = time.perf_counter()
+    out = ctx.store.load(name)
+    resumed = out is not None
+    if out is None:
+        out = ctx.store.save(name, compute())
+    seconds = time.perf_counter() - start
+    line = summary(out)
+    print(f"[{name}] {line} ({'from checkpoint' if resumed else f'{seconds:.1f}s'})", flush=True)
+    ctx.log({"stage": name, "summary": line, "seconds": seconds, "resumed": resumed})
+    if stop_after == name:
+        raise StopRun(name)
+    return out
+
+
+def _fmt(scores) -> str:
+    return "/".join(f"{x:.3f}" for x in np.asarray(scores).reshape(-1))
+
+
+# ---------------------------------------------------------------------------------- scoring
+def _params_scorer(ctx: Context, batch: Batch):
+    """params -> [K] per-task scores on `batch` (jittable, vmappable; batch is a jit argument)."""
+    from hm3jax.objectives.scoring import make_params_scorer
+
+    return make_params_scorer(ctx.model_cfg, batch, len(ctx.tasks), ctx.cfg.tasks.objective,
+                              ctx.cfg.eval.batch_rows)
+
+
+def merged_models(ctx: Context, density, scale) -> list[dict]:
+    """The upper level's merged params for each preference (recomputed: merges are deterministic)."""
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(ctx.cfg.seed), 1), len(ctx.prefs))
+    method = ctx.cfg.upper.method
+
+    @jax.jit
+    def merge(pref, key, d, s, base, experts):
+        return merge_for_preference(method, base, experts, pref, _merge_key(key), d, s)
+
+    return [merge(jnp.asarray(p), k, jnp.float32(d), jnp.float32(s), ctx.base, ctx.experts)
+            for p, k, d, s in zip(ctx.prefs, keys, density, scale)]
+
+
+def upper_key(ctx: Context) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(ctx.cfg.seed), 1)
+
+
+# ---------------------------------------------------------------------------------- stages
+def references(ctx: Context, stop_after=None) -> dict:
+    def compute():
+        models = [ctx.base] + ctx.experts
+        out = {}
+        for split, batch in (("search", ctx.search), ("heldout", ctx.heldout)):
+            score = jax.jit(_params_scorer(ctx, batch))
+            out[split] = np.stack([np.asarray(score(m)) for m in models])  # [1 + K, K]
+        out["ideal"] = out["search"][1:].max(axis=0)
+        return out
+
+    return _stage(ctx, "references", compute, lambda o: f"held-out base {_fmt(o['heldout'][0])}; experts "
+                  + ", ".join(f"{t} {_fmt(o['heldout'][1 + i])}" for i, t in enumerate(ctx.tasks)),
+                  stop_after)
+
+
+def upper(ctx: Context, ideal, stop_after=None) -> dict:
+    def compute():
+        res = run_upper_many(ctx.cfg.upper, ctx.base, ctx.experts, ctx.prefs, ideal,
+                             _params_scorer(ctx, ctx.search), upper_key(ctx))
+        return {"density": res.density, "scale": res.scale, "search": res.scores, "tcheby": res.tcheby}
+
+    return _stage(ctx, "upper", compute, lambda o: f"{ctx.cfg.upper.method} for {len(ctx.prefs)} "
+                  f"preferences; mean Tchebycheff value {float(np.mean(o['tcheby'])):.4f}", stop_after)
+
+
+def _path_search(ctx: Context, name: str, merged: list[dict], ideal, make_trainer, num_chunks: int,
+                 key: jax.Array, stop_after=None) -> dict:
+    """One search over layer paths (PPO or a baseline), resumable chunk by chunk."""
+    lower = ctx.cfg.lower
+
+    def compute():
+        data, problems, layout = build_search(ctx.model_cfg, ctx.experts, merged, ctx.search, ctx.prefs,
+                                              ideal, lower, ctx.base)
+        scorer = make_model_scorer(ctx.model_cfg, len(ctx.tasks), lower)
+        trainer = make_trainer(layout, scorer)
+        stop_chunk = None
+        if stop_after and stop_after.startswith(f"{name}:"):
+            stop_chunk = int(stop_after.split(":")[1])
+
+        def log(c, m):
+            ctx.log({"stage": name, "chunk": c, "reward": np.asarray(m.reward)[-1].tolist(),
+                     "best_tcheby": np.asarray(m.best_tcheby)[-1].tolist()
+                     if hasattr(m, "best_tcheby") else None})
+
+        res = run_lower(trainer, layout, problems, data, key, num_chunks,
+                        checkpoint_dir=ctx.store.path(name), stop_after=stop_chunk,
+                        progress=ctx.cfg.log.progress, log=log)
+        if stop_chunk is not None and stop_chunk < num_chunks:
+            raise StopRun(stop_after)
+        rewards = np.asarray(res.history.reward) if res.history is not None else np.zeros((0, len(ctx.prefs)))
+        return {"path": res.best.path, "global_path": res.global_paths, "search": res.best.scores,
+                "tcheby": res.best.tcheby, "reward_curve": rewards.reshape(rewards.shape[0], -1)}
+
+    return _stage(ctx, name, compute, lambda o: f"best paths' mean Tchebycheff value "
+                  f"{float(np.mean(o['tcheby'])):.4f} (search split)", stop_after)
+
+
+def lower_stage(ctx: Context, name: str, merged: list[dict], ideal, stop_after=None) -> dict:
+    lower = ctx.cfg.lower
+    key = jax.random.fold_in(jax.random.key(ctx.cfg.seed), 2 + STAGES.index(name))
+    return _path_search(ctx, name, merged, ideal, lambda layout, scorer: make_lower_train(lower, layout, scorer),
+                        lower.ppo.iterations // lower.ppo.chunk_iterations, key, stop_after)
+
+
+def baseline_search(ctx: Context, name: str, method: str, merged: list[dict], ideal, stop_after=None) -> dict:
+    ppo = ctx.cfg.lower.ppo
+    budget = ctx.cfg.eval.path_search_budget or ppo.iterations * ppo.num_envs
+    iterations = max(ppo.chunk_iterations, budget // ppo.num_envs // ppo.chunk_iterations * ppo.chunk_iterations)
+    pcfg = PathSearchConfig(method=method, population=ppo.num_envs, iterations=iterations,
+                            chunk_iterations=ppo.chunk_iterations,
+                            elite=min(4, ppo.num_envs - 1))
+    key = jax.random.fold_in(jax.random.key(ctx.cfg.seed), 2 + STAGES.index(name))
+    return _path_search(ctx, name, merged, ideal,
+                        lambda layout, scorer: make_path_search(pcfg, ctx.cfg.lower.env, layout, scorer),
+                        pcfg.num_chunks, key, stop_after)
+
+
+def param_baselines(ctx: Context, stop_after=None) -> dict:
+    def compute():
+        out = {}
+        key = jax.random.fold_in(jax.random.key(ctx.cfg.seed), 3)
+        for method in UPPER_METHODS:
+            for split, batch in (("search", ctx.search), ("heldout", ctx.heldout)):
+                score = _params_scorer(ctx, batch)
+
+                @jax.jit
+                def run(prefs, base, experts, method=method, score=score):
+                    return jax.vmap(lambda lam: score(merge_for_preference(
+                        method, base, experts, lam, key, ctx.cfg.upper.density, ctx.cfg.upper.scale)))(prefs)
+
+                out[f"{method}/{split}"] = run(jnp.asarray(ctx.prefs), ctx.base, ctx.experts)
+        return out
+
+    return _stage(ctx, "param_baselines", compute, lambda o: ", ".join(
+        f"{m} mean held-out {_fmt(np.mean(o[f'{m}/heldout'], axis=0))}" for m in UPPER_METHODS), stop_after)
+
+
+def heldout_scores(ctx: Context, searches: dict[str, tuple[dict, list[dict]]], ideal, stop_after=None) -> dict:
+    """Held-out scores of every search's best paths: {search name: [N, K]}."""
+    def compute():
+        out = {}
+        scorer = make_model_scorer(ctx.model_cfg, len(ctx.tasks), ctx.cfg.lower)
+        full = jax.jit(scorer.full)
+        for name, (res, merged) in searches.items():
+            data, _, _ = build_search(ctx.model_cfg, ctx.experts, merged, ctx.heldout, ctx.prefs, ideal,
+                                      ctx.cfg.lower, ctx.base)
+            rows = [np.asarray(full(data, jnp.asarray(res["global_path"][i])[None], jnp.int32(i)))[0]
+                    for i in range(len(ctx.prefs))]
+            out[name] = np.stack(rows)
+        return out
+
+    return _stage(ctx, "heldout", compute, lambda o: ", ".join(
+        f"{n} mean {_fmt(np.mean(v, axis=0))}" for n, v in o.items()), stop_after)
+
+
+# ---------------------------------------------------------------------------------- solutions
+def describe_path(ctx: Context, local_path: np.ndarray, merged_name: str) -> list[tuple[str, int]]:
+    """(model name, layer) pairs of a local path (experts by task name; the merged block by
+    `merged_name`), stopping at STOP / the end."""
+    L, K = ctx.model_cfg.num_hidden_layers, len(ctx.tasks)
+    out = []
+    for a in np.asarray(local_path).tolist():
+        if a < 0 or a >= (K + 1) * L:
+            break
+        out.append((ctx.tasks[a // L], a % L) if a < K * L else (merged_name, a - K * L))
+    return out
+
+
+def solutions(ctx: Context, stage: dict, heldout: np.ndarray, merged_name: str, upper_out: dict | None,
+              make_solution, with_upper: bool = True) -> list[dict]:
+    recs = []
+    seq = ctx.cfg.front.cost_seq_len
+    for i, pref in enumerate(ctx.prefs):
+        path = describe_path(ctx, stage["path"][i], merged_name)
+        up = None
+        if with_upper and upper_out is not None:
+            k = _merge_key(jax.random.split(upper_key(ctx), len(ctx.prefs))[i])
+            up = {"method": ctx.cfg.upper.method, "density": float(upper_out["density"][i]),
+                  "scale": float(upper_out["scale"][i]), "seed": ctx.cfg.seed,
+                  "key_data": np.asarray(jax.random.key_data(k)).tolist()}
+        recs.append(make_solution(pref, up, path, merged_name, stage["search"][i], heldout[i],
+                                  path_cost(ctx.model_cfg, path, seq).to_dict()))
+    return recs
+
+
+def identity_solutions(ctx: Context, search: np.ndarray, heldout: np.ndarray, upper_out: dict | None,
+                       method: str, make_solution) -> list[dict]:
+    """Parameter-level merges as solutions: the identity path over the merged model."""
+    L, seq = ctx.model_cfg.num_hidden_layers, ctx.cfg.front.cost_seq_len
+    path = [(MERGE, layer) for layer in range(L)]
+    recs = []
+    for i, pref in enumerate(ctx.prefs):
+        up = {"method": method, "density": float(upper_out["density"][i]) if upper_out else ctx.cfg.upper.density,
+              "scale": float(upper_out["scale"][i]) if upper_out else ctx.cfg.upper.scale, "seed": ctx.cfg.seed}
+        recs.append(make_solution(pref, up, path, MERGE, search[i], heldout[i],
+                                  path_cost(ctx.model_cfg, path, seq).to_dict()))
+    return recs
+
+
+def load_batches(suite, tokenizer) -> tuple[Batch, Batch]:
+    return make_suite_batch(suite, "search", tokenizer), make_suite_batch(suite, "heldout", tokenizer)
+
+
+def metrics_logger(run_dir: str, tensorboard: bool) -> Callable[[dict], None]:
+    """Append each record to metrics.jsonl (and, with tensorboardX, scalars to tensorboard/)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    writer = None
+    if tensorboard:
+        try:
+            from tensorboardX import SummaryWriter
+
+            writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        except ImportError:
+            writer = None
+    step = {"n": 0}
+
+    def log(record: dict) -> None:
+        record = {"time": time.time(), **record}
+        with open(path, "a") as f:
+            f.write(json.dumps(record, default=lambda x: np.asarray(x).tolist()) + "\n")
+        if writer is not None:
+            step["n"] += 1
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    writer.add_scalar(f"{record.get('stage', 'run')}/{k}", v, step["n"])
+                elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
+                    writer.add_scalar(f"{record.get('stage', 'run')}/{k}_mean", float(np.mean(v)),
+                                      record.get("chunk", step["n"]))
+            writer.flush()
+
+    return log
+
+
+def check_models(cfg: RunConfig, tasks: Sequence[str], models: dict) -> None:
+    missing = [n for n in [BASE, *tasks] if n not in models]
+    if missing:
+        raise RunConfigError(f"models: no checkpoint for {', '.join(missing)}")

@@ -1,0 +1,164 @@
+"""python -m hm3jax.train [--config_path configs/X.yaml] [--output_dir DIR] [--dotted.key value ...]
+
+HM3 end to end: load the models (or build/reuse the embedded zoo) -> score the base and the experts
+(ideal point) -> preferences -> upper level (parameter merges) -> lower level (PPO over layer paths)
+-> baselines -> held-out evaluation -> the Pareto front (front.json, front.png, report.md). With no
+arguments it runs configs/default.yaml's settings (the embedded zoo on CPU). The run directory is
+resumable: the same command after an interruption continues where the run stopped.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Sequence
+
+from hm3jax.config import RunConfig, RunConfigError, parse_run_config, prepare_run_dir, task_names, validate
+from hm3jax.config import preference_matrix
+
+
+def load_context(cfg: RunConfig):
+    """The stages' Context: models, tokenizer, batches, preferences, the stage store and the log."""
+    from hm3jax import pipeline as pl
+    from hm3jax.io import load_pretrained, load_tokenizer
+
+    tasks = task_names(cfg)
+    if cfg.tasks.kind != "embedded":
+        raise RunConfigError("tasks.kind: files: scoring real-task files (generation-based scorers) is "
+                             "not wired into hm3jax.train yet; use tasks.kind: embedded")
+    if cfg.models.zoo is not None:
+        from hm3jax.zoo import CONFIGS, build_zoo, load_zoo
+
+        zc = CONFIGS[cfg.models.zoo.config]
+        build_zoo(cfg.models.zoo.dir, zc, seed=cfg.models.zoo.seed, progress=cfg.log.progress)
+        model_cfg, models, tokenizer = load_zoo(cfg.models.zoo.dir)
+        suite = zc.suite()
+    else:
+        from hm3jax.objectives.synthetic import tasks as embedded_suite
+
+        ck = cfg.models.checkpoints
+        model_cfg, base = load_pretrained(ck.base, dtype=cfg.models.dtype)
+        models = {pl.BASE: base}
+        for name, path in ck.experts.items():
+            c, models[name] = load_pretrained(path, dtype=cfg.models.dtype)
+            if c.layer_signature != model_cfg.layer_signature or c.num_hidden_layers != model_cfg.num_hidden_layers:
+                raise RunConfigError(f"models.checkpoints.experts.{name}: {path} has another layer layout "
+                                     "or depth than the base")
+        tokenizer = load_tokenizer(ck.base)
+        suite = embedded_suite()
+    pl.check_models(cfg, tasks, models)
+    search, heldout = pl.load_batches(suite, tokenizer)
+    return pl.Context(cfg, model_cfg, tasks, models[pl.BASE], [models[t] for t in tasks], tokenizer,
+                      search, heldout, preference_matrix(cfg), pl.StageStore(cfg.output_dir),
+                      pl.metrics_logger(cfg.output_dir, cfg.log.tensorboard))
+
+
+def run(cfg: RunConfig, stop_after: str | None = None) -> dict:
+    """Run (or resume) every stage of a validated config whose run directory is prepared.
+
+    Args:
+      stop_after: for tests of resuming: a stage name (stop once it is saved) or "lower:C" /
+        "arch_only:C" / ... (stop after C chunks of that search); raises pipeline.StopRun.
+    Returns:
+      The front.json document.
+    """
+    from hm3jax import pipeline as pl
+    from hm3jax.report import build_front, make_solution, write_front
+
+    start = time.perf_counter()
+    ctx = load_context(cfg)
+    ref = pl.references(ctx, stop_after)
+    ideal = ref["ideal"]
+    up = pl.upper(ctx, ideal, stop_after)
+    merged = pl.merged_models(ctx, up["density"], up["scale"])
+    base_blocks = [ctx.base] * len(ctx.prefs)  # "no parameter level": the base in the merged block
+    searches = {"lower": (pl.lower_stage(ctx, "lower", merged, ideal, stop_after), merged)}
+    if cfg.eval.baselines:
+        searches["arch_only"] = (pl.lower_stage(ctx, "arch_only", base_blocks, ideal, stop_after), base_blocks)
+        searches["random_path"] = (pl.baseline_search(ctx, "random_path", "random", merged, ideal,
+                                                      stop_after), merged)
+        searches["evolutionary_path"] = (pl.baseline_search(ctx, "evolutionary_path", "evolution", merged,
+                                                            ideal, stop_after), merged)
+        params = pl.param_baselines(ctx, stop_after)
+    held = pl.heldout_scores(ctx, searches, ideal, stop_after)
+
+    hm3 = pl.solutions(ctx, searches["lower"][0], held["lower"], pl.MERGE, up, make_solution)
+    baselines = {}
+    up_held = _upper_heldout(ctx, merged)
+    baselines["param_only"] = pl.identity_solutions(ctx, up["search"], up_held, up, cfg.upper.method,
+                                                    make_solution)
+    if cfg.eval.baselines:
+        baselines["arch_only"] = pl.solutions(ctx, searches["arch_only"][0], held["arch_only"], pl.BASE,
+                                              None, make_solution, with_upper=False)
+        for name in ("random_path", "evolutionary_path"):
+            baselines[name] = pl.solutions(ctx, searches[name][0], held[name], pl.MERGE, up, make_solution)
+        for method in ("task_arithmetic", "ties", "dare_ties"):
+            baselines[method] = pl.identity_solutions(ctx, params[f"{method}/search"], params[f"{method}/heldout"],
+                                                      None, method, make_solution)
+    references = _reference_records(ctx, ref, make_solution)
+    front = build_front(ctx.tasks, hm3, baselines, references, cfg.front.cost_objective)
+    write_front(cfg.output_dir, front)
+    hv = ", ".join(f"{k} {v:.4f}" for k, v in front["hypervolume"].items())
+    print(f"[front] hypervolume (held-out): {hv}", flush=True)
+    ctx.log({"stage": "front", "hypervolume": front["hypervolume"], "seconds": time.perf_counter() - start})
+    return front
+
+
+def _upper_heldout(ctx, merged):
+    """Held-out scores of the upper level's merges (cheap: one forward per preference)."""
+    import jax
+    import numpy as np
+
+    from hm3jax import pipeline as pl
+
+    score = jax.jit(pl._params_scorer(ctx, ctx.heldout))
+    return np.stack([np.asarray(score(m)) for m in merged])
+
+
+def _reference_records(ctx, ref, make_solution) -> dict:
+    from hm3jax import pipeline as pl
+    from hm3jax.cost import path_cost
+
+    L, seq = ctx.model_cfg.num_hidden_layers, ctx.cfg.front.cost_seq_len
+    out = {}
+    for i, name in enumerate((pl.BASE,) + tuple(ctx.tasks)):
+        path = [(name, layer) for layer in range(L)]
+        k = len(ctx.tasks)
+        pref = [1.0 / k] * k if name == pl.BASE else [float(t == name) for t in ctx.tasks]
+        out[name] = make_solution(pref, None, path, name, ref["search"][i], ref["heldout"][i],
+                                  path_cost(ctx.model_cfg, path, seq).to_dict())
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from hm3jax import pipeline as pl
+
+    try:
+        cfg = validate(parse_run_config(argv))
+        resumed = prepare_run_dir(cfg)
+    except RunConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{'resuming' if resumed else 'starting'} run in {cfg.output_dir}", flush=True)
+    try:
+        front = run(cfg)
+    except RunConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except pl.StopRun as e:
+        print(f"stopped after {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(f"interrupted; run the same command again to resume from {cfg.output_dir}/checkpoints",
+              file=sys.stderr)
+        return 130
+    print(f"front: {cfg.output_dir}/front.json, report: {cfg.output_dir}/report.md "
+          f"({len(front['solutions'])} HM3 solutions)")
+    return 0
+
+
+if __name__ == "__main__":
+    from hm3jax.runtime import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # restarts once with huge-page malloc (see hm3jax.runtime)
+    sys.exit(main())
