@@ -10,11 +10,11 @@ Policy heads:
   (the merged model's next layer, then STOP) makes the upper level's answer likely at the start; the
   network's last layer starts at ~0, so the prior is the initial policy.
 - "wolpertinger" (the paper's): a Gaussian proto-action in a fixed action-embedding space (model
-  one-hot, layer position, weight summary); the M' nearest actions are looked up and the Q head picks
-  the best with probability 1 - ε, otherwise one of them at random. PPO trains the Gaussian (the
-  proto-action's log-probability), the Q head regresses returns of the actions taken. The mean starts
-  at the identity action's embedding, and the Q head at 0, so the nearest candidate (the identity
-  action, mostly) is taken at the start.
+  one-hot, layer position, weight summary); the M' nearest actions are looked up and the Q head
+  (dueling: Q = V + A) picks the best with probability 1 - ε, otherwise one of them at random. PPO
+  trains the Gaussian (the proto-action's log-probability); the Q head regresses the returns of the
+  actions taken. The mean starts at the identity action's embedding and the A head at 0, so the
+  nearest candidate (mostly the identity action) is taken at the start.
 """
 
 from __future__ import annotations
@@ -193,7 +193,11 @@ def value(cfg: AgentConfig, params: dict, problem: PathProblem, h: jax.Array) ->
 
 
 def q_values(cfg: AgentConfig, params: dict, problem: PathProblem, h: jax.Array, emb: jax.Array):
-    """Q(h, e) for candidate embeddings emb [C, D] -> [C]."""
+    """Advantage part A(h, e) of Q(h, e) = V(h) + A(h, e) for candidate embeddings emb [C, D] -> [C].
+
+    Dueling form: the A head starts at 0, so an action never tried looks average (Q = V), not worse
+    than every action tried so far (a plain Q head at 0 would, rewards being positive), and the
+    Wolpertinger head keeps trying it."""
     x = _head_input(cfg, problem, h)
     x = jnp.broadcast_to(x, emb.shape[:-1] + x.shape[-1:])
     return _mlp(params["q"], jnp.concatenate([x, emb], -1))[..., 0]
@@ -273,5 +277,5 @@ def evaluate(cfg: AgentConfig, layout: PathLayout, params: dict, problem: PathPr
     logp = _gauss_logp(protos, mean, log_std)
     ent = jnp.broadcast_to(jnp.sum(log_std + 0.5 * math.log(2 * math.pi * math.e)), logp.shape)
     emb = action_space(layout, problem)[safe]
-    q = jax.vmap(lambda h, e: q_values(cfg, params, problem, h, e[None])[0])(hs, emb)
-    return logp, ent, v, q
+    adv = jax.vmap(lambda h, e: q_values(cfg, params, problem, h, e[None])[0])(hs, emb)
+    return logp, ent, v, jax.lax.stop_gradient(v) + adv

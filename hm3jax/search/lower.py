@@ -26,6 +26,7 @@ from hm3jax.models import forward_path
 from hm3jax.models.params import iter_leaves
 from hm3jax.models.pool import LayerPool, build_pool, shell_of
 from hm3jax.objectives.batch import Batch, pad_rows
+from hm3jax.moo import tchebycheff
 from hm3jax.objectives.scoring import answer_loglik, exact_match, task_means
 from hm3jax.search import env as en
 from hm3jax.search.agent import AgentConfig
@@ -234,8 +235,8 @@ def run_lower(trainer: Trainer, layout: PathLayout, problems: PathProblem, data,
     if bar is not None:
         bar.close()
     best = jax.tree.map(np.asarray, trainer.best(state))
-    hist = (jax.tree.map(lambda *xs: np.concatenate(xs), *history) if history else None)
-    glob = np.asarray(jax.vmap(lambda p, b: en.to_global(layout, p, b))(jnp.asarray(best.path), problems.block))
+    hist = jax.tree.map(lambda *xs: np.concatenate(xs), *history) if history else None
+    glob = np.asarray(en.to_global(layout, jnp.asarray(best.path), jnp.asarray(problems.block)[:, None]))
     return LowerResult(best, glob, hist, state)
 
 
@@ -249,6 +250,5 @@ def propose(trainer: Trainer, layout: PathLayout, cfg: EnvConfig, scorer: Scorer
     paths = traj.actions[0]
     scores, reward = en.score_paths(cfg, layout, scorer, data, problem, paths, None)
     i = jnp.argmax(reward)
-    from hm3jax.moo import tchebycheff
-
-    return BestPaths(paths[i], scores[i], reward[i], tchebycheff(scores[i], problem.preference, problem.ideal))
+    return BestPaths(paths[i], scores[i], reward[i],
+                     tchebycheff(scores[i], problem.preference, problem.ideal))
