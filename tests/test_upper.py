@@ -11,7 +11,7 @@ from hm3jax.moo import ideal_point, tchebycheff
 from hm3jax.objectives import TASK_NAMES, make_batch
 from hm3jax.objectives.zoo import BASE, SMALL
 from hm3jax.search.baselines import make_scorer
-from hm3jax.search.upper import UpperConfig, merge_for_preference, run_upper
+from hm3jax.search.upper import UpperConfig, merge_for_preference, run_upper, run_upper_many
 
 CFG = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2)
@@ -62,6 +62,29 @@ def test_merges_vmap_over_preferences(toy_zoo):
             one = merge_for_preference(method, base, experts, prefs[i], jax.random.key(1))
             np.testing.assert_allclose(np.asarray(many["layers"]["mlp"]["up_proj"]["weight"][i]),
                                        np.asarray(one["layers"]["mlp"]["up_proj"]["weight"]), atol=1e-6)
+
+
+@pytest.mark.slow  # ~45 s on a loaded 2-core CPU: four ES programs compiled (tuned and not, one and many)
+def test_run_upper_many_is_run_upper_vmapped(toy_zoo):
+    """The ES is one scanned program: N preferences in one vmapped call give row i == run_upper
+    with the i-th split key (tuned and untuned)."""
+    base, experts = toy_zoo
+    score = closeness(experts)
+    prefs = jnp.asarray([[0.6, 0.3, 0.1], [0.1, 0.2, 0.7]])
+    ideal = jnp.zeros(3)
+    key = jax.random.key(4)
+    for cfg in (UpperConfig(method="ties"), UpperConfig(method="ties", tune=True, es_population=4,
+                                                        es_generations=3)):
+        many = run_upper_many(cfg, base, experts, prefs, ideal, score, key)
+        for i, k in enumerate(jax.random.split(key, 2)):
+            one = run_upper(cfg, base, experts, prefs[i], ideal, score, k)
+            np.testing.assert_allclose(many.tcheby[i], one.tcheby, rtol=1e-5)
+            np.testing.assert_allclose(many.density[i], one.density, rtol=1e-5)
+            np.testing.assert_allclose(many.scale[i], one.scale, rtol=1e-5)
+            np.testing.assert_allclose(many.history[i], one.history, rtol=1e-5)
+            np.testing.assert_allclose(np.asarray(many.params["layers"]["mlp"]["up_proj"]["weight"][i]),
+                                       np.asarray(one.params["layers"]["mlp"]["up_proj"]["weight"]),
+                                       atol=1e-6)
 
 
 # The ES test runs on the embedded zoo (conftest.small_zoo, built once per session): base + the
