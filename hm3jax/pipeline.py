@@ -52,6 +52,7 @@ class Context(NamedTuple):
     prefs: np.ndarray
     store: "StageStore"
     log: Callable[[dict], None]
+    cache: dict  # compiled trainers and scorers shared by the stages (same shapes, one compilation)
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -164,7 +165,7 @@ def _path_search(ctx: Context, name: str, merged: list[dict], ideal, make_traine
     def compute():
         data, problems, layout = build_search(ctx.model_cfg, ctx.experts, merged, ctx.search, ctx.prefs,
                                               ideal, lower, ctx.base)
-        scorer = make_model_scorer(ctx.model_cfg, len(ctx.tasks), lower)
+        scorer = _model_scorer(ctx)
         trainer = make_trainer(layout, scorer)
         stop_chunk = None
         if stop_after and stop_after.startswith(f"{name}:"):
@@ -191,8 +192,13 @@ def _path_search(ctx: Context, name: str, merged: list[dict], ideal, make_traine
 def lower_stage(ctx: Context, name: str, merged: list[dict], ideal, stop_after=None) -> dict:
     lower = ctx.cfg.lower
     key = jax.random.fold_in(jax.random.key(ctx.cfg.seed), 2 + STAGES.index(name))
-    return _path_search(ctx, name, merged, ideal, lambda layout, scorer: make_lower_train(lower, layout, scorer),
-                        lower.ppo.iterations // lower.ppo.chunk_iterations, key, stop_after)
+    def trainer(layout, scorer):  # the HM3 search and its ablation share one compiled trainer
+        if "ppo" not in ctx.cache:
+            ctx.cache["ppo"] = make_lower_train(lower, layout, scorer)
+        return ctx.cache["ppo"]
+
+    return _path_search(ctx, name, merged, ideal, trainer, lower.ppo.iterations // lower.ppo.chunk_iterations,
+                        key, stop_after)
 
 
 def baseline_search(ctx: Context, name: str, method: str, merged: list[dict], ideal, stop_after=None) -> dict:
@@ -211,29 +217,51 @@ def baseline_search(ctx: Context, name: str, method: str, merged: list[dict], id
 def param_baselines(ctx: Context, stop_after=None) -> dict:
     def compute():
         out = {}
+        k = len(ctx.tasks)
         key = jax.random.fold_in(jax.random.key(ctx.cfg.seed), 3)
+        both = concat_batches(ctx.search, ctx.heldout)  # one compiled program scores both splits
+        from hm3jax.objectives.scoring import make_params_scorer
+
+        score = make_params_scorer(ctx.model_cfg, both, 2 * k, ctx.cfg.tasks.objective, ctx.cfg.eval.batch_rows)
         for method in UPPER_METHODS:
-            for split, batch in (("search", ctx.search), ("heldout", ctx.heldout)):
-                score = _params_scorer(ctx, batch)
+            @jax.jit
+            def run(prefs, base, experts, method=method):
+                return jax.vmap(lambda lam: score(merge_for_preference(
+                    method, base, experts, lam, key, ctx.cfg.upper.density, ctx.cfg.upper.scale)))(prefs)
 
-                @jax.jit
-                def run(prefs, base, experts, method=method, score=score):
-                    return jax.vmap(lambda lam: score(merge_for_preference(
-                        method, base, experts, lam, key, ctx.cfg.upper.density, ctx.cfg.upper.scale)))(prefs)
-
-                out[f"{method}/{split}"] = run(jnp.asarray(ctx.prefs), ctx.base, ctx.experts)
+            s = np.asarray(run(jnp.asarray(ctx.prefs), ctx.base, ctx.experts))
+            out[f"{method}/search"], out[f"{method}/heldout"] = s[:, :k], s[:, k:]
         return out
 
     return _stage(ctx, "param_baselines", compute, lambda o: ", ".join(
         f"{m} mean held-out {_fmt(np.mean(o[f'{m}/heldout'], axis=0))}" for m in UPPER_METHODS), stop_after)
 
 
+def concat_batches(a: Batch, b: Batch) -> Batch:
+    """Rows of `a` then `b` (padded to one length), b's task ids shifted by a's task count."""
+    k = int(np.max(np.asarray(a.task_id))) + 1
+    s = max(a.tokens.shape[1], b.tokens.shape[1])
+
+    def pad(x):
+        x = np.asarray(x)
+        return np.pad(x, [(0, 0), (0, s - x.shape[1])]) if x.ndim == 2 else x
+
+    fields = [np.concatenate([pad(x), pad(y)]) for x, y in zip(a, b)]
+    fields[3] = np.concatenate([np.asarray(a.task_id), np.asarray(b.task_id) + k]).astype(np.int32)
+    return Batch(*fields)
+
+
+def _model_scorer(ctx: Context):
+    if "model_scorer" not in ctx.cache:
+        ctx.cache["model_scorer"] = make_model_scorer(ctx.model_cfg, len(ctx.tasks), ctx.cfg.lower)
+    return ctx.cache["model_scorer"]
+
+
 def heldout_scores(ctx: Context, searches: dict[str, tuple[dict, list[dict]]], ideal, stop_after=None) -> dict:
     """Held-out scores of every search's best paths: {search name: [N, K]}."""
     def compute():
         out = {}
-        scorer = make_model_scorer(ctx.model_cfg, len(ctx.tasks), ctx.cfg.lower)
-        full = jax.jit(scorer.full)
+        full = jax.jit(_model_scorer(ctx).full)
         for name, (res, merged) in searches.items():
             data, _, _ = build_search(ctx.model_cfg, ctx.experts, merged, ctx.heldout, ctx.prefs, ideal,
                                       ctx.cfg.lower, ctx.base)

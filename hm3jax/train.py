@@ -9,6 +9,7 @@ resumable: the same command after an interruption continues where the run stoppe
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Sequence
@@ -17,15 +18,20 @@ from hm3jax.config import RunConfig, RunConfigError, parse_run_config, prepare_r
 from hm3jax.config import preference_matrix
 
 
+def check_supported(cfg: RunConfig) -> None:
+    """Refuse, before anything is written, what the pipeline cannot run yet."""
+    if cfg.tasks.kind != "embedded":
+        raise RunConfigError("tasks.kind: files: scoring real-task files (generation-based scorers) is "
+                             "not wired into hm3jax.train yet; use tasks.kind: embedded")
+
+
 def load_context(cfg: RunConfig):
     """The stages' Context: models, tokenizer, batches, preferences, the stage store and the log."""
     from hm3jax import pipeline as pl
     from hm3jax.io import load_pretrained, load_tokenizer
 
     tasks = task_names(cfg)
-    if cfg.tasks.kind != "embedded":
-        raise RunConfigError("tasks.kind: files: scoring real-task files (generation-based scorers) is "
-                             "not wired into hm3jax.train yet; use tasks.kind: embedded")
+    check_supported(cfg)
     if cfg.models.zoo is not None:
         from hm3jax.zoo import CONFIGS, build_zoo, load_zoo
 
@@ -50,7 +56,7 @@ def load_context(cfg: RunConfig):
     search, heldout = pl.load_batches(suite, tokenizer)
     return pl.Context(cfg, model_cfg, tasks, models[pl.BASE], [models[t] for t in tasks], tokenizer,
                       search, heldout, preference_matrix(cfg), pl.StageStore(cfg.output_dir),
-                      pl.metrics_logger(cfg.output_dir, cfg.log.tensorboard))
+                      pl.metrics_logger(cfg.output_dir, cfg.log.tensorboard), {})
 
 
 def run(cfg: RunConfig, stop_after: str | None = None) -> dict:
@@ -135,13 +141,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cfg = validate(parse_run_config(argv))
+        check_supported(cfg)
         resumed = prepare_run_dir(cfg)
     except RunConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{'resuming' if resumed else 'starting'} run in {cfg.output_dir}", flush=True)
     try:
-        front = run(cfg)
+        # HM3JAX_STOP_AFTER (a stage name, or "lower:C"): stop there, as a kill would (tests of resuming)
+        front = run(cfg, stop_after=os.environ.get("HM3JAX_STOP_AFTER") or None)
     except RunConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

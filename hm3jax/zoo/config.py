@@ -11,7 +11,7 @@ from hm3jax.objectives.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 from hm3jax.zoo.train import OptimConfig
 
 # Fields holding one value per task, in TASK_NAMES order.
-_PER_TASK = ("n_train", "base_mixture", "expert_steps")
+_PER_TASK = ("n_train", "base_mixture", "base_hard_rows", "expert_steps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +36,8 @@ class ZooConfig:
       base_easy_only: the base's rows come from the easy half of each task only (see
         hm3jax.objectives.synthetic.is_hard), so its skill stops at about that half whatever the
         training length, and each expert adds its task's hard half.
+      base_hard_rows: rows of each task's hard half added to the base's mixture (a glimpse of the
+        hard half, so the experts' moves from the base are smaller).
       base_steps, base_batch_size, base_learning_rate: base training on the mixture.
       expert_steps: fine-tuning steps per task, in TASK_NAMES order.
       expert_batch_size, expert_learning_rate: expert fine-tuning (answer + EOS loss only).
@@ -69,6 +71,7 @@ class ZooConfig:
     n_train: tuple[int, ...] = (8000, 8000, 2000)
     base_mixture: tuple[int, ...] = (8000, 5000, 500)
     base_easy_only: bool = True
+    base_hard_rows: tuple[int, ...] = (0, 0, 0)
     base_steps: int = 1000
     base_batch_size: int = 64
     base_learning_rate: float = 2e-3

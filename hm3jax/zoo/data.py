@@ -12,13 +12,16 @@ from hm3jax.zoo.train import whole_sequence_targets
 
 def base_rows(zc: ZooConfig, task_index: int) -> list[tuple[str, str]]:
     """The base's rows of one task: the first `base_mixture[k]` "train" examples (of the easy half
-    only when `base_easy_only`)."""
+    only when `base_easy_only`), then the first `base_hard_rows[k]` of its hard half."""
     task, n = zc.suite()[task_index], zc.base_mixture[task_index]
-    rows = [e for e in task.examples("train") if not (zc.base_easy_only and is_hard(task.name, e[0]))]
-    if len(rows) < n:
-        raise ValueError(f"ZooConfig.base_mixture[{task.name}]={n}: the train split has only "
-                         f"{len(rows)} such rows (n_train[{task.name}]={zc.n_train[task_index]})")
-    return rows[:n]
+    train = task.examples("train")
+    rows = [e for e in train if not (zc.base_easy_only and is_hard(task.name, e[0]))]
+    hard = [e for e in train if is_hard(task.name, e[0])][:zc.base_hard_rows[task_index]]
+    if len(rows) < n or len(hard) < zc.base_hard_rows[task_index]:
+        raise ValueError(f"ZooConfig.base_mixture[{task.name}]={n} / base_hard_rows[{task.name}]="
+                         f"{zc.base_hard_rows[task_index]}: the train split has only {len(rows)} such "
+                         f"rows (n_train[{task.name}]={zc.n_train[task_index]})")
+    return rows[:n] + hard
 
 
 def base_training_set(zc: ZooConfig, tokenizer) -> Batch:

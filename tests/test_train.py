@@ -1,0 +1,147 @@
+"""python -m hm3jax.train end to end on configs/smoke.yaml: the run directory contract, resuming a
+killed run to the same front, recommend --export, and config errors that write nothing."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hm3jax.objectives.synthetic import TASK_NAMES
+from hm3jax.zoo import SMALL
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
+REPORT_ROWS = ("| Base |", *(f"| Expert: {t} |" for t in TASK_NAMES), "| Task Arithmetic |", "| TIES |",
+               "| DARE-TIES |", "| Random path search |", "| Evolutionary path search |",
+               "| HM3 parameter level only |", "| HM3 architecture level only |", "| HM3 full |")
+
+pytestmark = pytest.mark.slow
+
+
+def _train(out, zoo, cache, *extra, stop_after=None, check=True):
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "HM3JAX_NO_HUGE_PAGES": "1"}
+    env.pop("HM3JAX_STOP_AFTER", None)
+    if stop_after:
+        env["HM3JAX_STOP_AFTER"] = stop_after
+    res = subprocess.run([sys.executable, "-m", "hm3jax.train", "--config_path", SMOKE, "--output_dir", str(out),
+                          "--models.zoo.dir", str(zoo), *extra], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=900)
+    if check:
+        assert res.returncode == (3 if stop_after else 0), res.stdout + res.stderr
+    return res
+
+
+@pytest.fixture(scope="module")
+def smoke_run(small_zoo, tmp_path_factory):
+    """An unbroken smoke run on the session's SMALL zoo: (run dir, zoo dir, compile cache dir)."""
+    tmp = tmp_path_factory.mktemp("train")
+    out, cache = tmp / "run", tmp / "jax-cache"
+    _train(out, small_zoo[0], cache)
+    return out, small_zoo[0], cache
+
+
+def test_smoke_run_writes_the_run_directory_contract(smoke_run):
+    out = smoke_run[0]
+    assert {"config.yaml", "front.json", "front.png", "report.md", "metrics.jsonl", "checkpoints"} <= set(os.listdir(out))
+    front = json.loads((out / "front.json").read_text())
+    assert front["tasks"] == list(TASK_NAMES)
+    assert {"hm3", "param_only", "arch_only", "random_path", "evolutionary_path", "task_arithmetic", "ties",
+            "dare_ties"} <= set(front["hypervolume"])
+    L = SMALL.num_hidden_layers
+    names = set(TASK_NAMES) | {"merge", "base"}
+    assert len(front["solutions"]) == 3
+    for group in [front["solutions"], *front["baselines"].values()]:
+        for sol in group:
+            assert sol["path"], sol
+            for step in sol["path"]:  # paths name real pool entries
+                assert step[0] in names and 0 <= step[1] < L, step
+            assert len(sol["scores"]["search"]) == len(sol["scores"]["heldout"]) == 3
+            assert sol["cost"]["layers"] == len(sol["path"])
+            assert isinstance(sol["dominated"], bool)
+    for sol in front["solutions"]:
+        assert {s[0] for s in sol["path"]} <= set(TASK_NAMES) | {"merge"}
+        assert sol["upper"]["method"] == "dare_ties"
+    assert (out / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    for row in REPORT_ROWS:
+        assert row in report, row
+    assert "## Where HM3 does not win" in report
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"references", "upper", "lower", "heldout", "front"} <= {r.get("stage") for r in records}
+
+
+def test_killed_runs_resume_to_the_same_front(smoke_run, tmp_path):
+    out, zoo, cache = smoke_run
+    run = tmp_path / "resumed"
+    first = _train(run, zoo, cache, stop_after="upper")
+    assert "stopped after upper" in first.stderr
+    assert not (run / "front.json").exists()
+    second = _train(run, zoo, cache, stop_after="lower:1")
+    assert "[upper]" in second.stdout and "from checkpoint" in second.stdout
+    _train(run, zoo, cache)
+    want = json.loads((out / "front.json").read_text())
+    got = json.loads((run / "front.json").read_text())
+    assert got == want
+
+
+def test_recommend_exports_a_model_with_the_fronts_scores(smoke_run, tmp_path):
+    import jax.numpy as jnp
+
+    from hm3jax.io import load_pretrained
+    from hm3jax.models import forward
+    from hm3jax.objectives import exact_match, make_suite_batch, task_means
+    from hm3jax.zoo import load_zoo
+
+    out, zoo, _ = smoke_run
+    dest = tmp_path / "model"
+    res = subprocess.run([sys.executable, "-m", "hm3jax.recommend", str(out), "--preference", "0.6,0.2,0.2",
+                          "--export", str(dest)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    record = json.loads((dest / "hm3jax_solution.json").read_text())
+    cfg, params = load_pretrained(dest)
+    assert cfg.num_hidden_layers == len(record["path"])
+    _, _, tokenizer = load_zoo(zoo)
+    batch = make_suite_batch(SMALL.suite(), "heldout", tokenizer)
+    em = exact_match(forward(cfg, params, jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask)), batch)
+    got = np.asarray(task_means(em, batch, len(TASK_NAMES)))
+    np.testing.assert_allclose(got, record["scores"]["heldout"], atol=1e-6)
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32).eval()
+    rows = slice(0, 16)
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor(batch.tokens[rows], dtype=torch.long),
+                       attention_mask=torch.tensor(batch.attention_mask[rows], dtype=torch.long)).logits.numpy()
+    mine = np.asarray(forward(cfg, params, jnp.asarray(batch.tokens[rows]), jnp.asarray(batch.attention_mask[rows])))
+    real = batch.attention_mask[rows].astype(bool)
+    assert np.abs(mine - theirs)[real].max() <= 1e-4
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--bogus.key", "1"], "bogus"),
+    (["--preferences.extra", "[[0.5, 0.6, 0.1]]"], "off the simplex"),
+    (["--preferences.extra", "[[0.5, 0.5]]"], "2 weights for 3 tasks"),
+    (["--lower.ppo.iterations", "6"], "lower.ppo.iterations"),
+    (["--lower.objective", "loglik"], "lower.objective"),
+])
+def test_config_errors_write_nothing(tmp_path, args, words):
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "hm3jax.train", "--config_path", SMOKE, "--output_dir", str(out),
+                          "--models.zoo.dir", str(tmp_path / "zoo"), *args], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300, env={**os.environ, "HM3JAX_NO_HUGE_PAGES": "1"})
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert words in res.stderr and res.stderr.startswith("error: "), res.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_run_directory_of_another_config_is_refused(smoke_run, tmp_path):
+    out, zoo, cache = smoke_run
+    before = sorted(os.listdir(out))
+    res = _train(out, zoo, cache, "--upper.density", "0.5", check=False)
+    assert res.returncode == 2 and "upper.density" in res.stderr and "config.yaml" in res.stderr, res.stderr
+    assert sorted(os.listdir(out)) == before
