@@ -187,6 +187,10 @@ def quality(cfg, models, batch, heldout, args):
             "ideal": ideal.tolist(), "t_max": layout.t_max, "num_layers": layout.num_layers}
 
 
+def _fmt(p) -> str:
+    return "(" + ", ".join(f"{x:.1f}" for x in p) + ")"
+
+
 def plot(q, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -199,7 +203,7 @@ def plot(q, path):
             x = q["paths_per_chunk"] * np.arange(1, len(c) + 1)
             ax.plot(x, c[:, i], marker="o", ms=3, label=name)
         ax.axhline(q["upper_tcheby"][i], color="k", ls="--", lw=1, label="upper level only (identity path)")
-        ax.set_title(f"λ = {PREFS3[i].tolist()}")
+        ax.set_title(f"λ = {_fmt(PREFS3[i])}")
         ax.set_xlabel("paths scored (per preference)")
         ax.set_ylabel("best Tchebycheff (search split, lower is better)")
     axes[0].legend(fontsize=7)
@@ -237,7 +241,7 @@ def main(argv=None) -> int:
         plot(q, os.path.join(args.out, "path_search.png"))
         with open(os.path.join(args.out, "path_search.json"), "w") as f:
             json.dump(out, f, indent=1)
-        print("| method | " + " | ".join(f"λ={p.tolist()} search / held-out" for p in PREFS3) + " |")
+        print("| method | " + " | ".join(f"λ = {_fmt(p)} search / held-out" for p in PREFS3) + " |")
         print("|---|" + "---|" * len(PREFS3))
         print("| upper level only (identity path) | " + " | ".join(
             f"{a:.4f} / {b:.4f}" for a, b in zip(q["upper_tcheby"], q["upper_heldout"])) + " |")
