@@ -35,7 +35,12 @@ from hm3jax.search import env as en
 from hm3jax.search.agent import AgentConfig
 from hm3jax.search.baselines import make_scorer
 from hm3jax.search.env import EnvConfig
-from hm3jax.search.lower import LowerConfig, build_search, make_lower_train, make_model_scorer, run_lower
+from hm3jax.search.lower import (
+    LowerConfig,
+    build_search,
+    make_lower_train,
+    make_model_scorer,
+)
 from hm3jax.search.path_baselines import PathSearchConfig, make_path_search
 from hm3jax.search.ppo import PPOConfig
 from hm3jax.search.upper import UpperConfig, run_upper_many
@@ -132,7 +137,8 @@ def quality(cfg, models, batch, heldout, args):
     # no length penalty: the measure is the Tchebycheff value alone
     env = EnvConfig(reward="tchebycheff", search_minibatch=args.minibatch, t_max=args.t_max,
                     length_penalty=0.0)
-    ppo = dict(num_envs=args.envs, minibatches=2, iterations=args.iterations, chunk_iterations=args.chunk)
+    ppo = {"num_envs": args.envs, "minibatches": 2, "iterations": args.iterations,
+           "chunk_iterations": args.chunk}
     base_cfg = LowerConfig(env=env, ppo=PPOConfig(**ppo), objective=args.objective)
     data, problems, layout, up, expert_scores = setup(cfg, models, batch, PREFS3, base_cfg, jax.random.key(0))
     scorer = make_model_scorer(cfg, len(TASK_NAMES), base_cfg)
@@ -152,7 +158,6 @@ def quality(cfg, models, batch, heldout, args):
     for name, tr in methods.items():
         t = time.perf_counter()
         points = []
-        log = lambda c, m: None
         state = tr.init(jax.random.key(2), problems)
         for c in range(chunks):
             state, m = tr.chunk(state, problems, data)

@@ -117,7 +117,7 @@ def test_vmap_over_preferences_equals_separate_runs():
     keys = jax.random.split(jax.random.key(0), 4)
     chunk = jax.jit(tr.group_chunk)
     for i in range(4):
-        p = jax.tree.map(lambda x: x[i:i + 1], problems())
+        p = jax.tree.map(lambda x, i=i: x[i:i + 1], problems())
         alone, m = chunk(jax.jit(tr.group_init)(keys[i], p), p, None)
         np.testing.assert_array_equal(np.asarray(alone.best.path[0]), np.asarray(state.best.path[i, 0]))
         np.testing.assert_allclose(np.asarray(m.reward[:, 0]), np.asarray(metrics.reward[:, i]), atol=1e-5)

@@ -10,7 +10,13 @@ from hm3jax.models import LayerPool
 from hm3jax.objectives import TASK_NAMES, make_path_scorer, make_suite_batch
 from hm3jax.search.agent import AgentConfig
 from hm3jax.search.env import EnvConfig
-from hm3jax.search.lower import LowerConfig, build_search, make_lower_train, make_model_scorer, run_lower
+from hm3jax.search.lower import (
+    LowerConfig,
+    build_search,
+    make_lower_train,
+    make_model_scorer,
+    run_lower,
+)
 from hm3jax.search.ppo import PPOConfig
 from hm3jax.search.upper import merge_for_preference
 
@@ -51,7 +57,7 @@ def test_agents_learn_and_best_scores_are_fresh_forward_scores(zoo_run):
     assert np.all(last > first), (first, last)
     pool = LayerPool(data.layers, (), ())
     for i in range(len(PREFS)):
-        shell = jax.tree.map(lambda x: x[i], data.shells)
+        shell = jax.tree.map(lambda x, i=i: x[i], data.shells)
         score = make_path_scorer(cfg, shell, pool, batch, len(TASK_NAMES), chunk_size=CFG.score_chunk)
         _, loglik = score(jnp.asarray(res.global_paths[i]))
         np.testing.assert_allclose(np.asarray(loglik), res.best.scores[i], rtol=1e-5, atol=1e-6)

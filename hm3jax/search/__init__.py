@@ -19,7 +19,13 @@ from hm3jax.search.lower import (
 )
 from hm3jax.search.path_baselines import PathSearchConfig, make_path_search
 from hm3jax.search.ppo import PPOConfig, Trainer, make_train
-from hm3jax.search.upper import UpperConfig, UpperResult, merge_for_preference, run_upper, run_upper_many
+from hm3jax.search.upper import (
+    UpperConfig,
+    UpperResult,
+    merge_for_preference,
+    run_upper,
+    run_upper_many,
+)
 
 __all__ = [
     "AgentConfig", "BestPaths", "EnvConfig", "LowerConfig", "LowerResult", "PPOConfig", "PathLayout",

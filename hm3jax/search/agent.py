@@ -131,7 +131,7 @@ def init_agent(cfg: AgentConfig, layout: PathLayout, summary_dim: int, num_objec
 
 def param_labels(params: dict) -> dict:
     """'critic' for the value and Q heads, 'actor' for the rest (encoder included): optax labels."""
-    return {k: jax.tree.map(lambda _: "critic" if k in ("critic", "q") else "actor", v)
+    return {k: jax.tree.map(lambda _, k=k: "critic" if k in ("critic", "q") else "actor", v)
             for k, v in params.items()}
 
 

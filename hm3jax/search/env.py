@@ -20,7 +20,8 @@ the search split (rollouts) or on the whole search split (best paths). Tests plu
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,7 +87,7 @@ class PathLayout:
     stop: bool
 
     @classmethod
-    def make(cls, cfg: EnvConfig, num_experts: int, num_layers: int) -> "PathLayout":
+    def make(cls, cfg: EnvConfig, num_experts: int, num_layers: int) -> PathLayout:
         return cls(num_experts, num_layers, cfg.t_max or num_layers, cfg.stop)
 
     @property

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +26,19 @@ import numpy as np
 from hm3jax.models import forward_path
 from hm3jax.models.params import iter_leaves
 from hm3jax.models.pool import LayerPool, build_pool, shell_of
-from hm3jax.objectives.batch import Batch, pad_rows
 from hm3jax.moo import tchebycheff
+from hm3jax.objectives.batch import Batch, pad_rows
 from hm3jax.objectives.scoring import answer_loglik, exact_match, task_means
 from hm3jax.search import env as en
 from hm3jax.search.agent import AgentConfig
-from hm3jax.search.env import BestPaths, EnvConfig, PathLayout, PathProblem, Scorer, _require
+from hm3jax.search.env import (
+    BestPaths,
+    EnvConfig,
+    PathLayout,
+    PathProblem,
+    Scorer,
+    _require,
+)
 from hm3jax.search.ppo import ChunkMetrics, PPOConfig, Trainer, make_train
 
 OBJECTIVES = ("exact_match", "loglik")
@@ -48,9 +56,9 @@ class LowerConfig:
         activation memory; the split is padded with empty rows to a multiple).
     """
 
-    env: EnvConfig = EnvConfig()
-    agent: AgentConfig = AgentConfig()
-    ppo: PPOConfig = PPOConfig()
+    env: EnvConfig = dataclasses.field(default_factory=EnvConfig)
+    agent: AgentConfig = dataclasses.field(default_factory=AgentConfig)
+    ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
     objective: str = "exact_match"
     score_chunk: int = 128
 

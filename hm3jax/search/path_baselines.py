@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from hm3jax.models.pool import SKIP
 from hm3jax.search import env as en
-from hm3jax.search.env import PathLayout, PathProblem, Scorer, _require
+from hm3jax.search.env import PathLayout, Scorer, _require
 from hm3jax.search.ppo import ChunkMetrics, Trainer, _raw, _wrap
 
 METHODS = ("random", "evolution")
