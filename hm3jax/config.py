@@ -22,7 +22,9 @@ from typing import Optional, Sequence
 import draccus
 import numpy as np
 
+from hm3jax.search.env import EnvConfig
 from hm3jax.search.lower import LowerConfig
+from hm3jax.search.ppo import PPOConfig
 from hm3jax.search.upper import UpperConfig
 
 CONFIG_FILE = "config.yaml"
@@ -35,6 +37,12 @@ PREFERENCE_KINDS = ("dirichlet", "grid")
 SIMPLEX_TOL = 1e-6
 # Keys that do not change a run's results: a run directory may be resumed with other values.
 _NOT_COMPARED = ("log",)
+
+
+# The default run's search, sized so `python -m hm3jax.train` finishes in minutes on a 2-core CPU:
+# 16 paths per preference per iteration, 24 iterations, each batch scored on 48 search rows.
+DEFAULT_LOWER = LowerConfig(env=EnvConfig(search_minibatch=48),
+                            ppo=PPOConfig(num_envs=16, iterations=24, chunk_iterations=8, minibatches=2))
 
 
 class RunConfigError(ValueError):
@@ -109,7 +117,7 @@ class TasksConfig:
 class PreferencesConfig:
     """The preference vectors λ (one per front point searched)."""
 
-    n: int = 10
+    n: int = 6
     """Number of generated preferences."""
     kind: str = "dirichlet"
     """dirichlet (uniform draws on the simplex, seeded by the run seed) or grid (Das-Dennis, >= n points)."""
@@ -165,7 +173,7 @@ class RunConfig:
     """The preference vectors."""
     upper: UpperConfig = dataclasses.field(default_factory=UpperConfig)
     """Upper level: parameter-space merge per preference (hm3jax.search.upper.UpperConfig)."""
-    lower: LowerConfig = dataclasses.field(default_factory=LowerConfig)
+    lower: LowerConfig = dataclasses.field(default_factory=lambda: DEFAULT_LOWER)
     """Lower level: the layer-path search (hm3jax.search.lower.LowerConfig: env, agent, ppo); the
     random and evolutionary path searches of the report run at the same budget of scored paths."""
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)

@@ -63,7 +63,7 @@ def test_second_build_is_a_cache_hit(small_zoo):
     assert elapsed < min(2.0, seconds / 5), elapsed
     assert stamps == {n: os.stat(out / n / "model.safetensors").st_mtime_ns for n in manifest["models"]}
     # Another config or seed must not silently reuse (or silently overwrite) the directory.
-    with pytest.raises(ZooError, match="another config or seed"):
+    with pytest.raises(ZooError, match="another config, seed or format"):
         build_zoo(out, SMALL, seed=1, progress=False)
 
 
@@ -161,8 +161,9 @@ def test_teacher_forced_exact_match_equals_greedy_generation(small_zoo, small_zo
 # ------------------------------------------------------------------ directories the zoo did not write
 # A zoo small enough to build in seconds: only the forced-rebuild tests train it.
 MICRO = dataclasses.replace(
-    SMALL, hidden_size=16, intermediate_size=32, n_eval=20, n_train=(64, 64, 64),
-    base_mixture=(64, 64, 64), base_steps=60, expert_steps=(60, 60, 60), warmup_steps=10, chunk_steps=30)
+    SMALL, hidden_size=16, intermediate_size=32, n_eval=20, n_train=(200, 200, 200),
+    base_mixture=(40, 40, 20), expert_replay=10, base_steps=60, expert_steps=(60, 60, 60), warmup_steps=10,
+    chunk_steps=30)
 
 
 def _tree_digest(root):

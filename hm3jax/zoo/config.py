@@ -52,7 +52,8 @@ class ZooConfig:
       probe_lean: weight of the favoured task in the probe's task-leaning preferences (the others
         share the rest equally).
       min_expert_exact_match: each expert's held-out exact match on its own task must reach this.
-      min_off_task_gap: each expert must be at least this much weaker on every other task.
+      min_off_task_gap: each expert must be at least this much weaker on every other task (a
+        negative value relaxes it, as the small test config does).
       max_base_exact_match: the base must stay at or below this on every task.
       min_merge_exact_match: the best centre-preference merge must reach this on every task (and
         beat the base on every task).
@@ -68,17 +69,17 @@ class ZooConfig:
     tie_word_embeddings: bool = False
     task_seed: int = 0
     n_eval: int = 1000
-    n_train: tuple[int, ...] = (8000, 8000, 2000)
-    base_mixture: tuple[int, ...] = (8000, 5000, 500)
+    n_train: tuple[int, ...] = (8000, 8000, 4000)
+    base_mixture: tuple[int, ...] = (3000, 3000, 390)
     base_easy_only: bool = True
     base_hard_rows: tuple[int, ...] = (0, 0, 0)
     base_steps: int = 1000
     base_batch_size: int = 64
     base_learning_rate: float = 2e-3
-    expert_steps: tuple[int, ...] = (1000, 1500, 300)
+    expert_steps: tuple[int, ...] = (1000, 1000, 300)
     expert_batch_size: int = 32
-    expert_learning_rate: float = 3e-4
-    expert_replay: int = 0
+    expert_learning_rate: float = 1e-3
+    expert_replay: int = 1000
     warmup_steps: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -156,8 +157,8 @@ class ZooConfig:
 SMALL = ZooConfig(
     hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
     num_key_value_heads=2, n_eval=600, n_train=(3000, 3000, 2000), base_mixture=(1200, 1200, 300),
-    base_steps=300, expert_steps=(300, 300, 100), expert_learning_rate=1e-3, expert_replay=100,
-    warmup_steps=20, chunk_steps=50, seq_len=32, min_expert_exact_match=0.05, min_off_task_gap=0.0,
-    max_base_exact_match=0.95, min_merge_exact_match=0.0, min_swap_exact_match=0.0)
+    base_steps=400, base_learning_rate=3e-3, expert_steps=(400, 400, 200), expert_learning_rate=3e-3,
+    expert_replay=400, warmup_steps=20, chunk_steps=50, seq_len=32, min_expert_exact_match=0.05,
+    min_off_task_gap=-1.0, max_base_exact_match=0.5, min_merge_exact_match=0.0, min_swap_exact_match=0.0)
 DEFAULT = ZooConfig()
 CONFIGS = {"small": SMALL, "default": DEFAULT}
