@@ -54,7 +54,7 @@ def load(zoo_dir):
         suite = ZooConfig.from_dict(read_manifest(zoo_dir)["config"]).suite()
     except ImportError:
         from hm3jax.objectives import tasks
-        from hm3jax.objectives.zoo import load_zoo
+        from hm3jax.zoo import load_zoo
         suite = tasks()
     cfg, models, tok = load_zoo(zoo_dir)
     return cfg, models, tok, suite
