@@ -171,14 +171,13 @@ def _path_search(ctx: Context, name: str, merged: list[dict], ideal, make_traine
         if stop_after and stop_after.startswith(f"{name}:"):
             stop_chunk = int(stop_after.split(":")[1])
 
-        def log(c, m):
-            ctx.log({"stage": name, "chunk": c, "reward": np.asarray(m.reward)[-1].tolist(),
-                     "best_tcheby": np.asarray(m.best_tcheby)[-1].tolist()
-                     if hasattr(m, "best_tcheby") else None})
+        def log(c, m):  # the chunk's last iteration, one value per preference
+            ctx.log({"stage": name, "chunk": c, **{f: np.asarray(getattr(m, f))[-1].tolist() for f in
+                                                   ("reward", "best_reward", "length", "entropy", "paths_scored")}})
 
         res = run_lower(trainer, layout, problems, data, key, num_chunks,
                         checkpoint_dir=ctx.store.path(name), stop_after=stop_chunk,
-                        progress=ctx.cfg.log.progress, log=log)
+                        progress=ctx.cfg.log.progress, log=log, desc=name)
         if stop_chunk is not None and stop_chunk < num_chunks:
             raise StopRun(stop_after)
         rewards = np.asarray(res.history.reward) if res.history is not None else np.zeros((0, len(ctx.prefs)))

@@ -194,7 +194,7 @@ class LowerResult(NamedTuple):
 def run_lower(trainer: Trainer, layout: PathLayout, problems: PathProblem, data, key: jax.Array,
               num_chunks: int, checkpoint_dir: str | os.PathLike | None = None,
               stop_after: int | None = None, progress: bool = False,
-              log: Callable[[int, ChunkMetrics], None] | None = None) -> LowerResult:
+              log: Callable[[int, ChunkMetrics], None] | None = None, desc: str = "lower level") -> LowerResult:
     """Run `num_chunks` jitted chunks (resuming from the latest checkpoint in checkpoint_dir).
 
     Args:
@@ -205,7 +205,8 @@ def run_lower(trainer: Trainer, layout: PathLayout, problems: PathProblem, data,
       checkpoint_dir: save the state with orbax after every chunk; a run restarted with the same
         directory continues after the last saved chunk.
       stop_after: stop after this many chunks in all (to test resuming); None runs all.
-      progress: show a tqdm bar; log: called with (chunk index, ChunkMetrics) after each chunk.
+      progress: show a tqdm bar labelled `desc`; log: called with (chunk index, ChunkMetrics) after
+        each chunk.
     """
     state = trainer.init(key, problems)
     start, mngr = 0, None
@@ -224,7 +225,7 @@ def run_lower(trainer: Trainer, layout: PathLayout, problems: PathProblem, data,
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=num_chunks, initial=start, desc="lower level", unit="chunk")
+        bar = tqdm(total=num_chunks, initial=start, desc=desc, unit="chunk")
     history = []
     for c in range(start, end):
         state, metrics = trainer.chunk(state, problems, data)
