@@ -116,19 +116,24 @@ def _params_scorer(ctx: Context, batch: Batch):
 
 def merged_models(ctx: Context, density, scale) -> list[dict]:
     """The upper level's merged params for each preference (recomputed: merges are deterministic)."""
-    keys = jax.random.split(jax.random.fold_in(jax.random.key(ctx.cfg.seed), 1), len(ctx.prefs))
     method = ctx.cfg.upper.method
 
     @jax.jit
     def merge(pref, key, d, s, base, experts):
-        return merge_for_preference(method, base, experts, pref, _merge_key(key), d, s)
+        return merge_for_preference(method, base, experts, pref, key, d, s)
 
     return [merge(jnp.asarray(p), k, jnp.float32(d), jnp.float32(s), ctx.base, ctx.experts)
-            for p, k, d, s in zip(ctx.prefs, keys, density, scale)]
+            for p, k, d, s in zip(ctx.prefs, merge_keys(ctx), density, scale)]
 
 
 def upper_key(ctx: Context) -> jax.Array:
+    """The key of the upper level (run_upper_many splits it into one key per preference)."""
     return jax.random.fold_in(jax.random.key(ctx.cfg.seed), 1)
+
+
+def merge_keys(ctx: Context) -> list[jax.Array]:
+    """The DARE key each preference's upper-level merge used (as run_upper_many derives them)."""
+    return [_merge_key(k) for k in jax.random.split(upper_key(ctx), len(ctx.prefs))]
 
 
 # ---------------------------------------------------------------------------------- stages
@@ -290,11 +295,12 @@ def solutions(ctx: Context, stage: dict, heldout: np.ndarray, merged_name: str, 
               make_solution, with_upper: bool = True) -> list[dict]:
     recs = []
     seq = ctx.cfg.front.cost_seq_len
+    keys = merge_keys(ctx)
     for i, pref in enumerate(ctx.prefs):
         path = describe_path(ctx, stage["path"][i], merged_name)
         up = None
         if with_upper and upper_out is not None:
-            k = _merge_key(jax.random.split(upper_key(ctx), len(ctx.prefs))[i])
+            k = keys[i]
             up = {"method": ctx.cfg.upper.method, "density": float(upper_out["density"][i]),
                   "scale": float(upper_out["scale"][i]), "seed": ctx.cfg.seed,
                   "key_data": np.asarray(jax.random.key_data(k)).tolist()}
@@ -351,7 +357,25 @@ def metrics_logger(run_dir: str, tensorboard: bool) -> Callable[[dict], None]:
     return log
 
 
-def check_models(cfg: RunConfig, tasks: Sequence[str], models: dict) -> None:
+def check_models(tasks: Sequence[str], models: dict) -> None:
     missing = [n for n in [BASE, *tasks] if n not in models]
     if missing:
         raise RunConfigError(f"models: no checkpoint for {', '.join(missing)}")
+
+
+def upper_heldout(ctx: Context, merged: list[dict]) -> np.ndarray:
+    """[N, K] held-out scores of the upper level's merges (one forward per preference)."""
+    score = jax.jit(_params_scorer(ctx, ctx.heldout))
+    return np.stack([np.asarray(score(m)) for m in merged])
+
+
+def reference_records(ctx: Context, ref: dict, make_solution) -> dict:
+    """Solution records of the base and each expert (their own identity paths)."""
+    L, seq, k = ctx.model_cfg.num_hidden_layers, ctx.cfg.front.cost_seq_len, len(ctx.tasks)
+    out = {}
+    for i, name in enumerate((BASE,) + tuple(ctx.tasks)):
+        path = [(name, layer) for layer in range(L)]
+        pref = [1.0 / k] * k if name == BASE else [float(t == name) for t in ctx.tasks]
+        out[name] = make_solution(pref, None, path, name, ref["search"][i], ref["heldout"][i],
+                                  path_cost(ctx.model_cfg, path, seq).to_dict())
+    return out

@@ -52,7 +52,7 @@ def load_context(cfg: RunConfig):
                                      "or depth than the base")
         tokenizer = load_tokenizer(ck.base)
         suite = embedded_suite()
-    pl.check_models(cfg, tasks, models)
+    pl.check_models(tasks, models)
     search, heldout = pl.load_batches(suite, tokenizer)
     return pl.Context(cfg, model_cfg, tasks, models[pl.BASE], [models[t] for t in tasks], tokenizer,
                       search, heldout, preference_matrix(cfg), pl.StageStore(cfg.output_dir),
@@ -90,7 +90,7 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> dict:
 
     hm3 = pl.solutions(ctx, searches["lower"][0], held["lower"], pl.MERGE, up, make_solution)
     baselines = {}
-    up_held = _upper_heldout(ctx, merged)
+    up_held = pl.upper_heldout(ctx, merged)
     baselines["param_only"] = pl.identity_solutions(ctx, up["search"], up_held, up, cfg.upper.method,
                                                     make_solution)
     if cfg.eval.baselines:
@@ -101,39 +101,13 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> dict:
         for method in ("task_arithmetic", "ties", "dare_ties"):
             baselines[method] = pl.identity_solutions(ctx, params[f"{method}/search"], params[f"{method}/heldout"],
                                                       None, method, make_solution)
-    references = _reference_records(ctx, ref, make_solution)
+    references = pl.reference_records(ctx, ref, make_solution)
     front = build_front(ctx.tasks, hm3, baselines, references, cfg.front.cost_objective)
     write_front(cfg.output_dir, front)
     hv = ", ".join(f"{k} {v:.4f}" for k, v in front["hypervolume"].items())
     print(f"[front] hypervolume (held-out): {hv}", flush=True)
     ctx.log({"stage": "front", "hypervolume": front["hypervolume"], "seconds": time.perf_counter() - start})
     return front
-
-
-def _upper_heldout(ctx, merged):
-    """Held-out scores of the upper level's merges (cheap: one forward per preference)."""
-    import jax
-    import numpy as np
-
-    from hm3jax import pipeline as pl
-
-    score = jax.jit(pl._params_scorer(ctx, ctx.heldout))
-    return np.stack([np.asarray(score(m)) for m in merged])
-
-
-def _reference_records(ctx, ref, make_solution) -> dict:
-    from hm3jax import pipeline as pl
-    from hm3jax.cost import path_cost
-
-    L, seq = ctx.model_cfg.num_hidden_layers, ctx.cfg.front.cost_seq_len
-    out = {}
-    for i, name in enumerate((pl.BASE,) + tuple(ctx.tasks)):
-        path = [(name, layer) for layer in range(L)]
-        k = len(ctx.tasks)
-        pref = [1.0 / k] * k if name == pl.BASE else [float(t == name) for t in ctx.tasks]
-        out[name] = make_solution(pref, None, path, name, ref["search"][i], ref["heldout"][i],
-                                  path_cost(ctx.model_cfg, path, seq).to_dict())
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
