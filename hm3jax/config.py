@@ -17,7 +17,7 @@ import json
 import math
 import os
 import tempfile
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import draccus
 import numpy as np
@@ -78,9 +78,9 @@ class ModelsConfig:
     """Where the base and experts come from: exactly one of `zoo` and `checkpoints` (neither = the
     default embedded zoo)."""
 
-    zoo: Optional[ZooSource] = None
+    zoo: ZooSource | None = None
     """Use (and build if missing) the embedded zoo."""
-    checkpoints: Optional[CheckpointSource] = None
+    checkpoints: CheckpointSource | None = None
     """Use local checkpoints."""
     dtype: str = "float32"
     """dtype the params are loaded and merged in (float32, bfloat16)."""
@@ -133,7 +133,7 @@ class EvalConfig:
     """Examples scored per batch."""
     baselines: bool = True
     """Also run the report's baselines (TA, TIES, DARE-TIES, random and evolutionary path search)."""
-    path_search_budget: Optional[int] = None
+    path_search_budget: int | None = None
     """Scored paths per preference for the random and evolutionary path searches (None: HM3's count)."""
 
 

@@ -22,7 +22,8 @@ decoder `hm3jax.export` writes for it:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from hm3jax.models.config import ModelConfig
 from hm3jax.models.params import layer_shapes, shell_shapes

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +51,7 @@ class Context(NamedTuple):
     search: Batch
     heldout: Batch
     prefs: np.ndarray
-    store: "StageStore"
+    store: StageStore
     log: Callable[[dict], None]
     cache: dict  # compiled trainers and scorers shared by the stages (same shapes, one compilation)
 

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import sys
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -114,9 +114,8 @@ def source_checkpoints(run_dir: str | os.PathLike) -> tuple[object, dict[str, st
         raise RecommendError(str(e)) from None
     if cfg.models.checkpoints is not None:
         return cfg, {"base": cfg.models.checkpoints.base, **cfg.models.checkpoints.experts}
-    from hm3jax.zoo import read_manifest
-
     from hm3jax.config import ZooSource
+    from hm3jax.zoo import read_manifest
 
     zoo_dir = (cfg.models.zoo or ZooSource()).dir
     manifest = read_manifest(zoo_dir) if os.path.isdir(zoo_dir) else None

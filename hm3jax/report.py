@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -312,7 +313,7 @@ def _plain(x):
         return {str(k): _plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
-    if isinstance(x, np.ndarray) or hasattr(x, "__array__") and not isinstance(x, (str, bytes)):
+    if isinstance(x, np.ndarray) or (hasattr(x, "__array__") and not isinstance(x, (str, bytes))):
         a = np.asarray(x)
         return _plain(a.tolist()) if a.ndim else a.item()
     if isinstance(x, np.generic):

@@ -12,10 +12,17 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
-from hm3jax.config import RunConfig, RunConfigError, parse_run_config, prepare_run_dir, task_names, validate
-from hm3jax.config import preference_matrix
+from hm3jax.config import (
+    RunConfig,
+    RunConfigError,
+    parse_run_config,
+    preference_matrix,
+    prepare_run_dir,
+    task_names,
+    validate,
+)
 
 
 def check_supported(cfg: RunConfig) -> None:

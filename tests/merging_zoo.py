@@ -35,7 +35,7 @@ def _save(model, path: str) -> None:
         json.dump({"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0}}}, f)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build_zoo() -> dict[str, str]:
     """{"base", "ft1", "ft2", "ft3", "wide" (hidden 32: shape mismatch), "bigvocab"} -> directory."""
     import torch

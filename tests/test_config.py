@@ -9,9 +9,23 @@ import os
 
 import pytest
 
-from hm3jax.config import (CONFIG_FILE, CheckpointSource, ModelsConfig, RunConfig, RunConfigError,
-                           TaskFiles, TasksConfig, ZooSource, check_run_dir, load_run_config,
-                           parse_run_config, prepare_run_dir, task_names, to_yaml, validate)
+from hm3jax.config import (
+    CONFIG_FILE,
+    CheckpointSource,
+    ModelsConfig,
+    RunConfig,
+    RunConfigError,
+    TaskFiles,
+    TasksConfig,
+    ZooSource,
+    check_run_dir,
+    load_run_config,
+    parse_run_config,
+    prepare_run_dir,
+    task_names,
+    to_yaml,
+    validate,
+)
 from hm3jax.models import ModelConfig
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

@@ -13,8 +13,15 @@ import pytest
 import yaml
 
 from hm3jax.cost import path_cost
-from hm3jax.export import (PATH_RECIPE, SOLUTION_FILE, UPPER_OUTPUT, UPPER_RECIPE, ExportError,
-                           export_path, passthrough_recipe)
+from hm3jax.export import (
+    PATH_RECIPE,
+    SOLUTION_FILE,
+    UPPER_OUTPUT,
+    UPPER_RECIPE,
+    ExportError,
+    export_path,
+    passthrough_recipe,
+)
 from hm3jax.io import OutputExistsError, load_pretrained, save_pretrained
 from hm3jax.io.atomic import UnsafeOutputError
 from hm3jax.models import ModelConfig, build_pool, forward_path, init_params, shell_of

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
-
-from hm3jax.models import PoolError, build_pool, forward, forward_path, shell_of
-from hm3jax.models.generate import _generate, generate, generate_path
 from test_models import FAMILIES, random_params, torch_model
+
+from hm3jax.models import PoolError, build_pool, forward_path, shell_of
+from hm3jax.models.generate import _generate, generate, generate_path
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -176,8 +176,7 @@ def test_clear_errors(models):
 # -------------------------------------------------------------------- real weights (SmolLM2)
 @pytest.fixture(scope="module")
 def smollm2():
-    from hm3jax.io import smollm2_gguf
-    from hm3jax.io import load_pretrained, load_tokenizer
+    from hm3jax.io import load_pretrained, load_tokenizer, smollm2_gguf
     path = smollm2_gguf()
     cfg, params = load_pretrained(path)
     folder, name = os.path.split(path)

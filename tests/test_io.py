@@ -10,9 +10,20 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from hm3jax.io import (CheckpointError, CheckpointNotFoundError, CheckpointReader, OutputExistsError,
-                       PickleCheckpointError, ShardedWriter, atomic_output_dir, load_gguf, load_pretrained,
-                       load_tokenizer, parse_size, save_pretrained)
+from hm3jax.io import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointReader,
+    OutputExistsError,
+    PickleCheckpointError,
+    ShardedWriter,
+    atomic_output_dir,
+    load_gguf,
+    load_pretrained,
+    load_tokenizer,
+    parse_size,
+    save_pretrained,
+)
 from hm3jax.io.safetensors_io import INDEX_FILE
 from hm3jax.models.config import ConfigError, ModelConfig
 from hm3jax.models.params import get_path, hf_names, param_shapes, set_path
@@ -393,12 +404,10 @@ def test_atomic_output_dir(tmp_path):
         assert os.path.basename(tmp).startswith(".a.tmp-") and not (tmp_path / "a").exists()
         open(os.path.join(tmp, "f"), "w").close()
     assert listing(tmp_path / "a") == ["f"]
-    with pytest.raises(OutputExistsError):
-        with atomic_output_dir(tmp_path / "a"):
-            raise AssertionError("body must not run")
-    with pytest.raises(KeyError):
-        with atomic_output_dir(tmp_path / "a", overwrite=True) as tmp:
-            raise KeyError("x")
+    with pytest.raises(OutputExistsError), atomic_output_dir(tmp_path / "a"):
+        raise AssertionError("body must not run")
+    with pytest.raises(KeyError), atomic_output_dir(tmp_path / "a", overwrite=True) as tmp:
+        raise KeyError("x")
     assert listing(tmp_path) == ["a"] and listing(tmp_path / "a") == ["f"]
 
 

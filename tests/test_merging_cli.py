@@ -9,11 +9,10 @@ import jax
 import numpy as np
 import pytest
 import yaml
+from merging_zoo import build_zoo, load_params, read_all
 
-from merging_zoo import build_zoo, load_params, read_all  # noqa: E402
-
-from hm3jax import merging
 import hm3jax.merging.stream  # noqa: F401  (merging.stream used below)
+from hm3jax import merging
 from hm3jax.merging.__main__ import main
 from hm3jax.models.params import hf_name, iter_leaves
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from hm3jax import merging
-from hm3jax.merging import METHODS, sparsify as sp
+from hm3jax.merging import METHODS
+from hm3jax.merging import sparsify as sp
 
 torch = pytest.importorskip("torch")
 mergekit_methods = pytest.importorskip("mergekit.merge_methods")

@@ -16,9 +16,9 @@ import yaml
 
 pytest.importorskip("mergekit")
 
-from merging_zoo import LAYERS, build_zoo, read_all, run_mergekit  # noqa: E402
+from merging_zoo import LAYERS, build_zoo, read_all, run_mergekit
 
-from hm3jax.merging.stream import merge_recipe  # noqa: E402
+from hm3jax.merging.stream import merge_recipe
 
 ATOL = 1e-5
 

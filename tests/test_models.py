@@ -9,8 +9,17 @@ import pytest
 import torch
 import transformers
 
-from hm3jax.models import (ConfigError, ModelConfig, PoolError, RopeScaling, build_pool, forward,
-                           forward_path, init_params, shell_of)
+from hm3jax.models import (
+    ConfigError,
+    ModelConfig,
+    PoolError,
+    RopeScaling,
+    build_pool,
+    forward,
+    forward_path,
+    init_params,
+    shell_of,
+)
 from hm3jax.models.params import param_shapes, to_hf_tensors
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -123,7 +123,7 @@ def test_merge_key_from_seed_or_key_data():
                                     "key_data": jax.random.key_data(k_merge)}, [("merge", 0)], "merge",
                         [0, 0, 0], [0, 0, 0])
     assert json.loads(json.dumps(rec)) == rec
-    same = lambda a, b: np.array_equal(jax.random.key_data(a), jax.random.key_data(b))  # noqa: E731
+    same = lambda a, b: np.array_equal(jax.random.key_data(a), jax.random.key_data(b))
     assert same(merge_key(rec["upper"]), k_merge)
     assert same(merge_key({"seed": 3}), jax.random.key(3))
     with pytest.raises(RecommendError, match="neither 'seed' nor 'key_data'"):

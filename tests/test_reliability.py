@@ -19,12 +19,17 @@ import time
 import numpy as np
 import pytest
 import yaml
-
 from reliability_helpers import llama_config, llama_tensors, tree_hashes, write_model
 
 from hm3jax.io import CheckpointError, CheckpointReader, load_pretrained, save_pretrained
-from hm3jax.io.atomic import (UnsafeOutputError, atomic_output_dir, check_output_path, clean_stale_temp_dirs,
-                              temp_dirs, write_json_atomic)
+from hm3jax.io.atomic import (
+    UnsafeOutputError,
+    atomic_output_dir,
+    check_output_path,
+    clean_stale_temp_dirs,
+    temp_dirs,
+    write_json_atomic,
+)
 from hm3jax.merging.__main__ import main
 from hm3jax.models.config import ConfigError, ModelConfig
 
@@ -298,7 +303,7 @@ def test_hub_cache_snapshot_links_are_allowed(tmp_path):
     for f in os.listdir(src):
         os.rename(os.path.join(src, f), repo / "blobs" / f"sha-{f}")
         os.symlink(f"../../blobs/sha-{f}", snap / f)
-    cfg, params = load_pretrained(snap)
+    cfg, _ = load_pretrained(snap)
     assert cfg.num_hidden_layers == 2
 
 

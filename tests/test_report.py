@@ -8,8 +8,16 @@ import os
 
 import pytest
 
-from hm3jax.report import (FRONT_FILE, METHODS, PLOT_FILE, REPORT_FILE, build_front, report_markdown,
-                           where_hm3_does_not_win, write_front)
+from hm3jax.report import (
+    FRONT_FILE,
+    METHODS,
+    PLOT_FILE,
+    REPORT_FILE,
+    build_front,
+    report_markdown,
+    where_hm3_does_not_win,
+    write_front,
+)
 
 
 def sol(scores, pref=None, flops=100.0, method="dare_ties"):

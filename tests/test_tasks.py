@@ -37,7 +37,7 @@ def test_suite_order_and_markers(suite):
     assert tuple(t.name for t in suite) == TASK_NAMES == ("math", "code", "translation")
     assert len({t.marker for t in suite}) == 3
     for t in suite:
-        for split, ex in _all(t).items():
+        for ex in _all(t).values():
             for prompt, answer in ex:
                 assert prompt.startswith(t.marker) and prompt.endswith("="), (t.name, prompt)
                 assert answer and "=" not in answer

@@ -9,9 +9,9 @@ from hm3jax import merging
 from hm3jax.models import ModelConfig, init_params
 from hm3jax.moo import ideal_point, tchebycheff
 from hm3jax.objectives import TASK_NAMES, make_batch
-from hm3jax.zoo import BASE, SMALL
 from hm3jax.search.baselines import make_scorer
 from hm3jax.search.upper import UpperConfig, merge_for_preference, run_upper, run_upper_many
+from hm3jax.zoo import BASE, SMALL
 
 CFG = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2)

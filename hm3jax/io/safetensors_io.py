@@ -10,6 +10,7 @@ front so tensors can be written in any order, one at a time.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import mmap
@@ -18,7 +19,8 @@ import re
 import struct
 import threading
 import weakref
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -157,7 +159,7 @@ def read_header(path: str) -> tuple[int, dict[str, dict]]:
         if nbytes:
             spans.append((begin, end, name))
     spans.sort()
-    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+    for (_, end_a, a), (begin_b, _, b) in itertools.pairwise(spans):
         if begin_b < end_a:
             raise CheckpointError(f"{path}: tensors {a!r:.100} and {b!r:.100} overlap (data_offsets share "
                                   "bytes; corrupt header)")
@@ -371,7 +373,7 @@ class CheckpointReader:
                 self._fd_lock.wait()
             _close_fds(self._fds)
 
-    def __enter__(self) -> "CheckpointReader":
+    def __enter__(self) -> CheckpointReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -493,7 +495,7 @@ class ShardedWriter:
                 json.dump(index, f, indent=2)
                 f.write("\n")
 
-    def __enter__(self) -> "ShardedWriter":
+    def __enter__(self) -> ShardedWriter:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:

@@ -10,8 +10,16 @@ from hm3jax.merging.averaging import stack_layers
 from hm3jax.merging.base import REQUIRED, MergeMethod, Param, tensor_key
 from hm3jax.merging.methods import METHODS, UnknownMethodError, get_method, register
 from hm3jax.merging.recipe import Recipe, RecipeError, load_recipe
-from hm3jax.merging.sparsify import (della_drop, della_probs, keep_count, magnitude, magnitude_outliers,
-                                     random_drop, rescale_masked, topk_mask)
+from hm3jax.merging.sparsify import (
+    della_drop,
+    della_probs,
+    keep_count,
+    magnitude,
+    magnitude_outliers,
+    random_drop,
+    rescale_masked,
+    topk_mask,
+)
 
 linear = METHODS["linear"].merge
 task_arithmetic = METHODS["task_arithmetic"].merge
@@ -37,10 +45,40 @@ def merge_recipe(recipe, out_dir, **kwargs):
     return run(recipe, out_dir, **kwargs)
 
 __all__ = [
-    "METHODS", "MergeMethod", "Recipe", "RecipeError", "load_recipe", "merge_recipe", "Param", "REQUIRED",
-    "UnknownMethodError", "get_method", "register",
-    "tensor_key", "stack_layers", "keep_count", "topk_mask", "magnitude", "magnitude_outliers",
-    "random_drop", "della_probs", "della_drop", "rescale_masked",
-    "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear",
-    "breadcrumbs", "breadcrumbs_ties", "slerp", "nuslerp", "model_stock", "sce", "karcher", "passthrough",
+    "METHODS",
+    "REQUIRED",
+    "MergeMethod",
+    "Param",
+    "Recipe",
+    "RecipeError",
+    "UnknownMethodError",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "dare_linear",
+    "dare_ties",
+    "della",
+    "della_drop",
+    "della_linear",
+    "della_probs",
+    "get_method",
+    "karcher",
+    "keep_count",
+    "linear",
+    "load_recipe",
+    "magnitude",
+    "magnitude_outliers",
+    "merge_recipe",
+    "model_stock",
+    "nuslerp",
+    "passthrough",
+    "random_drop",
+    "register",
+    "rescale_masked",
+    "sce",
+    "slerp",
+    "stack_layers",
+    "task_arithmetic",
+    "tensor_key",
+    "ties",
+    "topk_mask",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -114,7 +114,7 @@ sce = MergeMethod(
 def passthrough_tensor(base, models: Sequence[jax.Array], weights=None, key=None, *, scale=None) -> jax.Array:
     """The single input tensor, times `scale` when given. models: one array `[*S]` -> `[*S]`."""
     del base, weights, key
-    x = list(models)[0]
+    x = next(iter(models))
     if scale is None:
         return x
     return x * jnp.reshape(jnp.asarray(scale, x.dtype), (-1,))[0]

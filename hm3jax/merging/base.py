@@ -19,12 +19,13 @@ layer (a TIES trim keeps the top-k of each layer's tensor, as a per-tensor merge
 from __future__ import annotations
 
 import zlib
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
+from jax import lax
 
 from hm3jax.models.params import Path, get_path, hf_name, iter_leaves, set_path
 
@@ -238,9 +239,7 @@ def _shape_param(v: Any, per_model: bool, m: int, n_layers: int | None, what: st
     a = v if isinstance(v, jax.Array) else np.asarray(v)
     lead = () if n_layers is None else (n_layers,)
     want = lead + ((m,) if per_model else ())
-    if a.ndim == 0 or (per_model and a.ndim == 1 and a.shape[0] in (m, 1)) or a.shape == want:
-        pass
-    elif n_layers is not None and a.ndim == (2 if per_model else 1) and a.shape[0] == n_layers:
+    if a.ndim == 0 or (per_model and a.ndim == 1 and a.shape[0] in (m, 1)) or a.shape == want or (n_layers is not None and a.ndim == (2 if per_model else 1) and a.shape[0] == n_layers):
         pass
     else:
         raise ValueError(f"parameter {what}: shape {tuple(a.shape)} does not broadcast to {want}")

@@ -6,7 +6,7 @@ averaging.py (linear, model_stock, sce, passthrough) and spherical.py (slerp, nu
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from hm3jax.merging import averaging, spherical
 from hm3jax.merging import task_arithmetic as ta

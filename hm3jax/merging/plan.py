@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -142,7 +143,7 @@ def _check_values(method: MergeMethod, p: Mapping[str, Any], where: str) -> None
     if g is not None and not 0 <= g <= 1:
         raise PlanError(f"{where}: gamma {g} is outside [0, 1]")
     e = p.get("epsilon")
-    if e is not None and d is not None and d < 1 and not (0 < d - e and d + e < 1):
+    if e is not None and d is not None and d < 1 and not (d - e > 0 and d + e < 1):
         raise PlanError(f"{where}: density ± epsilon ({d} ± {e}) must lie in (0, 1)")
     if p.get("trim") is not None and p["trim"] not in ("exact", "search", "sort"):
         raise PlanError(f"{where}: trim {p['trim']!r}; supported: exact, search, sort")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,7 @@ def slerp_pair(t, v0: jax.Array, v1: jax.Array, dot_threshold: float = 0.9995, e
 def slerp_tensor(base: jax.Array, models: Sequence[jax.Array], weights=None, key=None, *, t) -> jax.Array:
     """SLERP from the base (t = 0) to the one other model (t = 1). models: one array `[*S]` -> `[*S]`."""
     del weights, key
-    return slerp_pair(t, base, list(models)[0])
+    return slerp_pair(t, base, next(iter(models)))
 
 
 slerp = MergeMethod(

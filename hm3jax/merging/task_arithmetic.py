@@ -13,7 +13,8 @@ Per tensor, with τ_i = θ_i − θ_base (mergekit 0.1.5 semantics):
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

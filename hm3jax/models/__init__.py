@@ -6,7 +6,18 @@ from hm3jax.models.generate import KVCache, generate, generate_path
 from hm3jax.models.pool import SKIP, LayerPool, PoolError, build_pool, shell_of
 
 __all__ = [
-    "ConfigError", "ModelConfig", "RopeScaling", "forward", "forward_path", "init_params",
-    "SKIP", "LayerPool", "PoolError", "build_pool", "shell_of", "KVCache", "generate",
+    "SKIP",
+    "ConfigError",
+    "KVCache",
+    "LayerPool",
+    "ModelConfig",
+    "PoolError",
+    "RopeScaling",
+    "build_pool",
+    "forward",
+    "forward_path",
+    "generate",
     "generate_path",
+    "init_params",
+    "shell_of",
 ]

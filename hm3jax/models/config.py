@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -105,12 +106,12 @@ class ModelConfig:
             self.mlp_bias,
         )
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ HF config.json
     @classmethod
-    def from_hf_dict(cls, d: Mapping[str, Any], source: str = "config.json") -> "ModelConfig":
+    def from_hf_dict(cls, d: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
         """Build from an HF config dict (transformers 4 or 5 spelling)."""
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -172,7 +173,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "ModelConfig":
+    def from_json_file(cls, path: str | os.PathLike) -> ModelConfig:
         path = os.fspath(path)
         try:
             with open(path) as f:

@@ -16,7 +16,8 @@ mask of `forward` measures them in columns; RoPE positions count only real token
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -130,7 +131,7 @@ def _check_prompt(cfg: ModelConfig, tokens, mask, P: int, N: int) -> None:
         raise ValueError(f"max_new_tokens must be at least 1, got {N}")
     if P < 1:
         raise ValueError("the prompt is empty; generation needs at least one prompt token")
-    if P + N > cfg.max_position_embeddings:
+    if cfg.max_position_embeddings < P + N:
         raise ValueError(f"prompt length {P} + max_new_tokens {N} = {P + N} exceeds the model's "
                          f"max_position_embeddings {cfg.max_position_embeddings}")
     if tokens is not None and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):

@@ -28,7 +28,8 @@ HF name of a leaf: `model.layers.{i}.self_attn.q_proj.weight` for layer i of `la
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from hm3jax.models.config import ModelConfig
 

@@ -8,7 +8,7 @@ coordinates only. Other point sets (baselines, experts) can be overlaid with the
 from __future__ import annotations
 
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -12,12 +12,12 @@ from hm3jax.objectives.synthetic import MAX_EXAMPLE_CHARS, SPLITS, TASK_NAMES, T
 from hm3jax.objectives.tokenizer import VOCAB_SIZE, build_tokenizer, save_tokenizer
 
 __all__ = [
-    "Batch",
     "MAX_EXAMPLE_CHARS",
     "SPLITS",
     "TASK_NAMES",
-    "Task",
     "VOCAB_SIZE",
+    "Batch",
+    "Task",
     "answer_loglik",
     "build_tokenizer",
     "exact_match",

@@ -13,7 +13,8 @@ Building a batch is host-side (tokenizer calls, numpy); the arrays then go to ji
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 

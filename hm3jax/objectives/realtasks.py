@@ -35,7 +35,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 

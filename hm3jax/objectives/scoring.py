@@ -7,7 +7,7 @@ prediction made one position earlier", so one forward pass scores a candidate wi
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -7,7 +7,7 @@ and `python -m hm3jax.objectives.zoo` runs the new CLI after a one-line notice.
 import sys
 import warnings
 
-from hm3jax.zoo import *  # noqa: F401,F403
+from hm3jax.zoo import *  # noqa: F403
 from hm3jax.zoo import __all__  # noqa: F401
 
 warnings.warn("hm3jax.objectives.zoo moved to hm3jax.zoo; this alias goes away in the next release",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +22,9 @@ import numpy as np
 from hm3jax.io.atomic import UnsafeOutputError, check_output_path, write_json_atomic
 from hm3jax.moo import das_dennis, dirichlet, hypervolume, pareto_mask
 from hm3jax.objectives import make_suite_batch
-from hm3jax.objectives.scoring import SCORE_OBJECTIVES, make_params_scorer
 from hm3jax.objectives import tasks as task_suite
+from hm3jax.objectives.scoring import SCORE_OBJECTIVES, make_params_scorer
 from hm3jax.search.upper import UPPER_METHODS, merge_for_preference
-
 
 SCORER_OBJECTIVES = SCORE_OBJECTIVES
 

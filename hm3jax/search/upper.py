@@ -10,7 +10,8 @@ Tchebycheff value of the merged model's scores. A whole ES population is merged 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

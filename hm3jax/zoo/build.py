@@ -20,7 +20,8 @@ import os
 import re
 import tempfile
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -221,13 +222,13 @@ def _check_target(out_dir: str, config: ZooConfig, seed: int, force: bool) -> di
     return None
 
 
-def build_zoo(out_dir: str | os.PathLike, config: ZooConfig = ZooConfig(), seed: int = 0,
+def build_zoo(out_dir: str | os.PathLike, config: ZooConfig | None = None, seed: int = 0,
               force: bool = False, progress: bool = True, workers: int | None = None) -> dict:
     """Train, probe and save the zoo into `out_dir`, or reuse the one already there.
 
     Args:
       out_dir: target directory (created if missing; may exist empty).
-      config: hyperparameters; SMALL is the fast test variant.
+      config: hyperparameters (default: `ZooConfig()`); SMALL is the fast test variant.
       seed: seed of parameter init and batch sampling (the task suite has its own, config.task_seed).
       force: rebuild even if `out_dir` holds a zoo (of any config or seed, or a corrupt manifest);
         only the model directories and the manifest are replaced, and only when they hold nothing
@@ -245,6 +246,7 @@ def build_zoo(out_dir: str | os.PathLike, config: ZooConfig = ZooConfig(), seed:
       ZooError: `out_dir` is not empty and not a zoo of this config and seed (without `force`), or
         holds files a zoo build does not write where the build would write (with `force`).
     """
+    config = ZooConfig() if config is None else config
     from hm3jax.io import save_pretrained
 
     out_dir = os.path.abspath(os.fspath(out_dir))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from hm3jax.zoo.build import ZooError, build_zoo
 from hm3jax.zoo.config import CONFIGS

@@ -143,7 +143,7 @@ class ZooConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ZooConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ZooConfig:
         if not isinstance(d, dict):
             raise ValueError(f"ZooConfig: expected a mapping of settings, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}

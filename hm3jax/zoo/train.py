@@ -113,7 +113,7 @@ def _decay_mask(params: dict) -> dict:
         lambda path, _: not any("norm" in str(getattr(k, "key", "")) for k in path), params)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def optimizer(opt: OptimConfig) -> optax.GradientTransformation:
     """AdamW without its learning rate (applied per step from the Schedule), with clipping.
 
