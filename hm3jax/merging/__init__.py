@@ -9,7 +9,7 @@ whole pytrees, and the module-level names below (`merging.ties(...)`, ...) are t
 from hm3jax.merging.averaging import stack_layers
 from hm3jax.merging.base import REQUIRED, MergeMethod, Param, tensor_key
 from hm3jax.merging.methods import METHODS, UnknownMethodError, get_method, register
-from hm3jax.merging.recipe import Recipe, RecipeError, load_recipe
+from hm3jax.merging.recipe import IgnoredKeyWarning, Recipe, RecipeError, load_recipe
 from hm3jax.merging.sparsify import (
     della_drop,
     della_probs,
@@ -47,6 +47,7 @@ def merge_recipe(recipe, out_dir, **kwargs):
 __all__ = [
     "METHODS",
     "REQUIRED",
+    "IgnoredKeyWarning",
     "MergeMethod",
     "Param",
     "Recipe",

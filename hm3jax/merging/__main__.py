@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "512MiB/1GB (default 512MiB)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="merge and write tensors holding NaN/Inf with a warning (default: an error)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse recipe keys that mergekit ignores (parameters a method does not declare, "
+                        "unknown keys) instead of warning about each")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         # Imported here so `--help` answers without loading JAX.
         from hm3jax.io import interrupt
         from hm3jax.io.atomic import OutputExistsError, StaleTempWarning
+        from hm3jax.merging.recipe import IgnoredKeyWarning
         from hm3jax.merging.stream import NonFiniteWarning, merge_recipe
 
         interrupt.install(already=early[0] if early else None)
@@ -71,12 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("always", NonFiniteWarning)
             warnings.simplefilter("always", StaleTempWarning)
+            warnings.simplefilter("always", IgnoredKeyWarning)
             warnings.showwarning = _show_warning
             out = merge_recipe(args.config, args.out_dir, overwrite=args.overwrite,
                                max_shard_size=args.max_shard_size, seed=args.random_seed,
                                copy_tokenizer=args.copy_tokenizer, prefetch=max(0, args.prefetch),
                                prefetch_bytes=args.prefetch_bytes, progress=not args.quiet,
-                               allow_nonfinite=args.allow_nonfinite)
+                               allow_nonfinite=args.allow_nonfinite, strict=args.strict)
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", None) or (early[0] if early else signal.SIGINT)
         return interrupted_exit(signum, args.out_dir)

@@ -3,9 +3,16 @@
 Accepted top-level keys: merge_method, base_model, models (each `model` + optional `parameters`),
 slices (each `sources` of `model` + `layer_range` [+ `parameters`], optional `base_model` and
 `parameters`), parameters, dtype, out_dtype, tokenizer_source (`base` or a model path), tokenizer
-(only `source`). Exactly one of `models` / `slices`. Anything else is an error that names the key and
-lists the accepted ones; so is an unknown merge method or a parameter the method does not declare
-(mergekit silently ignores unknown parameter names).
+(only `source`). Exactly one of `models` / `slices`. An unknown merge method is an error.
+
+Keys mergekit accepts and then ignores are ignored here too, each with a one-line IgnoredKeyWarning
+naming the key (and the merge method, for a parameter): parameters the method does not declare (e.g.
+`weight` on slerp), any unknown key of the recipe, a model entry, a slice, a source, a tokenizer or a
+`{filter, value}` entry (mergekit's pydantic models drop unknown fields), and a slice's
+`residual_weight` (declared by mergekit, never used). With `strict=True` each of those is a
+RecipeError instead. Keys mergekit acts on but hm3jax cannot (`modules`, `chat_template`, a
+tokenizer's `tokens` / `pad_to_multiple_of`, a model's `lora` / `override_architecture`) are errors
+that say so.
 
 A parameter setting is a scalar, a gradient (list of scalars: interpolated over layer depth), or a
 list of `{filter, value}` entries (first entry whose `filter` is a substring of the tensor name wins;
@@ -14,8 +21,10 @@ no filter, or "*", matches every tensor). See `evaluate`.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,11 +42,35 @@ UNSUPPORTED_KEYS = {
 MODEL_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "base_model", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
+TOKENIZER_KEYS = ("source",)
+UNSUPPORTED_TOKENIZER_KEYS = {
+    "tokens": "per-token embedding sources need vocabulary surgery, which is not supported",
+    "pad_to_multiple_of": "vocabulary padding is not supported",
+}
+UNSUPPORTED_MODEL_REF_KEYS = {
+    "lora": "LoRA adapters are not supported",
+    "override_architecture": "the architecture comes from the model's config.json",
+}
+IGNORED_SLICE_KEYS = {"residual_weight": "mergekit declares it but never uses it"}
 DTYPES = ("float32", "float16", "bfloat16")  # float64 would need jax_enable_x64
 
 
 class RecipeError(ValueError):
     """A merge recipe that cannot be used; the message names the file and key at fault."""
+
+
+class IgnoredKeyWarning(UserWarning):
+    """A recipe key that mergekit accepts and ignores, so hm3jax ignores it too (`strict`: an error)."""
+
+
+_STRICT: contextvars.ContextVar[bool] = contextvars.ContextVar("hm3jax_recipe_strict", default=False)
+
+
+def _ignored(warning: str, error: str) -> None:
+    """A key mergekit ignores: IgnoredKeyWarning(warning), or RecipeError(error) while parsing strictly."""
+    if _STRICT.get():
+        raise RecipeError(error)
+    warnings.warn(warning, IgnoredKeyWarning, stacklevel=3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +114,20 @@ class Recipe:
 
 
 # ------------------------------------------------------------------------------------------ parsing
-def load_recipe(src: str | os.PathLike | Mapping[str, Any]) -> Recipe:
-    """Parse a recipe from a YAML file path or an already-loaded dict. Raises RecipeError."""
+def load_recipe(src: str | os.PathLike | Mapping[str, Any], strict: bool = False) -> Recipe:
+    """Parse a recipe from a YAML file path or an already-loaded dict. Raises RecipeError.
+
+    Keys mergekit ignores (module docstring) are dropped with an IgnoredKeyWarning each, or with
+    `strict` raise RecipeError.
+    """
+    token = _STRICT.set(bool(strict))
+    try:
+        return _load_recipe(src)
+    finally:
+        _STRICT.reset(token)
+
+
+def _load_recipe(src: str | os.PathLike | Mapping[str, Any]) -> Recipe:
     text = ""
     if isinstance(src, Mapping):
         raw, where = dict(src), "recipe"
@@ -120,8 +165,8 @@ def load_recipe(src: str | os.PathLike | Mapping[str, Any]) -> Recipe:
             raise RecipeError(f"{where}: give tokenizer_source or tokenizer, not both")
         if not isinstance(raw["tokenizer"], dict):
             raise RecipeError(f"{where}: tokenizer must be a mapping with a 'source' key")
-        _check_keys(raw["tokenizer"], ("source",), f"{where}: tokenizer")
-        tok = raw["tokenizer"].get("source")
+        _check_keys(raw["tokenizer"], TOKENIZER_KEYS, f"{where}: tokenizer", extra=UNSUPPORTED_TOKENIZER_KEYS)
+        tok = raw["tokenizer"].get("source", "union")  # mergekit's default
     if tok == "union":
         raise RecipeError(f"{where}: tokenizer_source 'union' (vocabulary surgery) is not supported; "
                           "supported: 'base' or a model path")
@@ -149,19 +194,25 @@ def input_paths(recipe: Recipe) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
-def _check_keys(d: Mapping, allowed: tuple, where: str, extra: Mapping[str, str] | None = None) -> None:
+def _check_keys(d: Mapping, allowed: tuple, where: str, extra: Mapping[str, str] | None = None,
+                ignored: Mapping[str, str] | None = None) -> None:
+    """Refuse the `extra` keys (mergekit uses them, hm3jax cannot); warn about (strict: refuse) keys
+    outside `allowed`, which mergekit ignores (`ignored`: known ones, with the reason)."""
     for k in d:
         if extra and k in extra:
             raise RecipeError(f"{where}: key {k!r} is not supported ({extra[k]}); supported keys: "
                               f"{', '.join(allowed)}")
         if k not in allowed:
-            raise RecipeError(f"{where}: unknown key {k!r}; supported keys: {', '.join(allowed)}")
+            why = ignored[k] if ignored and k in ignored else "mergekit ignores unknown keys"
+            _ignored(f"{where}: ignoring key {k!r} ({why}); supported keys: {', '.join(allowed)}",
+                     f"{where}: unknown key {k!r}; supported keys: {', '.join(allowed)} (strict: {why})")
 
 
 def _model_ref(v: Any, where: str, optional: bool = False) -> str | None:
     if v is None and optional:
         return None
-    if isinstance(v, dict) and set(v) <= {"model"} and isinstance(v.get("model"), str):
+    if isinstance(v, dict) and isinstance(v.get("model"), str):
+        _check_keys(v, ("model",), where, extra=UNSUPPORTED_MODEL_REF_KEYS)
         v = v["model"]  # mergekit's long form {model: path}
     if not isinstance(v, str) or not v:
         raise RecipeError(f"{where}: expected a model path (a local HF directory), got {v!r}")
@@ -192,7 +243,7 @@ def _parse_model(m: Any, method: MergeMethod, where: str) -> Source:
 def _parse_slice(s: Any, method: MergeMethod, where: str) -> OutputSlice:
     if not isinstance(s, dict) or not isinstance(s.get("sources"), list) or not s["sources"]:
         raise RecipeError(f"{where}: expected a mapping with a non-empty 'sources' list")
-    _check_keys(s, SLICE_KEYS, where)
+    _check_keys(s, SLICE_KEYS, where, ignored=IGNORED_SLICE_KEYS)
     sources = []
     for i, src in enumerate(s["sources"]):
         w = f"{where}.sources[{i}]"
@@ -219,11 +270,19 @@ def _parse_params(p: Any, method: MergeMethod, where: str) -> Mapping[str, Any]:
         return {}
     if not isinstance(p, dict):
         raise RecipeError(f"{where}: expected a mapping of parameter name -> setting")
-    for k in p:
-        if k not in method.params:
-            raise RecipeError(f"{where}: merge method {method.name!r} has no parameter {k!r}; its "
-                              f"parameters: {', '.join(method.params) or 'none'}")
-    return {k: _parse_setting(v, f"{where}.{k}") for k, v in p.items()}
+    out = {}
+    for k, v in p.items():
+        if k in method.params:
+            out[k] = _parse_setting(v, f"{where}.{k}")
+            continue
+        if v != []:  # mergekit checks the form of every setting, an empty list included
+            _parse_setting(v, f"{where}.{k}")
+        known = ", ".join(method.params) or "none"
+        _ignored(f"{where}: merge method {method.name!r} has no parameter {k!r}; ignoring it, as mergekit "
+                 f"does (its parameters: {known})",
+                 f"{where}: merge method {method.name!r} has no parameter {k!r}; its parameters: {known} "
+                 "(strict: mergekit would ignore it)")
+    return out
 
 
 def _parse_setting(v: Any, where: str) -> Any:
@@ -242,7 +301,8 @@ def _parse_setting(v: Any, where: str) -> Any:
 
 
 def _parse_conditional(d: dict, where: str) -> Conditional:
-    _check_keys(d, ("value", "filter"), where)
+    why = "mergekit ignores unknown keys" + ("" if "filter" in d else "; with no 'filter' the entry matches every tensor")
+    _check_keys(d, ("value", "filter"), where, ignored={k: why for k in d})
     if "value" not in d:
         raise RecipeError(f"{where}: a filtered setting needs a 'value'")
     f = d.get("filter")

@@ -101,7 +101,7 @@ def parse_shard_size(size: int | str) -> int:
 def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike, *,
                  overwrite: bool = False, max_shard_size: int | str = "5B", seed: int = 0,
                  copy_tokenizer: bool = True, prefetch: int = 2, prefetch_bytes: int | str = PREFETCH_BYTES,
-                 progress: bool = True, allow_nonfinite: bool = False) -> str:
+                 progress: bool = True, allow_nonfinite: bool = False, strict: bool = False) -> str:
     """Run a mergekit-style recipe from checkpoints on disk into `out_dir` (an HF model directory).
 
     Args:
@@ -118,6 +118,8 @@ def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.Pa
       progress: show a tqdm progress bar (bytes written) on stderr.
       allow_nonfinite: NaN/Inf in an input or merged tensor is a NonFiniteWarning instead of a
         NonFiniteError.
+      strict: recipe keys mergekit ignores (undeclared parameters, unknown keys; see
+        hm3jax.merging.recipe) raise RecipeError instead of an IgnoredKeyWarning each.
     Returns the absolute output path. Raises RecipeError / PlanError / OutputExistsError /
     UnsafeOutputError / CheckpointError / NonFiniteError with messages naming the key, tensor or file
     at fault; on any error (and on KeyboardInterrupt) nothing is left at `out_dir`, an old `out_dir`
@@ -132,7 +134,7 @@ def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.Pa
         raise ValueError(f"prefetch_bytes {prefetch_bytes!r}: expected a positive number of bytes, "
                          "an int or a string like '512MiB', '1GB'") from None
     recipe_file = None if isinstance(recipe, (dict, Recipe)) else os.fspath(recipe)
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, strict=strict)
     inputs = [recipe_file, *input_paths(recipe)]
     check_output_path(out_dir, inputs)
     # Where hm3jax.io.interrupt handles signals (the CLI), they stop the run between tensors.
