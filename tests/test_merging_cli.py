@@ -46,7 +46,7 @@ def _left_behind(tmp_path):
     ("no_base", r"merge method 'ties' needs a base model; set base_model"),
     ("density", r"tensor model\.embed_tokens\.weight: density 1\.5 is outside \(0, 1\]"),
     ("density0", r"density 0\.0 is outside \(0, 1\]"),
-    ("method", r"unknown merge method 'tiez'; supported: breadcrumbs, .*ties"),
+    ("method", r"unknown merge method 'tiez'; supported: arcee_fusion, breadcrumbs, .*ties"),
     ("missing_model", r"model '/nonexistent/m' is not a local directory"),
     ("slices", r"all sources of a slice must have the same number of layers"),
     ("weight", r"needs parameter 'weight' for tensor model\.embed_tokens\.weight"),

@@ -36,6 +36,11 @@ model_stock = METHODS["model_stock"].merge
 sce = METHODS["sce"].merge
 karcher = METHODS["karcher"].merge
 passthrough = METHODS["passthrough"].merge
+multislerp = METHODS["multislerp"].merge
+arcee_fusion = METHODS["arcee_fusion"].merge
+nearswap = METHODS["nearswap"].merge
+ram = METHODS["ram"].merge
+ramplus_tl = METHODS["ramplus_tl"].merge
 
 
 def merge_recipe(recipe, out_dir, **kwargs):
@@ -53,6 +58,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "UnknownMethodError",
+    "arcee_fusion",
     "breadcrumbs",
     "breadcrumbs_ties",
     "dare_linear",
@@ -70,8 +76,12 @@ __all__ = [
     "magnitude_outliers",
     "merge_recipe",
     "model_stock",
+    "multislerp",
+    "nearswap",
     "nuslerp",
     "passthrough",
+    "ram",
+    "ramplus_tl",
     "random_drop",
     "register",
     "rescale_masked",

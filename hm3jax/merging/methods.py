@@ -1,19 +1,20 @@
 """The registry of merge methods by name (what a recipe's `merge_method` selects).
 
 Families live in task_arithmetic.py (task_arithmetic, ties, dare_*, breadcrumbs*, della*),
-averaging.py (linear, model_stock, sce, passthrough) and spherical.py (slerp, nuslerp, karcher).
+averaging.py (linear, model_stock, sce, passthrough), spherical.py (slerp, nuslerp, multislerp,
+karcher) and selective.py (arcee_fusion, nearswap, ram, ramplus_tl).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from hm3jax.merging import averaging, spherical
+from hm3jax.merging import averaging, selective, spherical
 from hm3jax.merging import task_arithmetic as ta
 from hm3jax.merging.base import MergeMethod
 
 _ALL = (*ta.METHODS, averaging.linear, averaging.model_stock, averaging.sce, averaging.passthrough,
-        spherical.slerp, spherical.nuslerp, spherical.karcher)
+        spherical.slerp, spherical.nuslerp, spherical.multislerp, spherical.karcher, *selective.METHODS)
 
 METHODS: Mapping[str, MergeMethod] = {m.name: m for m in _ALL}
 

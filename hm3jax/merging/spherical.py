@@ -1,4 +1,4 @@
-"""Spherical merges: slerp, nuslerp and the Karcher mean (per tensor); semantics of mergekit 0.1.5."""
+"""Spherical merges: slerp, nuslerp, multislerp and the Karcher mean (per tensor); semantics of mergekit 0.1.5."""
 
 from __future__ import annotations
 
@@ -92,6 +92,55 @@ nuslerp = MergeMethod(
             "nuslerp_row_wise": Param(False, static=True, doc="one angle per slice along axis 0"),
             "nuslerp_flatten": Param(True, static=True, doc="one angle per whole tensor")},
     doc="SLERP with weights, optionally of task vectors")
+
+
+# --------------------------------------------------------------------------------------- multislerp
+def multislerp_tensor(base, models: Sequence[jax.Array], weights: jax.Array, key=None, *,
+                      normalize_weights: bool = True, eps=1e-8) -> jax.Array:
+    """Multi-SLERP: a weighted barycentre of M tensors on the hypersphere, of task vectors with a base.
+
+    x_i = θ_i − θ_base (θ_i without a base), flattened; u_i = x_i / (‖x_i‖ + eps); weights w (divided
+    by their sum when `normalize_weights`). The weighted mean direction m = Σ w_i u_i / ‖Σ w_i u_i‖;
+    the weighted tangent vector v = Σ w_i (u_i − (u_i·m) m) at m is mapped back by the exponential
+    map, m cos‖v‖ + v sin‖v‖/‖v‖ (‖v‖ + eps), and scaled by Σ w_i ‖x_i‖; the base is added back.
+    One model is returned unchanged (base ignored). When ‖Σ w_i u_i‖ < eps, two models are mixed
+    linearly (Σ w_i x_i, plus the base); for more, mergekit raises an error and the result here is NaN
+    (which `python -m hm3jax.merge` refuses as a non-finite merged tensor).
+    base `[*S]` or None, models: M arrays `[*S]`, weights `[M]` -> `[*S]`.
+    """
+    del key
+    models = list(models)
+    if len(models) == 1:
+        return models[0]
+    shape = models[0].shape
+    xs = [(x if base is None else x - base).reshape(-1) for x in models]
+    w = jnp.broadcast_to(jnp.asarray(weights, xs[0].dtype), (len(xs),))
+    if normalize_weights:
+        w = w / jnp.sum(w)
+    eps = jnp.asarray(eps, xs[0].dtype)
+    norms = [jnp.linalg.norm(x) for x in xs]
+    units = [x / (n + eps) for x, n in zip(xs, norms)]
+    mean = sum_models([u * w[i] for i, u in enumerate(units)])
+    mean_norm = jnp.linalg.norm(mean)
+    degenerate = mean_norm < eps
+    mean = mean / jnp.where(degenerate, 1, mean_norm)
+    tangent = sum_models([(u - jnp.sum(u * mean) * mean) * w[i] for i, u in enumerate(units)])
+    tn = jnp.linalg.norm(tangent) + eps
+    out = (mean * jnp.cos(tn) + tangent * (jnp.sin(tn) / tn)) * sum_models([n * w[i] for i, n in enumerate(norms)])
+    if len(xs) == 2:
+        fallback = xs[0] * w[0] + xs[1] * w[1]
+    else:
+        fallback = jnp.full_like(out, jnp.nan)
+    out = jnp.where(degenerate, fallback, out).reshape(shape)
+    return out if base is None else out + base
+
+
+multislerp = MergeMethod(
+    name="multislerp", base="optional", random=False, merge_tensor=multislerp_tensor,
+    params={"weight": Param(REQUIRED, per_model=True, doc="weight of each model"),
+            "normalize_weights": Param(True, static=True, doc="divide the weights by their sum"),
+            "eps": Param(1e-8, doc="guard added to norms")},
+    doc="spherical barycentre of several models or task vectors", vmap_layers=True)
 
 
 # --------------------------------------------------------------------------------------- karcher
