@@ -177,6 +177,8 @@ def new_recipes(z):
             **f32, "merge_method": "ram", "base_model": z["base"], "parameters": {"epsilon": 0.01},
             "models": _models(z, [{}, {}])},
         "ramplus_tl": {**f32, "merge_method": "ramplus_tl", "base_model": z["base"], "models": _models(z, [{}, {}, {}])},
+        "ramplus_tl_base_only": {  # no model besides the base: the base
+            **f32, "merge_method": "ramplus_tl", "base_model": z["base"], "models": [{"model": z["base"]}]},
         "ramplus_tl_params": {
             **f32, "merge_method": "ramplus_tl", "base_model": z["base"],
             "parameters": {"r": 0.5, "alpha": [0.6, 2.0], "epsilon": 0.005}, "models": _models(z, [{}, {}])},

@@ -111,9 +111,12 @@ def ram_tensor(base: jax.Array, models: Sequence[jax.Array], weights=None, key=N
                epsilon=1e-5) -> jax.Array:
     """RAM: each entry changed (|τ_i| > epsilon) by k models gets the mean of those k changes.
 
-    Output θ_base + Σ_i τ_i·[|τ_i| > ε] / max(k, 1). base `[*S]`, models: M arrays `[*S]` -> `[*S]`.
+    Output θ_base + Σ_i τ_i·[|τ_i| > ε] / max(k, 1); the base itself when M = 0 (a recipe listing only
+    the base). base `[*S]`, models: M >= 0 arrays `[*S]` -> `[*S]`.
     """
     del weights, key
+    if not len(models):
+        return base
     tvs, _, count = _ram_parts(base, list(models), epsilon)
     div = jnp.maximum(count, 1).astype(base.dtype)
     return base + sum_models([t / div for t in tvs])
@@ -125,9 +128,12 @@ def ramplus_tl_tensor(base: jax.Array, models: Sequence[jax.Array], weights=None
 
     Per model i over the whole tensor: ρ_i = (#entries it shares with another model) / max(#entries
     only it changed, ε), λ_i = 1 + r·clip(ρ_i, 0, α). Entries changed by one model take λ_i·τ_i;
-    entries changed by k >= 2 models the mean of their changes. base `[*S]`, models: M arrays `[*S]`.
+    entries changed by k >= 2 models the mean of their changes; the base itself when M = 0.
+    base `[*S]`, models: M >= 0 arrays `[*S]` -> `[*S]`.
     """
     del weights, key
+    if not len(models):
+        return base
     tvs, changed, count = _ram_parts(base, list(models), epsilon)
     unique, overlap = count == 1, count > 1
     div = jnp.maximum(count, 1).astype(base.dtype)
@@ -143,13 +149,13 @@ def ramplus_tl_tensor(base: jax.Array, models: Sequence[jax.Array], weights=None
 
 
 ram = MergeMethod(
-    name="ram", base="required", random=False, merge_tensor=ram_tensor,
+    name="ram", base="required", random=False, merge_tensor=ram_tensor, min_models=0,
     params={"epsilon": Param(1e-5, doc="a |task vector| entry above this counts as changed")},
     doc="Reinforced Agent Merging: mean of the changes made to each entry (arXiv:2601.13572)",
     vmap_layers=True)
 
 ramplus_tl = MergeMethod(
-    name="ramplus_tl", base="required", random=False, merge_tensor=ramplus_tl_tensor,
+    name="ramplus_tl", base="required", random=False, merge_tensor=ramplus_tl_tensor, min_models=0,
     params={"r": Param(0.1, doc="gain on the overlap ratio"),
             "alpha": Param(0.2, doc="cap on the overlap ratio"),
             "epsilon": Param(1e-5, doc="a |task vector| entry above this counts as changed")},
