@@ -295,3 +295,29 @@ def test_newmethods_pytree_api_matches_mergekit(zoo, tmp_path, case):
                 diff = np.where(diff > ATOL, 0, diff)
             worst = max(worst, float(diff.max()))
     assert worst <= ATOL, worst
+
+
+@pytest.mark.slow
+def test_newmethods_multislerp_degenerate_matches_mergekit():
+    """Weighted directions that cancel: two models fall back to a linear mix (as mergekit); for three,
+    mergekit raises and hm3jax gives NaN, which the out-of-core merge refuses as a non-finite tensor."""
+    import jax.numpy as jnp
+    import torch
+    from mergekit.merge_methods.base import TensorGroup
+    from mergekit.merge_methods.multislerp import multislerp as mk_multislerp
+
+    rng = np.random.default_rng(5)
+    base, d = (np.round(rng.normal(size=(8, 16)) * 8).astype(np.float32) / 8 for _ in range(2))  # exact ±
+    ms = [base + d, base - d]  # opposite task vectors, equal weights: unit directions cancel exactly
+    (ref,) = mk_multislerp([TensorGroup.from_tensors([torch.from_numpy(x) for x in [base, *ms]], base_index=0)],
+                           parameters={"weight": [0.5, 0.5]})
+    got = merging.METHODS["multislerp"].merge_tensor(jnp.asarray(base), [jnp.asarray(x) for x in ms],
+                                                     jnp.asarray([0.5, 0.5]))
+    np.testing.assert_allclose(np.asarray(got), ref.numpy(), atol=1e-6)
+    three = [base + d, base - d, base + d]
+    with pytest.raises(ValueError, match="weighted sum of the input tensors is zero"):
+        mk_multislerp([TensorGroup.from_tensors([torch.from_numpy(x) for x in [base, *three]], base_index=0)],
+                      parameters={"weight": [0.25, 0.5, 0.25]})
+    got = merging.METHODS["multislerp"].merge_tensor(jnp.asarray(base), [jnp.asarray(x) for x in three],
+                                                     jnp.asarray([0.25, 0.5, 0.25]))
+    assert np.all(np.isnan(np.asarray(got)))
