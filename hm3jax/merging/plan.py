@@ -1,15 +1,22 @@
 """From a recipe and the input checkpoints' headers to a list of per-tensor jobs (no tensor data read).
 
-Every input's config.json must be a supported model; in the `models` form all models must have the
-same number of layers (use `slices` otherwise); weights must be float tensors; `linear` weights that
+Architecture-agnostic: the tensors to merge, their shapes and which of them form layer stacks come
+from the safetensors headers and config.json (merging/layout.py), so any HF safetensors checkpoint
+merges (Llama, Mistral, Qwen, Gemma, Granite, Phi, GPT-2, LLaVA's language and vision towers, ...).
+Inputs must share the output's tensor names (a tied output head falls back to the input embedding,
+as in mergekit) and `model_type`; in the `models` form every stack must have the same number of
+layers in all models (use `slices` otherwise); `slices` need a single layer stack (mergekit's
+`modules` syntax for several is not supported); weights must be float tensors; `linear` weights that
 sum to 0 under `normalize` are refused (the division would make every tensor NaN/Inf).
 
-Follows mergekit 0.1.5's planner: the `models` form becomes one output slice over all layers (the base
-model is appended as an input when it is not listed); each output slice's layer i gets
-t = i / (n − 1) (t = 1 for a one-layer slice) for gradients; embeddings take the first slice's
-inputs, the final norm and head the last slice's, both at t = 0. Shared parameters match filters
-against the output tensor name; per-model parameters against that model's input tensor name.
-Precedence, highest first: the source's own `parameters`, the slice's, the top-level ones.
+Follows mergekit 0.1.5's planner: the `models` form becomes one output slice over all layers of each
+stack (the base model is appended as an input when it is not listed); an output slice's layer i gets
+t = i / (n − 1) (t = 1 for a one-layer slice) for gradients; tensors outside the stacks take the
+first slice's inputs (embeddings) or the last slice's (final norms and heads), both at t = 0. Shared
+parameters match filters against the output tensor name; per-model parameters against that model's
+input tensor name. Precedence, highest first: the source's own `parameters`, the slice's, the
+top-level ones. With `slices`, the output config.json's layer count (the stack's key, e.g.
+`num_hidden_layers`, `n_layer`) is the number of layers written.
 """
 
 from __future__ import annotations
@@ -24,11 +31,8 @@ import numpy as np
 from hm3jax.io.assemble import FLOAT_DTYPES
 from hm3jax.io.safetensors_io import CheckpointReader, dtype_code
 from hm3jax.merging.base import MergeMethod
+from hm3jax.merging.layout import LAYER_KEYS, Layout, LayoutError, get_dotted, read_layout, set_dotted, tied_embedding
 from hm3jax.merging.recipe import OutputSlice, Recipe, RecipeError, Source, resolve
-from hm3jax.models.config import ConfigError, ModelConfig
-from hm3jax.models.params import layer_shapes
-
-EMBED, NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 
 
 class PlanError(ValueError):
@@ -69,7 +73,7 @@ def open_readers(recipe: Recipe) -> dict[str, CheckpointReader]:
     paths = []
     if recipe.base_model:
         paths.append(recipe.base_model)
-    for s in _slices(recipe, None):
+    for s in _slices(recipe):
         paths += [src.model for src in s.sources] + ([s.base_model] if s.base_model else [])
     readers = {}
     for p in dict.fromkeys(paths):
@@ -79,39 +83,30 @@ def open_readers(recipe: Recipe) -> dict[str, CheckpointReader]:
         readers[p] = CheckpointReader(p)
         if readers[p].config is None:
             raise PlanError(f"model {p}: no config.json")
-        cfg_path = os.path.join(p, "config.json")
-        try:  # every input, not only the one whose config the output takes, must be a supported model
-            ModelConfig.from_hf_dict(readers[p].config, source=cfg_path)
-        except ConfigError:
-            raise
-        except (TypeError, ValueError) as e:
-            raise PlanError(f"{cfg_path}: a field has a value of the wrong type ({e}); expected an HF "
-                            "config.json of a supported model") from None
+    types = {p: r.config.get("model_type") for p, r in readers.items()}
+    kinds = {t for t in types.values() if t is not None}
+    if len(kinds) > 1:
+        detail = ", ".join(f"{p} is {t!r}" for p, t in types.items())
+        raise PlanError(f"{recipe.source}: the models' config.json model_type differ ({detail}); models of "
+                        "different architectures do not merge tensor by tensor")
     return readers
 
 
-def _num_layers(readers, model: str) -> int:
-    n = readers[model].config.get("num_hidden_layers")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise PlanError(f"{os.path.join(model, 'config.json')}: num_hidden_layers is {n!r}; expected a "
-                        "positive integer (the number of transformer layers)")
-    return n
+def layouts_of(readers: Mapping[str, CheckpointReader]) -> dict[str, Layout]:
+    """Each model's layer stacks and loose tensors (merging/layout.py); LayoutError -> PlanError."""
+    try:
+        return {p: read_layout(r.names, r.config, p) for p, r in readers.items()}
+    except LayoutError as e:
+        raise PlanError(str(e)) from None
 
 
-def _slices(recipe: Recipe, readers) -> list[OutputSlice]:
+def _slices(recipe: Recipe) -> list[OutputSlice]:
+    """The output slices; the `models` form is one slice over every model (and the base)."""
     if recipe.slices is not None:
         return list(recipe.slices)
     sources = list(recipe.models)
     if recipe.base_model and recipe.base_model not in [s.model for s in sources]:
         sources.append(Source(model=recipe.base_model))
-    if readers is not None:
-        counts = {s.model: _num_layers(readers, s.model) for s in sources}
-        if len(set(counts.values())) > 1:
-            detail = ", ".join(f"{m} has {n}" for m, n in counts.items())
-            raise PlanError(f"{recipe.source}: models: the models have different numbers of layers ({detail}); "
-                            "the `models` form merges layer i with layer i and would drop layers. Use "
-                            "`slices` with a layer_range per model to say which layers to merge")
-        sources = [dataclasses.replace(s, layer_range=(0, counts[s.model])) for s in sources]
     return [OutputSlice(sources=tuple(sources))]
 
 
@@ -152,24 +147,16 @@ def _check_values(method: MergeMethod, p: Mapping[str, Any], where: str) -> None
 def _input_name(reader: CheckpointReader, name: str) -> str | None:
     if name in reader:
         return name
-    if name == HEAD and EMBED in reader:
-        return EMBED  # tied embeddings: the head is the embedding matrix
-    return None
+    return tied_embedding(reader.names, name)  # a tied head is the embedding matrix (as mergekit)
 
 
 def build_plan(recipe: Recipe, readers: Mapping[str, CheckpointReader]) -> MergePlan:
     """Every output tensor's inputs and parameters, with shapes checked. Reads headers only."""
     method = recipe.method
-    slices = _slices(recipe, readers)
-    for i, s in enumerate(slices):
-        for src in s.sources:
-            n = _num_layers(readers, src.model)
-            if src.layer_range[1] > n:
-                raise PlanError(f"{recipe.source}: slices[{i}]: layer_range {list(src.layer_range)} of "
-                                f"{src.model} exceeds its {n} layers")
+    slices = _slices(recipe)
+    layouts = layouts_of(readers)
     donor = recipe.base_model or slices[0].sources[0].model
-    cfg = ModelConfig.from_hf_dict(readers[donor].config, source=os.path.join(donor, "config.json"))
-    suffixes = [".".join(p) for p in layer_shapes(cfg)]
+    lay = layouts[donor]
     jobs: list[TensorJob] = []
 
     def add(name: str, s: OutputSlice, in_names: list[str], t: float, where: str):
@@ -217,23 +204,60 @@ def build_plan(recipe: Recipe, readers: Mapping[str, CheckpointReader]) -> Merge
                               per_model=tuple(per_model), shape=tuple(shapes[0]), in_dtype=in_dtype))
 
     first, last = slices[0], slices[-1]
-    add(EMBED, first, [EMBED] * len(first.sources), 0.0, "embeddings")
-    out_layer = 0
-    for i, s in enumerate(slices):
-        lo, hi = s.sources[0].layer_range
-        n = hi - lo
-        for idx in range(n):
-            t = idx / (n - 1) if n > 1 else 1.0
-            for suf in suffixes:
-                in_names = [f"model.layers.{src.layer_range[0] + idx}.{suf}" for src in s.sources]
-                add(f"model.layers.{out_layer}.{suf}", s, in_names, t, f"slices[{i}] layer {idx}")
-            out_layer += 1
-    add(NORM, last, [NORM] * len(last.sources), 0.0, "final norm")
-    if any(HEAD in readers[src.model] for src in last.sources):
-        add(HEAD, last, [HEAD] * len(last.sources), 0.0, "head")
-
+    for name in _loose(lay.pre, first, layouts, readers, "pre"):
+        add(name, first, [name] * len(first.sources), 0.0, "embeddings")
     config = dict(readers[donor].config)
-    config["num_hidden_layers"] = out_layer
+    if recipe.slices is None:
+        for st in lay.stacks:
+            counts = {}
+            for src in first.sources:
+                other = layouts[src.model].stack(st.prefix)
+                if other is None:
+                    raise PlanError(f"model {src.model} has no layer stack {st.prefix} (tensors {st.prefix}.N.*), "
+                                    f"which {donor} has")
+                counts[src.model] = other.n
+            if len(set(counts.values())) > 1:
+                detail = ", ".join(f"{m} has {n}" for m, n in counts.items())
+                raise PlanError(f"{recipe.source}: models: the models have different numbers of layers in "
+                                f"{st.prefix} ({detail}); the `models` form merges layer i with layer i and "
+                                "would drop layers. Use `slices` with a layer_range per model to say which "
+                                "layers to merge")
+            for idx in range(st.n):
+                t = idx / (st.n - 1) if st.n > 1 else 1.0
+                for suf in st.layers[idx]:
+                    name = st.name(idx, suf)
+                    add(name, first, [name] * len(first.sources), t, f"{st.prefix} layer {idx}")
+    else:
+        st = _single_stack(lay, donor, recipe.source)
+        for i, s in enumerate(slices):
+            for src in s.sources:
+                other = layouts[src.model].stack(st.prefix)
+                if other is None:
+                    raise PlanError(f"{recipe.source}: slices[{i}]: model {src.model} has no layer stack "
+                                    f"{st.prefix} (tensors {st.prefix}.N.*), which {donor} has")
+                if src.layer_range[1] > other.n:
+                    raise PlanError(f"{recipe.source}: slices[{i}]: layer_range {list(src.layer_range)} of "
+                                    f"{src.model} exceeds its {other.n} layers")
+        out_layer, origins = 0, []
+        for i, s in enumerate(slices):
+            lo, hi = s.sources[0].layer_range
+            ref = layouts[s.sources[0].model].stack(st.prefix)
+            n = hi - lo
+            for idx in range(n):
+                t = idx / (n - 1) if n > 1 else 1.0
+                for suf in ref.layers[lo + idx]:
+                    in_names = [st.name(src.layer_range[0] + idx, suf) for src in s.sources]
+                    add(st.name(out_layer, suf), s, in_names, t, f"slices[{i}] layer {idx}")
+                origins.append((s.sources[0].model, lo + idx))
+                out_layer += 1
+        if st.config_key is None:
+            raise PlanError(f"{os.path.join(donor, 'config.json')}: no layer count for {st.prefix} (looked for "
+                            f"{', '.join(LAYER_KEYS)}), so the output's config.json cannot give its "
+                            f"{out_layer} layers")
+        config = _per_layer_config(set_dotted(config, st.config_key, out_layer), st, origins, readers, layouts)
+    for name in _loose(lay.post, last, layouts, readers, "post"):
+        add(name, last, [name] * len(last.sources), 0.0, "final norm and head")
+
     out_dtype = recipe.out_dtype or recipe.dtype
     if out_dtype:
         config["dtype"] = out_dtype
@@ -248,3 +272,48 @@ def build_plan(recipe: Recipe, readers: Mapping[str, CheckpointReader]) -> Merge
         raise RecipeError(f"{recipe.source}: tokenizer_source {tok!r} is not 'base' or a local model directory")
     return MergePlan(recipe=recipe, method=method, jobs=tuple(jobs), config=config, donor=donor,
                      tokenizer_from=tok or donor)
+
+
+def _single_stack(lay: Layout, donor: str, where: str):
+    if len(lay.stacks) == 1:
+        return lay.stacks[0]
+    if not lay.stacks:
+        raise PlanError(f"{where}: slices: model {donor} has no layer-indexed tensors (names like "
+                        "model.layers.N.*), so there are no layers to slice")
+    raise PlanError(f"{where}: slices: model {donor} has {len(lay.stacks)} layer stacks "
+                    f"({', '.join(s.prefix for s in lay.stacks)}); `slices` take one (mergekit's `modules` "
+                    "syntax for several is not supported); use the `models` form")
+
+
+def _loose(names: tuple[str, ...], s: OutputSlice, layouts: Mapping[str, Layout],
+           readers: Mapping[str, CheckpointReader], part: str) -> list[str]:
+    """The tensors outside the stacks, taken from slice `s`: the donor's, and an output head (lm_head)
+    when any of the slice's models has one (it is skipped when none has; a model without one gives its
+    tied embedding), as mergekit treats the optional head."""
+    out = list(names)
+    for src in s.sources:
+        out += [n for n in getattr(layouts[src.model], part) if n not in out and n.endswith("lm_head.weight")]
+    return [n for n in out if not n.endswith("lm_head.weight") or any(n in readers[src.model] for src in s.sources)]
+
+
+def _per_layer_config(config: dict, st, origins: list[tuple[str, int]], readers: Mapping[str, CheckpointReader],
+                      layouts: Mapping[str, Layout]) -> dict:
+    """Per-layer lists next to the layer count (`layer_types`, ...: a list with one entry per layer)
+    re-indexed for the output's layers, each entry from the model and layer it was taken from, so the
+    output config stays loadable (transformers checks len(layer_types) == num_hidden_layers)."""
+    sub = st.config_key.rpartition(".")[0]
+    where = get_dotted(config, sub) if sub else config
+    for key, value in list(where.items()):
+        if key == "architectures" or not isinstance(value, list) or len(value) != st.n:
+            continue
+        path = f"{sub}.{key}" if sub else key
+        new = []
+        for model, j in origins:
+            theirs = get_dotted(readers[model].config, path)
+            n = layouts[model].stack(st.prefix).n
+            if not isinstance(theirs, list) or len(theirs) != n:
+                raise PlanError(f"{os.path.join(model, 'config.json')}: {path} is not a list of {n} per-layer "
+                                f"entries as in the other models; cannot write the output's {path}")
+            new.append(theirs[j])
+        config = set_dotted(config, path, new)
+    return config
