@@ -36,7 +36,8 @@ import numpy as np
 import yaml
 
 from hm3jax.io.atomic import atomic_output_dir, check_output_path
-from hm3jax.io.hf import TOKENIZER_FILES, save_pretrained
+from hm3jax.io.hf import save_pretrained
+from hm3jax.io.paths import TOKENIZER_FILES
 from hm3jax.models.config import ModelConfig
 from hm3jax.models.pool import shell_of
 

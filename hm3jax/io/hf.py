@@ -20,16 +20,11 @@ from hm3jax.io.assemble import EMBED, check_params, float_dtype, hf_order, param
 from hm3jax.io.atomic import atomic_output_dir, check_output_path
 from hm3jax.io.errors import CheckpointError, CheckpointNotFoundError, PickleCheckpointError
 from hm3jax.io.gguf import load_gguf_tokenizer
-from hm3jax.io.paths import model_file
+from hm3jax.io.paths import GENERATION_CONFIG_FILE, TOKENIZER_FILES, model_file
 from hm3jax.io.safetensors_io import CONFIG_FILE, CheckpointReader, ShardedWriter, parse_size, read_json_object
 from hm3jax.models.config import ConfigError, ModelConfig
 from hm3jax.models.params import get_path, hf_names
 
-GENERATION_CONFIG_FILE = "generation_config.json"
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-)
 _PICKLE_INDEX = "pytorch_model.bin.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 # Trainer side files that are pickles but not model weights.

@@ -6,6 +6,13 @@ import os
 
 from hm3jax.io.errors import CheckpointError
 
+# The files of an HF tokenizer (any that exist are copied beside exported or merged weights).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+GENERATION_CONFIG_FILE = "generation_config.json"
+
 
 def real_path(path: str | os.PathLike) -> str:
     """Absolute path with every symlink resolved (a missing tail is kept as written)."""

@@ -11,8 +11,6 @@ import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from hm3jax.moo.pareto import pareto_mask
 
@@ -43,6 +41,10 @@ def plot_front(
     Returns:
       out_path as a string.
     """
+    # matplotlib is imported here, when a plot is drawn, so `import hm3jax.moo` stays light.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     s = _as_scores("scores", scores, None)
     k = s.shape[1]
     if k < 2:
