@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from hm3jax.merging.base import REQUIRED, MergeMethod, Param, sum_models
 from hm3jax.merging.sparsify import topk_mask
-from hm3jax.merging.task_arithmetic import consensus_mask
+from hm3jax.merging.task_arithmetic import consensus_mask, true_divide
 
 
 # --------------------------------------------------------------------------------------- linear
@@ -23,8 +23,13 @@ def linear_tensor(base, models: Sequence[jax.Array], weights: jax.Array, key=Non
     del base, key
     models = list(models)
     w = jnp.broadcast_to(jnp.asarray(weights, models[0].dtype), (len(models),))
-    out = sum_models([w[i] * x for i, x in enumerate(models)])
-    return out / jnp.sum(w) if normalize else out
+    # mergekit's order: acc = w_0·θ_0, then acc = w_i·θ_i + acc (torch's addcmul_ is a fused
+    # multiply-add; written so, XLA:CPU emits the same FMAs, and float16/bfloat16 recipes, computed
+    # in float32 by both, round to the same tensors).
+    out = w[0] * models[0]
+    for i in range(1, len(models)):
+        out = w[i] * models[i] + out
+    return true_divide(out, sum_models([w[i] for i in range(len(models))])) if normalize else out
 
 
 linear = MergeMethod(

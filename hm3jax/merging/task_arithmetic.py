@@ -9,6 +9,13 @@ Per tensor, with τ_i = θ_i − θ_base (mergekit 0.1.5 semantics):
      positive minus negative δ_i ("count"); keep δ_i where sign(δ_i) == s (zeros never count);
      Δ = Σ δ_i m_i, divisor Σ w_i m_i (0 -> 1). Without: Δ = Σ δ_i, divisor Σ w_i (|.| < 1e-8 -> 1);
   4. Δ /= divisor when `normalize`; output θ_base + λ·Δ.
+
+Given float16/bfloat16 inputs the arithmetic is mergekit's, which runs it in that dtype with torch's
+CPU kernels: each operation is computed in float32 and rounded to the 16-bit dtype, sums over the
+models (sign election, Σ δ_i, Σ w_i) accumulate in float32 and round once, the weights are rounded to
+the 16-bit dtype, λ is not; the L1 rescale of the random drops runs in float32 for float16 (torch has
+no float16 Bernoulli on CPU) and in bfloat16 for bfloat16. Cast float16/bfloat16 inputs to float32 for
+float32 arithmetic (`python -m hm3jax.merge --compute-dtype float32`).
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 
 from hm3jax.merging import sparsify as sp
 from hm3jax.merging.base import REQUIRED, MergeMethod, Param, sum_models
@@ -25,6 +34,14 @@ from hm3jax.merging.base import REQUIRED, MergeMethod, Param, sum_models
 SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers", "della_magprune")
 CONSENSUS = (None, "sum", "count")
 RANDOM_SPARSIFIERS = ("random", "della_magprune")  # the ones that draw keep-masks (key or masks)
+LOW_PRECISION = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+
+
+def true_divide(x: jax.Array, d: jax.Array) -> jax.Array:
+    """x / d, also for a scalar d: XLA rewrites a division by a broadcast scalar into a multiplication
+    by its reciprocal (up to 1 ulp off); a divisor that depends on x elementwise stays a division, as
+    in torch (a non-finite x gives NaN instead of ±Inf; either is refused as non-finite)."""
+    return x / (d + x * 0)
 
 
 def _sparsify_one(kind: str, delta, p: dict, key, mask, rescale: bool, trim: str):
@@ -79,6 +96,9 @@ def generalized_task_arithmetic(base: jax.Array, models: Sequence[jax.Array], we
     Returns the merged tensor `[*S]`.
     """
     del int8_mask
+    if base.dtype in LOW_PRECISION:
+        return _gta_16bit(base, models, weights, key, masks, sparsification, consensus, normalize, rescale,
+                          trim, params)
     # Models stay separate arrays: stacking them would materialise an M-times copy (XLA:CPU does
     # not fuse the concatenation into the elementwise work), and the per-model loop is unrolled.
     deltas = [m - base for m in models]
@@ -108,6 +128,59 @@ def generalized_task_arithmetic(base: jax.Array, models: Sequence[jax.Array], we
         mixed = mixed / divisor
     mixed = mixed * jnp.asarray(params.get("lambda", 1.0), mixed.dtype)
     return (base + mixed).astype(base.dtype)
+
+
+def _gta_16bit(base, models, weights, key, masks, sparsification, consensus, normalize, rescale, trim, params):
+    """The pipeline in float16/bfloat16 as mergekit computes it with torch (module docstring)."""
+    dt, f32 = base.dtype, jnp.float32
+
+    def r(v):  # one torch CPU op: computed in float32, rounded to the 16-bit dtype
+        return v.astype(dt).astype(f32)
+
+    b = base.astype(f32)
+    deltas = [r(x.astype(f32) - b) for x in models]
+    m = len(deltas)
+    if sparsification is not None:
+        per = {k: jnp.broadcast_to(jnp.asarray(params[k]), (m,))
+               for k in ("density", "gamma", "epsilon", "keep", "top") if k in params}
+        random = sparsification in RANDOM_SPARSIFIERS
+        if random and masks is None and key is None:
+            raise ValueError(f"sparsification {sparsification!r} needs a PRNG key or masks")
+        keys = jax.random.split(key, m) if (random and masks is None) else [None] * m
+        mks = [None] * m if masks is None else list(masks)
+        out = []
+        for i, d in enumerate(deltas):
+            kept = _sparsify_one(sparsification, d, {k: v[i] for k, v in per.items()}, keys[i], mks[i], False, trim)
+            if rescale:  # L1 norm ratio; float32 work for float16 random drops (mergekit's CPU fallback)
+                work32 = random and dt == np.dtype(np.float16)
+                before, after = jnp.sum(jnp.abs(d)), jnp.sum(jnp.abs(kept))
+                if work32:
+                    ok = (before >= 1e-7) & (after >= 1e-7)
+                    kept = r(jnp.where(ok, kept * (before / jnp.where(ok, after, 1)), kept))
+                else:
+                    before, after, eps = r(before), r(after), r(jnp.float32(1e-7))
+                    ok = (before >= eps) & (after >= eps)
+                    kept = jnp.where(ok, r(kept * r(before / jnp.where(ok, after, 1))), kept)
+            out.append(kept)
+        deltas = out
+    w = r(jnp.broadcast_to(jnp.asarray(weights, f32), (m,)))
+    deltas = [r(w[i] * d) for i, d in enumerate(deltas)]
+    if consensus is not None:
+        signs = [jnp.sign(d) for d in deltas]
+        total = r(sum_models(deltas if consensus == "sum" else signs))
+        elected = jnp.where(total >= 0, 1.0, -1.0)
+        agree = [s == elected for s in signs]
+        mixed = r(sum_models([jnp.where(a, d, 0.0) for a, d in zip(agree, deltas)]))
+        divisor = r(sum_models([jnp.where(a, w[i], 0.0) for i, a in enumerate(agree)]))
+        divisor = jnp.where(divisor == 0, 1.0, divisor)
+    else:
+        mixed = r(sum_models(deltas))
+        divisor = r(sum_models([w[i] for i in range(m)]))
+        divisor = jnp.where(jnp.abs(divisor) < r(jnp.float32(1e-8)), 1.0, divisor)  # 1e-8 rounds to 0 in float16
+    if normalize:
+        mixed = r(true_divide(mixed, divisor))
+    mixed = r(mixed * jnp.asarray(params.get("lambda", 1.0), f32))
+    return (b + mixed).astype(dt)
 
 
 def _prepare_counts(kind: str | None):
