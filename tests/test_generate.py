@@ -147,17 +147,25 @@ def test_eos_stops_rows_and_pads_after(models, prompt):
     assert int(steps) == max(first) + 1 < N_NEW
 
 
-def test_no_retrace_across_prompt_values_and_paths(models):
+def test_no_retrace_across_prompt_values_and_paths(models, monkeypatch):
+    import importlib
+
+    gen = importlib.import_module("hm3jax.models.generate")  # the module (the package exports the function)
+
+    traces = []
+    rope = gen.rope_tables
+    monkeypatch.setattr(gen, "rope_tables", lambda *a: traces.append(1) or rope(*a))  # runs when traced
     pool, shell = build_pool(models), shell_of(models[0])
     rng = np.random.default_rng(11)
-    before = _generate._cache_size()
+    counts = []
     for _ in range(3):
-        tokens = rng.integers(0, CFG.vocab_size, (2, 5))
+        tokens = rng.integers(0, CFG.vocab_size, (2, 7))  # shapes no other test uses: a fresh trace
         mask = np.ones_like(tokens)
         mask[1, :rng.integers(0, 4)] = 0
         path = rng.integers(-1, pool.size, 4)
-        generate_path(CFG, shell, pool, path, tokens, mask, max_new_tokens=3, eos_token_id=2)
-    assert _generate._cache_size() == before + 1
+        generate_path(CFG, shell, pool, path, tokens, mask, max_new_tokens=5, eos_token_id=2)
+        counts.append(len(traces))
+    assert counts[0] > 0 and counts[1] == counts[2] == counts[0]
 
 
 def test_clear_errors(models):

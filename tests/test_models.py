@@ -237,6 +237,16 @@ def test_pool_rejects_mismatched_widths_and_bad_paths(two_models):
         pool.check_path([0, 3])
     with pytest.raises(PoolError, match="no layer 7"):
         pool.lookup(0, 7)
+    with pytest.raises(PoolError, match="no model 'expert9'; its models: model0"):
+        pool.lookup("expert9", 0)
+    # forward_path checks a concrete path as generate_path does (a traced one cannot be checked).
+    shell, tokens = shell_of(a), jnp.ones((1, 3), jnp.int32)
+    with pytest.raises(PoolError, match=r"outside the pool"):
+        forward_path(CFG, shell, pool, [0, 5], tokens)
+    with pytest.raises(ValueError, match="1-D array of pool indices"):
+        forward_path(CFG, shell, pool, [[0, 1]], tokens)
+    logits = jax.vmap(lambda p: forward_path(CFG, shell, pool, p, tokens))(jnp.asarray([[0, 1], [1, -1]]))
+    assert logits.shape == (2, 1, 3, CFG.vocab_size)
 
 
 def test_param_shapes_cover_init(two_models):

@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from hm3jax.models.config import ModelConfig
@@ -46,20 +47,34 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
     return params
 
 
-def attention_mask_4d(cfg: ModelConfig, attention_mask: jax.Array) -> jax.Array:
-    """bool [B, 1, 1, S, S]: causal, padding keys masked, Mistral's sliding window if set."""
-    S = attention_mask.shape[-1]
-    q = jnp.arange(S)[:, None]
-    k = jnp.arange(S)[None, :]
+def causal_mask(cfg: ModelConfig, key_mask: jax.Array, q_slots: jax.Array | None = None) -> jax.Array:
+    """bool [B, 1, 1, S, T] (True = may attend): causal, Mistral's sliding window if set, keys where
+    `key_mask` [B, T] is 0 masked. q_slots: int [S], the key slot of each query (default: 0..T-1,
+    a full sequence); causality and the window are measured in slots."""
+    T = key_mask.shape[-1]
+    q = (jnp.arange(T) if q_slots is None else q_slots)[:, None]
+    k = jnp.arange(T)[None, :]
     allowed = k <= q
     if cfg.sliding_window is not None:
         allowed &= (q - k) < cfg.sliding_window
-    keys = attention_mask.astype(bool)[:, None, None, None, :]
-    return allowed[None, None, None] & keys
+    return allowed[None, None, None] & key_mask.astype(bool)[:, None, None, None, :]
 
 
-def _embed(shell: dict, tokens: jax.Array) -> jax.Array:
+def embed(shell: dict, tokens: jax.Array) -> jax.Array:
+    """Token embeddings [B, S, D] of int tokens [B, S]."""
     return jnp.take(shell["embed_tokens"]["weight"], tokens, axis=0)
+
+
+def head(cfg: ModelConfig, shell: dict, h: jax.Array) -> jax.Array:
+    """float32 logits [..., V] of hidden states [..., D]: the final norm, then the (tied) head."""
+    h = rms_norm(h, shell["norm"]["weight"], cfg.rms_norm_eps)
+    w = shell["lm_head"]["weight"] if "lm_head" in shell else shell["embed_tokens"]["weight"]
+    return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
+
+
+def pool_layer(cfg: ModelConfig, layers: dict, idx: jax.Array) -> DecoderLayer:
+    """The layer at pool index `idx` (a negative index gives layer 0; callers skip it), as a module."""
+    return nnx.merge(_layer_graphdef(cfg), jax.tree.map(lambda a: a[jnp.maximum(idx, 0)], layers))
 
 
 def forward_path(cfg: ModelConfig, shell: dict, pool: LayerPool, path: jax.Array,
@@ -77,8 +92,21 @@ def forward_path(cfg: ModelConfig, shell: dict, pool: LayerPool, path: jax.Array
     Returns:
       float32 logits [B, S, vocab].
     """
-    return _forward_path(cfg, shell, pool.layers, jnp.asarray(path, jnp.int32), tokens,
-                         attention_mask)
+    path = jnp.asarray(path, jnp.int32)
+    if path.ndim != 1:
+        raise ValueError(f"path must be a 1-D array of pool indices, got shape {path.shape}")
+    concrete = concrete_or_none(path)
+    if concrete is not None:  # a traced path (vmapped over candidates) cannot be checked
+        pool.check_path(concrete)
+    return _forward_path(cfg, shell, pool.layers, path, tokens, attention_mask)
+
+
+def concrete_or_none(x) -> np.ndarray | None:
+    """x as numpy, or None under a jax transformation (where values cannot be checked)."""
+    try:
+        return np.asarray(x)
+    except jax.errors.TracerArrayConversionError:
+        return None
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -88,20 +116,16 @@ def _forward_path(cfg, shell, layers, path, tokens, attention_mask):
         attention_mask = jnp.ones((B, S), jnp.int32)
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
     cos, sin = rope_tables(cfg, positions)
-    mask = attention_mask_4d(cfg, attention_mask)
-    graphdef = _layer_graphdef(cfg)
+    mask = causal_mask(cfg, attention_mask)
 
     def step(h, idx):
-        layer_params = jax.tree.map(lambda a: a[jnp.maximum(idx, 0)], layers)
-        out = nnx.merge(graphdef, layer_params)(h, cos, sin, mask)
+        out = pool_layer(cfg, layers, idx)(h, cos, sin, mask)
         return jnp.where(idx >= 0, out, h), None
 
-    h = _embed(shell, tokens)
+    h = embed(shell, tokens)
     if path.shape[0]:  # an empty pool (zero-layer model) cannot even be indexed
         h, _ = jax.lax.scan(step, h, path)
-    h = rms_norm(h, shell["norm"]["weight"], cfg.rms_norm_eps)
-    head = shell["lm_head"]["weight"] if "lm_head" in shell else shell["embed_tokens"]["weight"]
-    return jnp.einsum("bsd,vd->bsv", h, head, preferred_element_type=jnp.float32)
+    return head(cfg, shell, h)
 
 
 def forward(cfg: ModelConfig, params: dict, tokens: jax.Array,

@@ -22,11 +22,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from hm3jax.models.config import ModelConfig
-from hm3jax.models.decoder import _embed, _layer_graphdef
-from hm3jax.models.layers import attend, rms_norm, rope_tables
+from hm3jax.models.decoder import causal_mask, concrete_or_none, embed, head, pool_layer
+from hm3jax.models.layers import rope_tables
 from hm3jax.models.pool import LayerPool, shell_of
 
 
@@ -86,7 +85,7 @@ def generate_path(cfg: ModelConfig, shell: dict, pool: LayerPool, path, prompt_t
     path = jnp.asarray(path, jnp.int32)
     if path.ndim != 1:
         raise ValueError(f"path must be a 1-D array of pool indices, got shape {path.shape}")
-    concrete_path = _concrete(path)
+    concrete_path = concrete_or_none(path)
     if concrete_path is not None:  # a traced path (vmapped over candidates) cannot be checked
         pool.check_path(concrete_path)
     return _generate_layers(cfg, shell, pool.layers, path, prompt_tokens, prompt_mask,
@@ -104,7 +103,7 @@ def _generate_layers(cfg, shell, layers, path, prompt_tokens, prompt_mask, max_n
     mask = jnp.ones((B, P), jnp.int32) if prompt_mask is None else jnp.asarray(prompt_mask, jnp.int32)
     if mask.shape != tokens.shape:
         raise ValueError(f"prompt_mask has shape {mask.shape}, prompt_tokens {tokens.shape}")
-    _check_prompt(cfg, _concrete(tokens), _concrete(mask), P, int(max_new_tokens))
+    _check_prompt(cfg, concrete_or_none(tokens), concrete_or_none(mask), P, int(max_new_tokens))
     if eos_token_id is None:
         eos = ()
     elif isinstance(eos_token_id, (int, np.integer)):
@@ -116,14 +115,6 @@ def _generate_layers(cfg, shell, layers, path, prompt_tokens, prompt_mask, max_n
     out, _ = _generate(cfg, shell, layers, path, tokens.astype(jnp.int32), mask,
                        max_new_tokens=int(max_new_tokens), eos=eos, pad=int(pad_token_id))
     return out
-
-
-def _concrete(x) -> np.ndarray | None:
-    """x as numpy, or None under a jax transformation (where values cannot be checked)."""
-    try:
-        return np.asarray(x)
-    except jax.errors.TracerArrayConversionError:
-        return None
 
 
 def _check_prompt(cfg: ModelConfig, tokens, mask, P: int, N: int) -> None:
@@ -153,41 +144,26 @@ def _run_path(cfg, shell, layers, path, tokens, positions, start, key_mask, cach
     Writes their keys and values into `cache` at every step and returns (float32 logits of the
     last column [B, V], the updated cache). key_mask: bool [B, S_max], False on prompt padding.
     """
-    S, S_max = tokens.shape[1], cache.k.shape[2]
+    S = tokens.shape[1]
     cos, sin = rope_tables(cfg, positions)
-    q_slot = start + jnp.arange(S)[:, None]
-    k_slot = jnp.arange(S_max)[None, :]
     # Slots past the query are empty or stale; causality hides them.
-    allowed = k_slot <= q_slot
-    if cfg.sliding_window is not None:
-        allowed &= (q_slot - k_slot) < cfg.sliding_window
-    mask = allowed[None, None, None] & key_mask[:, None, None, None, :]
-    graphdef = _layer_graphdef(cfg)
-    zero = jnp.zeros((), jnp.int32)
+    mask = causal_mask(cfg, key_mask, q_slots=start + jnp.arange(S))
 
     def step(carry, xs):
         h, ck, cv = carry
         t, idx = xs
-        layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[jnp.maximum(idx, 0)], layers))
-        attn = layer.self_attn
-        q, k, v = attn.qkv(layer.input_layernorm(h), cos, sin)
-        # Update only the new columns in place; a skipped step's entry is never attended to.
-        at = (t, zero, start, zero, zero)
-        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
-        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
-        out = h + attn.o_proj(attend(q, ck[t], cv[t], mask))
-        out = out + layer.mlp(layer.post_attention_layernorm(out))
+        out, (kt, vt) = pool_layer(cfg, layers, idx).step(h, cos, sin, mask, (ck[t], cv[t]), start)
+        # A skipped step's cache entry is written but never attended to.
+        ck, cv = ck.at[t].set(kt), cv.at[t].set(vt)
         return (jnp.where(idx >= 0, out, h), ck, cv), None
 
-    h = _embed(shell, tokens)
+    h = embed(shell, tokens)
     T = path.shape[0]
     if T:  # a zero-layer path has an empty cache that cannot be indexed
         (h, ck, cv), _ = jax.lax.scan(step, (h, cache.k, cache.v),
                                       (jnp.arange(T, dtype=jnp.int32), path))
         cache = KVCache(ck, cv)
-    h = rms_norm(h[:, -1], shell["norm"]["weight"], cfg.rms_norm_eps)
-    head = shell["lm_head"]["weight"] if "lm_head" in shell else shell["embed_tokens"]["weight"]
-    return jnp.einsum("bd,vd->bv", h, head, preferred_element_type=jnp.float32), cache
+    return head(cfg, shell, h[:, -1]), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos", "pad"))

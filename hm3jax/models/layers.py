@@ -143,8 +143,28 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """x: [B, S, D] -> [B, S, D]; mask: bool [B, 1, 1, S, S] (True = may attend)."""
+        return self.step(x, cos, sin, mask)[0]
+
+    def step(self, x, cos, sin, mask, cache=None, start=None):
+        """The layer, optionally over a KV cache: the one layer step of `forward` and `generate`.
+
+        cache: None (attend over x's own keys), or (k, v) of shape [B, S_max, Hkv, hd]: x's keys
+          and values are written at slots start..start+S-1 and the queries attend over all S_max
+          slots (mask: bool [B, 1, 1, S, S_max]).
+        Returns (output [B, S, D], the updated cache or None).
+        """
+        attn = self.self_attn
+        q, k, v = attn.qkv(self.input_layernorm(x), cos, sin)
+        if cache is not None:
+            zero = jnp.zeros((), jnp.int32)
+            ck, cv = cache
+            # Update only the new columns in place; slots past the queries are hidden by the mask.
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (zero, start, zero, zero))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (zero, start, zero, zero))
+            cache, k, v = (ck, cv), ck, cv
+        x = x + attn.o_proj(attend(q, k, v, mask))
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 # ---------------------------------------------------------------------------------------- RoPE

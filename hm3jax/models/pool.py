@@ -45,7 +45,12 @@ class LayerPool:
 
     def lookup(self, model: int | str, layer: int) -> int:
         """Pool index of `layer` of `model` (a model index or name)."""
-        m = self.model_names.index(model) if isinstance(model, str) else model
+        if isinstance(model, str):
+            if model not in self.model_names:
+                raise PoolError(f"layer pool has no model {model!r}; its models: {', '.join(self.model_names)}")
+            m = self.model_names.index(model)
+        else:
+            m = model
         try:
             return self.index.index((m, layer))
         except ValueError:
