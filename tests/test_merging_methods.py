@@ -212,5 +212,5 @@ def test_stack_layers_and_errors():
         merging.ties(a, [b], jnp.ones(1), dens=0.5)
     with pytest.raises(ValueError, match="needs a base"):
         merging.ties(None, [b], jnp.ones(1))
-    with pytest.raises(merging.UnknownMethodError, match="supported: breadcrumbs"):
+    with pytest.raises(merging.UnknownMethodError, match="supported: .*breadcrumbs, breadcrumbs_ties"):
         merging.get_method("tiez")

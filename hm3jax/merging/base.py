@@ -11,13 +11,17 @@ methods), and the method's declared parameters. Static parameters (booleans, str
 the computation) are Python values; the others are arrays (scalars, or `[M]` for per-model ones) and
 may be traced, so a merge vmaps over weights or densities and jits once.
 
-`MergeMethod.merge` applies the method to whole parameter pytrees (see models/params.py): every leaf is
-one HF tensor, except the leaves under "layers", which stack L tensors on axis 0 and are merged per
-layer (a TIES trim keeps the top-k of each layer's tensor, as a per-tensor merge tool does).
+`MergeMethod.merge` applies the method to whole parameter pytrees of any kind `jax.tree_util`
+flattens, leaf by leaf. Two hooks say what a leaf is, with the HF layout of models/params.py as the
+default: `is_stacked` (the leaves under "layers" stack L tensors on axis 0 and are merged per layer, so
+a TIES trim keeps the top-k of each layer's tensor, as a per-tensor merge tool does) and `tensor_name`
+(the name whose CRC seeds a random method's per-tensor key). Every tensor's merge runs through one
+module-level jitted function, `merge_leaf`, shared with the out-of-core merge (merging/stream.py).
 """
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -27,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from hm3jax.models.params import Path, get_path, hf_name, iter_leaves, set_path
+from hm3jax.models.params import get_path, hf_name
 
 REQUIRED = object()  # default of a parameter that must be given
-_LEAF_FNS: dict[tuple, Callable] = {}
+_F32 = np.dtype(np.float32)
 BASE_POLICIES = ("required", "optional", "ignored")
 
 
@@ -102,25 +106,45 @@ class MergeMethod(NamedTuple):
             raise ValueError(f"merge method {self.name!r} needs parameter(s) {', '.join(missing)}{at}")
         return out
 
+    def split_params(self, params: Mapping[str, Any]) -> tuple[tuple[tuple[str, Any], ...], dict[str, Any]]:
+        """(static parameters as sorted (name, value) pairs, a jit static argument; the traced rest)."""
+        static = tuple(sorted((k, v) for k, v in params.items() if k in self.params and self.params[k].static))
+        names = {k for k, _ in static}
+        return static, {k: v for k, v in params.items() if k not in names}
+
     def merge(self, base: Any, models: Sequence[Any], weights: Any = None, key: jax.Array | None = None,
-              *, masks: Any = None, compute_dtype: Any = jnp.float32, **params: Any) -> dict:
+              *, masks: Any = None, compute_dtype: Any = jnp.float32,
+              is_stacked: Callable[[tuple[str, ...]], bool] | None = None,
+              tensor_name: Callable[[tuple[str, ...], int | None], str] | None = None, **params: Any) -> Any:
         """Merge whole parameter pytrees. Pure; jit/vmap it as any JAX function.
+
+        The pytrees may be of any kind `jax.tree_util` flattens: the HF-layout nested dict of
+        models/params.py, a Flax linen `params` dict, an NNX `State`, lists, tuples, NamedTuples,
+        `flax.struct` dataclasses. Every leaf is merged on its own, and the result has the
+        structure (and per leaf the dtype) of the base (else the first model).
 
         Args:
           base: params pytree of the base model (None where `self.base` allows it).
           models: sequence of M params pytrees with the same structure and shapes.
-          weights: per-model weights: an `[M]` array, or a dict mirroring the params tree whose leaves
-            are `[M]` (or `[L, M]` under "layers") arrays, for per-tensor weights. Ignored by methods
-            without a "weight" parameter (default for those that have one: the declared default).
-          key: PRNG key for random methods; each tensor uses fold_in(key, crc32(HF name)), the same
-            stream `python -m hm3jax.merge` uses, so both give identical results.
-          masks: for random methods, injected keep-masks: a dict mirroring the params tree with bool
-            leaves `[M, *leaf_shape]` (replaces the random draw).
+          weights: per-model weights: an `[M]` array, or a pytree of the params' structure whose
+            leaves are `[M]` (or `[L, M]` for stacked layers) arrays, for per-tensor weights.
+            Ignored by methods without a "weight" parameter (default for those that have one: the
+            declared default).
+          key: PRNG key for random methods; each tensor uses fold_in(key, crc32(tensor name)), the
+            stream `python -m hm3jax.merge` uses for HF names, so both give identical results.
+          masks: for random methods, injected keep-masks: a pytree of the params' structure with
+            bool leaves `[M, *leaf_shape]` (replaces the random draw).
           compute_dtype: dtype the arithmetic runs in; the result takes the base's (else the first
             model's) dtype per leaf.
+          is_stacked: `names -> bool` for a leaf's path (a tuple of dict keys / attribute names /
+            sequence indices as strings): the leaf stacks L layer tensors on axis 0 and is merged per
+            layer (a TIES trim keeps the top-k of each layer, as a per-tensor merge tool does).
+            Default: the HF layout's rule, a leaf under a top-level "layers" mapping.
+          tensor_name: `(names, layer or None) -> str`, the per-tensor name that seeds random
+            methods. Default: the HF name (`model.layers.{i}.mlp.up_proj.weight`, ...).
           **params: the method's parameters. Each value is a scalar, a per-model `[M]` array, for a
-            stacked layer leaf a per-layer `[L]` (shared) or `[L, M]` (per-model) array, or a dict
-            mirroring the params tree holding any of those per leaf (per-tensor parameters).
+            stacked leaf a per-layer `[L]` (shared) or `[L, M]` (per-model) array, or a pytree of the
+            params' structure holding any of those per leaf (per-tensor parameters).
         Returns the merged params pytree.
         """
         models = list(models)
@@ -129,76 +153,122 @@ class MergeMethod(NamedTuple):
         if self.needs_base and base is None:
             raise ValueError(f"merge method {self.name!r} needs a base model")
         params = self.resolve(params, weights_given=weights is not None)
+        is_stacked = hf_is_stacked if is_stacked is None else is_stacked
+        tensor_name = hf_tensor_name if tensor_name is None else tensor_name
         ref = base if base is not None else models[0]
-        out: dict = {}
-        for path, ref_leaf in iter_leaves(ref):
-            b = get_path(base, path) if base is not None else None
-            ms = [jnp.asarray(get_path(m, path), compute_dtype) for m in models]
-            leaf_params = {k: _leaf_value(v, path, k) for k, v in params.items()}
-            w = _leaf_value(weights, path, "weights") if weights is not None else None
-            mk = _leaf_value(masks, path, "masks") if masks is not None else None
-            mk = None if mk is None else [mk[i] for i in range(len(models))]
+        flat, treedef = jax.tree_util.tree_flatten_with_path(ref)
+        names = [path_names(p) for p, _ in flat]
+        bases = None if base is None else [leaf for _, leaf in flat]
+        per_model = [_leaves_like(treedef, names, m, f"models[{i}]") for i, m in enumerate(models)]
+        leaf_params = {k: _per_leaf(treedef, names, v, k) for k, v in params.items()}
+        leaf_weights = _per_leaf(treedef, names, weights, "weights")
+        leaf_masks = _per_leaf(treedef, names, masks, "masks")
+        out = []
+        for j, ((_, ref_leaf), nm) in enumerate(zip(flat, names)):
+            shape = np.shape(ref_leaf)
+            for i, leaves in enumerate(per_model):
+                if np.shape(leaves[j]) != shape:
+                    raise ValueError(f"{self.name}: models[{i}] tensor {'/'.join(nm)} has shape "
+                                     f"{tuple(np.shape(leaves[j]))}; expected {tuple(shape)}")
+            lp = {k: v[j] for k, v in leaf_params.items()}
+            w = leaf_weights[j]
             if self.uses_weights and w is None:
-                w = leaf_params.pop("weight", None)
+                w = lp.pop("weight", None)
             else:
-                leaf_params.pop("weight", None)
+                lp.pop("weight", None)
             if w is None and self.uses_weights:
                 raise ValueError(f"merge method {self.name!r} needs weights")
-            bb = None if b is None else jnp.asarray(b, compute_dtype)
-            stacked = path[0] == "layers"
-            merged = self._merge_leaf(path, bb, ms, w, key, mk, leaf_params, stacked)
-            set_path(out, path, merged.astype(jnp.asarray(ref_leaf).dtype))
-        return out
+            mk = leaf_masks[j]
+            mk = None if mk is None else [mk[i] for i in range(len(models))]
+            merged = self._merge_leaf(nm, None if bases is None else bases[j], [ms[j] for ms in per_model],
+                                      w, key, mk, lp, bool(nm) and is_stacked(nm), tensor_name,
+                                      compute_dtype, jnp.result_type(ref_leaf))
+            out.append(merged)
+        return jax.tree_util.tree_unflatten(treedef, out)
 
-    def _merge_leaf(self, path: Path, base, models, weights, key, masks, params, stacked: bool):
+    def _merge_leaf(self, names, base, models, weights, key, masks, params, stacked: bool, tensor_name,
+                    compute_dtype, out_dtype):
         m = len(models)
-        n_layers = models[0].shape[0] if stacked else None
+        n_layers = np.shape(models[0])[0] if stacked else None
         params = {k: v if self.params[k].static else
                   _shape_param(v, self.params[k].per_model, m, n_layers, k) for k, v in params.items()}
         w = None if weights is None else _shape_param(weights, True, m, n_layers, "weights")
         # prepare runs before the map over layers, so concrete values stay concrete (exact keep-counts).
-        params = self.prepare_params(params, tuple(models[0].shape[1:] if stacked else models[0].shape))
-        static = {k: v for k, v in params.items() if k in self.params and self.params[k].static}
-        traced = {k: v for k, v in params.items() if k not in static}
-        if stacked:
-            keys = None if key is None else jnp.stack([tensor_key(key, hf_name(path, i)) for i in range(n_layers)])
+        shape = tuple(np.shape(models[0])[1:] if stacked else np.shape(models[0]))
+        params = self.prepare_params(params, shape)
+        static, traced = self.split_params(params)
+        if key is None:
+            keys = None
+        elif stacked:
+            keys = jnp.stack([tensor_key(key, tensor_name(names, i)) for i in range(n_layers)])
         else:
-            keys = tensor_key(key, hf_name(path))
-        return self._leaf_fn(static, stacked)(base, models, w, keys, masks, traced)
-
-    def _leaf_fn(self, static: dict, stacked: bool):
-        """The jitted merge of one leaf (cached), so eager pytree merges compile once per shape."""
-        cache_key = (self.name, id(self.merge_tensor), tuple(sorted(static.items())), stacked,
-                     self.vmap_layers)
-        fn = _LEAF_FNS.get(cache_key)
-        if fn is not None:
-            return fn
-
-        def one(b, ms, w, k, mk, tr):
-            return self.apply_tensor(b, ms, w, k, mk, static, tr)
-
-        def leaf(base, models, w, keys, masks, traced):
-            if not stacked:
-                return one(base, models, w, keys, masks, traced)
-            if self.vmap_layers:
-                return jax.vmap(one)(base, models, w, keys, masks, traced)
-            # A sequential map over layers, not vmap: the trims' data-dependent branches stay real
-            # branches (under vmap lax.cond runs both sides), and only one layer's temporaries live
-            # at a time.
-            return lax.map(lambda xs: one(*xs), (base, models, w, keys, masks, traced))
-
-        fn = _LEAF_FNS[cache_key] = jax.jit(leaf)
-        return fn
+            keys = tensor_key(key, tensor_name(names, None))
+        layers = None if not stacked else "vmap" if self.vmap_layers else "map"
+        return merge_leaf(base, models, w, keys, masks, traced, merge_tensor=self.merge_tensor,
+                          random=self.random, static=static, layers=layers,
+                          compute_dtype=np.dtype(compute_dtype), out_dtype=np.dtype(out_dtype))
 
     def prepare_params(self, params: dict, tensor_shape: tuple) -> dict:
         """Apply the method's host-side `prepare` hook (if any) for a tensor of `tensor_shape`."""
         return params if self.prepare is None else self.prepare(dict(params), tensor_shape)
 
-    def apply_tensor(self, base, models, weights, key, masks, static: dict, traced: dict) -> jax.Array:
-        """`merge_tensor` with prepared parameters split into static and traced ones (masks: random only)."""
-        if self.random:
-            return self.merge_tensor(base, models, weights, key, masks=masks, **static, **traced)
-        return self.merge_tensor(base, models, weights, key, **static, **traced)
+
+@functools.partial(jax.jit, static_argnames=("merge_tensor", "random", "static", "layers", "load_dtype",
+                                             "compute_dtype", "out_dtype"))
+def merge_leaf(base, models, weights, keys, masks, traced, *, merge_tensor: Callable, random: bool,
+               static: tuple = (), layers: str | None = None, load_dtype: Any = None,
+               compute_dtype: Any = _F32, out_dtype: Any = None) -> jax.Array:
+    """One tensor's merge, jitted: the one compiled entry point of in-memory and out-of-core merges.
+
+    The inputs are rounded to `load_dtype` (when given, as mergekit loads them), the arithmetic runs
+    in `compute_dtype`, the result is cast to `out_dtype` (when given). `layers`: None for one tensor;
+    "vmap" or "map" for a leaf that stacks layers on axis 0 (a vmapped program, or a sequential map
+    that keeps data-dependent branches real and one layer's temporaries alive at a time). `static`:
+    the static parameters as (name, value) pairs. Compilations are cached by jax.jit itself, keyed on
+    these arguments and the input shapes, so no cache of ours grows with the process.
+    """
+
+    def cast(x):
+        if x is None:
+            return None
+        x = jnp.asarray(x)
+        return (x if load_dtype is None else x.astype(load_dtype)).astype(compute_dtype)
+
+    def one(b, ms, w, k, mk, tr):
+        extra = {"masks": mk} if random else {}
+        return merge_tensor(b, ms, w, k, **extra, **dict(static), **tr)
+
+    args = (cast(base), [cast(m) for m in models], weights, keys, masks, traced)
+    if layers is None:
+        out = one(*args)
+    elif layers == "vmap":
+        out = jax.vmap(one)(*args)
+    else:
+        out = lax.map(lambda xs: one(*xs), args)
+    return out if out_dtype is None else out.astype(out_dtype)
+
+
+def path_names(path: Sequence[Any]) -> tuple[str, ...]:
+    """A `jax.tree_util` key path as strings: dict keys, attribute names, sequence indices."""
+    out = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                out.append(str(getattr(k, attr)))
+                break
+        else:
+            out.append(str(k))
+    return tuple(out)
+
+
+def hf_is_stacked(names: tuple[str, ...]) -> bool:
+    """The HF layout's rule (models/params.py): leaves under a top-level "layers" mapping stack layers."""
+    return len(names) > 1 and names[0] == "layers" and not names[1].isdigit()
+
+
+def hf_tensor_name(names: tuple[str, ...], layer: int | None = None) -> str:
+    """The HF tensor name of a leaf of the HF layout (`models.params.hf_name`), for any path."""
+    return hf_name(tuple(names), layer)
 
 
 def sum_models(xs: Sequence[jax.Array]) -> jax.Array:
@@ -221,13 +291,41 @@ def tensor_key(key: jax.Array | None, name: str) -> jax.Array | None:
     return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
-def _leaf_value(v: Any, path: Path, what: str) -> Any:
-    if isinstance(v, dict):
-        try:
-            return get_path(v, path)
-        except (KeyError, TypeError):
-            raise ValueError(f"per-tensor {what} has no entry for {'/'.join(path)}") from None
-    return v
+def _is_value(v: Any) -> bool:
+    """A value shared by every leaf (not a pytree of per-leaf values)."""
+    return v is None or isinstance(v, (str, bool, int, float, complex, np.ndarray, np.generic, jax.Array))
+
+
+def _per_leaf(treedef, names: list[tuple[str, ...]], v: Any, what: str) -> list[Any]:
+    """`v` for each leaf: one shared value, or a pytree of the params' structure (per-tensor values)."""
+    shared_seq = (isinstance(v, (list, tuple)) and not hasattr(v, "_fields")  # a NamedTuple is a pytree
+                  and all(_is_value(x) for x in v))
+    if _is_value(v) or shared_seq:
+        return [v] * len(names)
+    try:
+        return treedef.flatten_up_to(v)
+    except (ValueError, TypeError) as e:
+        if isinstance(v, Mapping):  # a partial or larger HF-layout dict: look each leaf up by its path
+            out = []
+            for nm in names:
+                try:
+                    out.append(get_path(v, nm))
+                except (KeyError, TypeError):
+                    raise ValueError(f"per-tensor {what} has no entry for {'/'.join(nm)}") from None
+            return out
+        raise ValueError(f"per-tensor {what}: its structure does not match the params pytree ({e})") from None
+
+
+def _leaves_like(treedef, names: list[tuple[str, ...]], tree: Any, what: str) -> list[Any]:
+    """The leaves of `tree`, which must have the reference's structure; else an error naming `what`."""
+    try:
+        return treedef.flatten_up_to(tree)
+    except (ValueError, TypeError):
+        got = {"/".join(path_names(p)) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        want = {"/".join(nm) for nm in names}
+        diff = sorted(want - got)[:3] or sorted(got - want)[:3]
+        raise ValueError(f"{what} does not have the base's structure (first differing tensors: "
+                         f"{', '.join(diff) or 'container types differ'})") from None
 
 
 def _shape_param(v: Any, per_model: bool, m: int, n_layers: int | None, what: str) -> Any:

@@ -33,22 +33,22 @@ import warnings
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import yaml
 
-from hm3jax.io import interrupt
+from hm3jax.io import interrupt, paths
 from hm3jax.io.atomic import OutputExistsError, atomic_output_dir, check_output_path
 from hm3jax.io.paths import model_file
 from hm3jax.io.safetensors_io import CheckpointReader, ShardedWriter, parse_size
-from hm3jax.merging.base import MergeMethod, tensor_key
+from hm3jax.merging.base import MergeMethod, merge_leaf, tensor_key
 from hm3jax.merging.plan import MergePlan, TensorJob, build_plan, open_readers
 from hm3jax.merging.recipe import Recipe, input_paths, load_recipe
+from hm3jax.merging.task_arithmetic import LOW_PRECISION
+from hm3jax.merging.task_arithmetic import METHODS as TA_METHODS
 
-TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
-                   "chat_template.json", "generation_config.json")
+# Copied from the tokenizer's model beside the merged weights (as mergekit does).
+TOKENIZER_FILES = (*paths.TOKENIZER_FILES, paths.GENERATION_CONFIG_FILE)
 PREFETCH_BYTES = 512 * 2**20  # default cap on the input bytes loaded ahead of the merge
 _NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
               "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -101,7 +101,8 @@ def parse_shard_size(size: int | str) -> int:
 def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.PathLike, *,
                  overwrite: bool = False, max_shard_size: int | str = "5B", seed: int = 0,
                  copy_tokenizer: bool = True, prefetch: int = 2, prefetch_bytes: int | str = PREFETCH_BYTES,
-                 progress: bool = True, allow_nonfinite: bool = False, strict: bool = False) -> str:
+                 progress: bool = True, allow_nonfinite: bool = False, strict: bool = False,
+                 compute_dtype: str = "mergekit") -> str:
     """Run a mergekit-style recipe from checkpoints on disk into `out_dir` (an HF model directory).
 
     Args:
@@ -120,6 +121,11 @@ def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.Pa
         NonFiniteError.
       strict: recipe keys mergekit ignores (undeclared parameters, unknown keys; see
         hm3jax.merging.recipe) raise RecipeError instead of an IgnoredKeyWarning each.
+      compute_dtype: "mergekit" (default): each method's arithmetic in the dtype mergekit 0.1.5 runs
+        it in, so float16/bfloat16 recipes give mergekit's tensors: the task-arithmetic family (ties,
+        dare_*, task_arithmetic, breadcrumbs*, della*) in the recipe's `dtype` (else the inputs'),
+        the other methods in float32. "float32": all arithmetic in float32, rounded once to the
+        output dtype (more accurate for 16-bit recipes; differs from mergekit's tensors).
     Returns the absolute output path. Raises RecipeError / PlanError / OutputExistsError /
     UnsafeOutputError / CheckpointError / NonFiniteError with messages naming the key, tensor or file
     at fault; on any error (and on KeyboardInterrupt) nothing is left at `out_dir`, an old `out_dir`
@@ -133,6 +139,8 @@ def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.Pa
     except ValueError:
         raise ValueError(f"prefetch_bytes {prefetch_bytes!r}: expected a positive number of bytes, "
                          "an int or a string like '512MiB', '1GB'") from None
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype {compute_dtype!r}: supported: {', '.join(COMPUTE_DTYPES)}")
     recipe_file = None if isinstance(recipe, (dict, Recipe)) else os.fspath(recipe)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, strict=strict)
     inputs = [recipe_file, *input_paths(recipe)]
@@ -144,7 +152,7 @@ def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.Pa
             _merge_into(recipe, readers, out_dir, overwrite=overwrite, max_shard_size=max_shard_size,
                         seed=seed, copy_tokenizer=copy_tokenizer, prefetch=prefetch,
                         prefetch_bytes=ahead_bytes, progress=progress, inputs=inputs,
-                        allow_nonfinite=allow_nonfinite)
+                        allow_nonfinite=allow_nonfinite, compute_dtype=compute_dtype)
         finally:
             for r in readers.values():
                 r.close()
@@ -153,7 +161,8 @@ def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.Pa
 
 def _merge_into(recipe: Recipe, readers: dict[str, CheckpointReader], out_dir: str, *, overwrite: bool,
                 max_shard_size: int | str, seed: int, copy_tokenizer: bool, prefetch: int,
-                prefetch_bytes: int, progress: bool, inputs: list, allow_nonfinite: bool) -> None:
+                prefetch_bytes: int, progress: bool, inputs: list, allow_nonfinite: bool,
+                compute_dtype: str = "mergekit") -> None:
     plan = build_plan(recipe, readers)
     shard_bytes = parse_shard_size(max_shard_size)
     tokenizer_files = []
@@ -164,7 +173,8 @@ def _merge_into(recipe: Recipe, readers: dict[str, CheckpointReader], out_dir: s
                 tokenizer_files.append((model_file(plan.tokenizer_from, name, plan.tokenizer_from), name))
     with atomic_output_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         run_plan(plan, readers, tmp, max_shard_size=shard_bytes, seed=seed, prefetch=prefetch,
-                 prefetch_bytes=prefetch_bytes, progress=progress, allow_nonfinite=allow_nonfinite)
+                 prefetch_bytes=prefetch_bytes, progress=progress, allow_nonfinite=allow_nonfinite,
+                 compute_dtype=compute_dtype)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(plan.config, f, indent=2)
             f.write("\n")
@@ -182,8 +192,24 @@ def _dtypes(plan: MergePlan, job: TensorJob) -> tuple[np.dtype | None, np.dtype]
     return load, np.dtype(out)
 
 
-def _arguments(method: MergeMethod, job: TensorJob) -> tuple[dict, dict, np.ndarray | None]:
-    """(static params, traced params as float32/int32 arrays, weights [M] or None) of one job."""
+COMPUTE_DTYPES = ("mergekit", "float32")
+# Methods whose arithmetic mergekit runs in the loaded dtype (float16/bfloat16 included); it runs the
+# others in float32 (linear, slerp, ...), or hm3jax does (see README, "dtype semantics").
+NATIVE_DTYPE_METHODS = frozenset(m.name for m in TA_METHODS)
+
+
+def _compute_dtype(plan: MergePlan, job: TensorJob, load: np.dtype | None, how: str) -> np.dtype:
+    """The dtype a job's arithmetic runs in under `compute_dtype=how` (see merge_recipe)."""
+    if how not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype {how!r}: supported: {', '.join(COMPUTE_DTYPES)}")
+    native = np.dtype(load or job.in_dtype)
+    if how == "mergekit" and plan.method.name in NATIVE_DTYPE_METHODS and native in LOW_PRECISION:
+        return native
+    return np.dtype(np.float32)
+
+
+def _arguments(method: MergeMethod, job: TensorJob) -> tuple[tuple, dict, np.ndarray | None]:
+    """(static params as (name, value) pairs, traced params as float32/int32 arrays, weights [M] or None) of one job."""
     params: dict[str, Any] = dict(job.shared)
     for k, p in method.params.items():
         if p.per_model and k != "weight":
@@ -192,45 +218,15 @@ def _arguments(method: MergeMethod, job: TensorJob) -> tuple[dict, dict, np.ndar
     weights = None
     if method.uses_weights:
         weights = np.asarray([pm["weight"] for pm in job.per_model], np.float32)
-    params = method.prepare_params(params, job.shape)
-    static = {k: v for k, v in params.items() if k in method.params and method.params[k].static}
+    static, rest = method.split_params(method.prepare_params(params, job.shape))
     traced = {}
-    for k, v in params.items():
-        if k in static:
-            continue
+    for k, v in rest.items():
         if v is None:
             traced[k] = None
         else:
             a = np.asarray(v)
             traced[k] = a.astype(np.int32 if a.dtype.kind in "iu" else np.float32)
     return static, traced, weights
-
-
-_COMPILED: dict[tuple, Any] = {}  # kept across merges in one process: same settings, no recompile
-
-
-class _Compiled:
-    """One jitted per-tensor function per (method, static params, dtypes, base or not)."""
-
-    def __init__(self, method: MergeMethod):
-        self.method = method
-
-    def get(self, static: dict, load: np.dtype | None, out: np.dtype, has_base: bool):
-        method = self.method
-        key = (method.name, id(method.merge_tensor), tuple(sorted(static.items())), load, out, has_base)
-        fn = _COMPILED.get(key)
-        if fn is None:
-
-            def merge_one(base, models, weights, rng, traced):
-                def cast(x):
-                    x = x if load is None else x.astype(load)
-                    return x.astype(jnp.float32)
-                b = None if base is None else cast(base)
-                ms = [cast(m) for m in models]
-                return method.apply_tensor(b, ms, weights, rng, None, static, traced).astype(out)
-
-            fn = _COMPILED[key] = jax.jit(merge_one)
-        return fn
 
 
 def _load(readers: dict[str, CheckpointReader], job: TensorJob, allow_nonfinite: bool = False) -> list[jax.Array]:
@@ -260,17 +256,16 @@ def _input_bytes(readers: dict[str, CheckpointReader], job: TensorJob) -> int:
 def run_plan(plan: MergePlan, readers: dict[str, CheckpointReader], out_dir: str, *,
              max_shard_size: int = 5 * 10**9, seed: int = 0, prefetch: int = 2,
              prefetch_bytes: int = PREFETCH_BYTES, progress: bool = True,
-             allow_nonfinite: bool = False) -> None:
+             allow_nonfinite: bool = False, compute_dtype: str = "mergekit") -> None:
     """Merge every job of `plan` and write the tensors into `out_dir` (safetensors shards only).
 
-    `prefetch` / `prefetch_bytes`: read-ahead limits; `allow_nonfinite`: see merge_recipe.
+    `prefetch` / `prefetch_bytes`: read-ahead limits; `allow_nonfinite`, `compute_dtype`: see merge_recipe.
     On any exception (KeyboardInterrupt included) the read-ahead threads and the writer thread are
     stopped and joined, and every dispatched merge has finished, before the exception propagates.
     """
     from tqdm.auto import tqdm
 
     method = plan.method
-    compiled = _Compiled(method)
     root = jax.random.PRNGKey(seed) if method.random else None
     specs = {job.name: (job.shape, _dtypes(plan, job)[1]) for job in plan.jobs}
     total = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for s, d in specs.values())
@@ -342,9 +337,10 @@ def run_plan(plan: MergePlan, readers: dict[str, CheckpointReader], out_dir: str
             models = tuple(a for i, a in enumerate(arrays) if i != job.base)
             static, traced, weights = _arguments(method, job)
             load, out = _dtypes(plan, job)
-            fn = compiled.get(static, load, out, base is not None)
             rng = tensor_key(root, job.name) if root is not None else None
-            in_flight = fn(base, models, weights, rng, traced)
+            in_flight = merge_leaf(base, models, weights, rng, None, traced, merge_tensor=method.merge_tensor,
+                                   random=method.random, static=static, load_dtype=load, out_dtype=out,
+                                   compute_dtype=_compute_dtype(plan, job, load, compute_dtype))
             done.put((job.name, in_flight))
             in_flight = None
             del arrays, base, models
