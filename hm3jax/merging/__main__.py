@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="refuse recipe keys that mergekit ignores (parameters a method does not declare, "
                         "unknown keys) instead of warning about each")
+    p.add_argument("--compute-dtype", choices=("mergekit", "float32"), default="mergekit",
+                   help="arithmetic dtype: 'mergekit' (default) computes each method in the dtype mergekit "
+                        "does, so float16/bfloat16 recipes give its tensors (ties, dare_*, task_arithmetic, "
+                        "... in the recipe's dtype); 'float32' computes everything in float32 and rounds once")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -81,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                                max_shard_size=args.max_shard_size, seed=args.random_seed,
                                copy_tokenizer=args.copy_tokenizer, prefetch=max(0, args.prefetch),
                                prefetch_bytes=args.prefetch_bytes, progress=not args.quiet,
-                               allow_nonfinite=args.allow_nonfinite, strict=args.strict)
+                               allow_nonfinite=args.allow_nonfinite, strict=args.strict,
+                               compute_dtype=args.compute_dtype)
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", None) or (early[0] if early else signal.SIGINT)
         return interrupted_exit(signum, args.out_dir)
