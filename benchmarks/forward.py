@@ -20,8 +20,7 @@ import numpy as np
 import torch
 import transformers
 
-from hm3jax.io import smollm2_gguf
-from hm3jax.io import load_pretrained
+from hm3jax.io import load_pretrained, smollm2_gguf
 from hm3jax.models import forward
 
 

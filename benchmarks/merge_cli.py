@@ -23,7 +23,8 @@ import sys
 import numpy as np
 import yaml
 
-from hm3jax.io.safetensors_io import CheckpointReader, ShardedWriter, to_numpy_dtype
+from hm3jax.io.safetensors_io import CheckpointReader, to_numpy_dtype
+from hm3jax.io.safetensors_writer import ShardedWriter
 from hm3jax.models.config import ModelConfig
 from hm3jax.models.params import hf_names, param_shapes
 

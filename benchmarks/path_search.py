@@ -159,7 +159,7 @@ def quality(cfg, models, batch, heldout, args):
         t = time.perf_counter()
         points = []
         state = tr.init(jax.random.key(2), problems)
-        for c in range(chunks):
+        for _ in range(chunks):
             state, m = tr.chunk(state, problems, data)
             points.append(np.asarray(tr.best(state).tcheby))
         jax.block_until_ready(state)

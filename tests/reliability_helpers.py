@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from hm3jax.io.safetensors_io import ShardedWriter
+from hm3jax.io.safetensors_writer import ShardedWriter
 
 
 def llama_config(layers: int = 2, hidden: int = 16, inter: int = 32, vocab: int = 32, **over) -> dict:

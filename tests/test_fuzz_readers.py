@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from hm3jax.io import CheckpointError, CheckpointReader, load_gguf
-from hm3jax.io.safetensors_io import ShardedWriter
+from hm3jax.io.safetensors_writer import ShardedWriter
 from hm3jax.models.config import ConfigError, ModelConfig
 from hm3jax.models.params import hf_names, param_shapes
 

@@ -89,9 +89,9 @@ def test_existing_output_and_overwrite(zoo, tmp_path, capsys):
 
 
 def test_failure_while_writing_removes_partial_output(zoo, tmp_path, monkeypatch):
-    from hm3jax.io import safetensors_io
+    from hm3jax.io import safetensors_writer
 
-    real = safetensors_io.ShardedWriter.write
+    real = safetensors_writer.ShardedWriter.write
     calls = []
 
     def flaky(self, name, array):
@@ -100,7 +100,7 @@ def test_failure_while_writing_removes_partial_output(zoo, tmp_path, monkeypatch
             raise OSError("disk full (simulated)")
         return real(self, name, array)
 
-    monkeypatch.setattr(safetensors_io.ShardedWriter, "write", flaky)
+    monkeypatch.setattr(safetensors_writer.ShardedWriter, "write", flaky)
     with pytest.raises(OSError, match="simulated"):
         merging.stream.merge_recipe(_ties(zoo), tmp_path / "out", progress=False)
     assert os.listdir(tmp_path) == []

@@ -186,13 +186,13 @@ def test_json_writer_removes_temp_files_of_killed_writers(tmp_path):
 def test_interrupt_in_process_stops_between_tensors(tmp_path, models, capsys, monkeypatch):
     """SIGINT during a CLI merge (handled in-process): exit 130, one line, old output and inputs
     unchanged, no temporary directory, no merge thread left running."""
-    from hm3jax.io import safetensors_io
+    from hm3jax.io import safetensors_writer
 
     out = tmp_path / "out"
     assert run_cli(tmp_path, None, out) == 0
     before = snap(tmp_path)
     handler_before = signal.getsignal(signal.SIGINT)
-    real = safetensors_io.ShardedWriter.write
+    real = safetensors_writer.ShardedWriter.write
     calls = []
 
     def write_then_signal(self, name, array):
@@ -201,7 +201,7 @@ def test_interrupt_in_process_stops_between_tensors(tmp_path, models, capsys, mo
             os.kill(os.getpid(), signal.SIGINT)
         return real(self, name, array)
 
-    monkeypatch.setattr(safetensors_io.ShardedWriter, "write", write_then_signal)
+    monkeypatch.setattr(safetensors_writer.ShardedWriter, "write", write_then_signal)
     capsys.readouterr()
     assert run_cli(tmp_path, None, out, "--overwrite") == 130
     err = capsys.readouterr().err
@@ -218,13 +218,13 @@ def test_interrupt_in_process_stops_between_tensors(tmp_path, models, capsys, mo
 def test_keyboard_interrupt_in_library_leaves_nothing(tmp_path, models, monkeypatch):
     """Without the CLI's handler: a KeyboardInterrupt raised in the writer thread's work still
     stops the merge, joins its threads and removes the temporary directory."""
-    from hm3jax.io import safetensors_io
+    from hm3jax.io import safetensors_writer
     from hm3jax.merging.stream import merge_recipe
 
     def interrupted(self, name, array):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors_io.ShardedWriter, "write", interrupted)
+    monkeypatch.setattr(safetensors_writer.ShardedWriter, "write", interrupted)
     before = snap(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         merge_recipe(str(tmp_path / "r.yml"), tmp_path / "out", progress=False)

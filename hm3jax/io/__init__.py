@@ -10,7 +10,8 @@ from hm3jax.io.atomic import (
 from hm3jax.io.errors import CheckpointError, CheckpointNotFoundError, PickleCheckpointError
 from hm3jax.io.gguf import load_gguf, smollm2_gguf
 from hm3jax.io.hf import load_pretrained, load_tokenizer, save_pretrained
-from hm3jax.io.safetensors_io import CheckpointReader, ShardedWriter, parse_size
+from hm3jax.io.safetensors_io import CheckpointReader, parse_size
+from hm3jax.io.safetensors_writer import ShardedWriter
 
 __all__ = [
     "CheckpointError",

@@ -21,7 +21,8 @@ from hm3jax.io.atomic import atomic_output_dir, check_output_path
 from hm3jax.io.errors import CheckpointError, CheckpointNotFoundError, PickleCheckpointError
 from hm3jax.io.gguf import load_gguf_tokenizer
 from hm3jax.io.paths import GENERATION_CONFIG_FILE, TOKENIZER_FILES, model_file
-from hm3jax.io.safetensors_io import CONFIG_FILE, CheckpointReader, ShardedWriter, parse_size, read_json_object
+from hm3jax.io.safetensors_io import CONFIG_FILE, CheckpointReader, parse_size, read_json_object
+from hm3jax.io.safetensors_writer import ShardedWriter
 from hm3jax.models.config import ConfigError, ModelConfig
 from hm3jax.models.params import get_path, hf_names
 

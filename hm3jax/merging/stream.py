@@ -40,12 +40,14 @@ import yaml
 from hm3jax.io import interrupt, paths
 from hm3jax.io.atomic import OutputExistsError, atomic_output_dir, check_output_path
 from hm3jax.io.paths import model_file
-from hm3jax.io.safetensors_io import CheckpointReader, ShardedWriter, parse_size
+from hm3jax.io.safetensors_io import CheckpointReader, parse_size
+from hm3jax.io.safetensors_writer import ShardedWriter
 from hm3jax.merging.base import MergeMethod, merge_leaf, tensor_key
 from hm3jax.merging.plan import MergePlan, TensorJob, build_plan, open_readers
 from hm3jax.merging.recipe import Recipe, input_paths, load_recipe
 from hm3jax.merging.task_arithmetic import LOW_PRECISION
 from hm3jax.merging.task_arithmetic import METHODS as TA_METHODS
+from hm3jax.merging.vocab import Vocabulary, rebuild_rows
 
 # Copied from the tokenizer's model beside the merged weights (as mergekit does).
 TOKENIZER_FILES = (*paths.TOKENIZER_FILES, paths.GENERATION_CONFIG_FILE)
@@ -182,6 +184,8 @@ def _merge_into(recipe: Recipe, readers: dict[str, CheckpointReader], out_dir: s
             f.write(recipe.text or yaml.safe_dump({"merge_method": recipe.method.name}))
         for src, name in tokenizer_files:
             shutil.copyfile(src, os.path.join(tmp, name))
+        if plan.vocabulary is not None:  # the output tokenizer (tokenizer_source / tokenizer), as mergekit
+            plan.vocabulary.tokenizer.save_pretrained(tmp)
 
 
 def _dtypes(plan: MergePlan, job: TensorJob) -> tuple[np.dtype | None, np.dtype]:
@@ -229,7 +233,8 @@ def _arguments(method: MergeMethod, job: TensorJob) -> tuple[tuple, dict, np.nda
     return static, traced, weights
 
 
-def _load(readers: dict[str, CheckpointReader], job: TensorJob, allow_nonfinite: bool = False) -> list[jax.Array]:
+def _load(readers: dict[str, CheckpointReader], job: TensorJob, allow_nonfinite: bool = False,
+          vocabulary: Vocabulary | None = None, load: np.dtype | None = None) -> list[jax.Array]:
     # `read` copies each input into a page-aligned buffer of its own (device_put aliases it on CPU)
     # rather than viewing the memory-mapped shard: mapped pages, once touched, stay in the process's
     # resident set until the map goes, so a whole merge would end up holding every input file.
@@ -244,8 +249,12 @@ def _load(readers: dict[str, CheckpointReader], job: TensorJob, allow_nonfinite:
                 raise NonFiniteError(f"{msg}; a merge would spread them; pass --allow-nonfinite "
                                      "(allow_nonfinite=True) to merge it anyway")
             warnings.warn(msg, NonFiniteWarning, stacklevel=2)
-        out.append(jax.device_put(arr))
-    return out
+        out.append(arr)
+    if job.vocab and vocabulary is not None:  # rows in the loaded dtype, as mergekit averages them
+        rows = rebuild_rows(vocabulary, {m: a if load is None else a.astype(load) for (m, _), a in zip(job.inputs, out)},
+                            job.name)
+        out = [rows[m] for m, _ in job.inputs]
+    return [jax.device_put(a) for a in out]
 
 
 def _input_bytes(readers: dict[str, CheckpointReader], job: TensorJob) -> int:
@@ -309,7 +318,8 @@ def run_plan(plan: MergePlan, readers: dict[str, CheckpointReader], out_dir: str
     def submit() -> None:
         job = jobs[state["next"]]
         nbytes = _input_bytes(readers, job)
-        pending.append((job, pool.submit(_load, readers, job, allow_nonfinite), nbytes))
+        pending.append((job, pool.submit(_load, readers, job, allow_nonfinite, plan.vocabulary,
+                                         _dtypes(plan, job)[0]), nbytes))
         state["next"] += 1
         state["ahead"] += nbytes
 
