@@ -136,7 +136,7 @@ def test_bf16_output_matches_mergekit(zoo, tmp_path):
 
 def test_cli_subprocess_matches_mergekit(zoo, tmp_path):
     """The CLI contract: `python -m hm3jax.merge CONFIG.yml OUT_DIR` on a YAML file."""
-    recipe = {**recipes(zoo)["ties_filters_per_model_density"], "tokenizer_source": "base"}
+    recipe = recipes(zoo)["ties_filters_per_model_density"]  # tokenizer files copied from the base
     cfg = tmp_path / "recipe.yml"
     cfg.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "out"

@@ -33,6 +33,7 @@ from hm3jax.io.safetensors_io import CheckpointReader, dtype_code
 from hm3jax.merging.base import MergeMethod
 from hm3jax.merging.layout import LAYER_KEYS, Layout, LayoutError, get_dotted, read_layout, set_dotted, tied_embedding
 from hm3jax.merging.recipe import OutputSlice, Recipe, RecipeError, Source, resolve
+from hm3jax.merging.vocab import VocabError, Vocabulary, build_vocabulary, is_vocab_tensor
 
 
 class PlanError(ValueError):
@@ -56,6 +57,7 @@ class TensorJob:
     per_model: tuple[Mapping[str, Any], ...]
     shape: tuple[int, ...]
     in_dtype: np.dtype
+    vocab: bool = False  # rows are tokens: each input is re-indexed to the output vocabulary first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +67,8 @@ class MergePlan:
     jobs: tuple[TensorJob, ...]
     config: dict  # config.json of the output
     donor: str  # model whose config (and by default tokenizer) the output takes
-    tokenizer_from: str | None
+    tokenizer_from: str | None  # tokenizer files copied from there (None: see `vocabulary`)
+    vocabulary: Vocabulary | None = None  # the output vocabulary, with tokenizer_source / tokenizer
 
 
 def open_readers(recipe: Recipe) -> dict[str, CheckpointReader]:
@@ -158,6 +161,7 @@ def build_plan(recipe: Recipe, readers: Mapping[str, CheckpointReader]) -> Merge
     donor = recipe.base_model or slices[0].sources[0].model
     lay = layouts[donor]
     jobs: list[TensorJob] = []
+    vocabulary = _vocabulary(recipe, readers)
 
     def add(name: str, s: OutputSlice, in_names: list[str], t: float, where: str):
         models = [src.model for src in s.sources]
@@ -174,7 +178,10 @@ def build_plan(recipe: Recipe, readers: Mapping[str, CheckpointReader]) -> Merge
                                 "expected a float dtype (F16, BF16, F32, F64) for model weights")
             inputs.append((src.model, real))
             shapes.append(reader.shape(real))
-        if len(set(shapes)) > 1:
+        vocab = vocabulary is not None and is_vocab_tensor(name)
+        if vocab:  # the rows are rebuilt for the output vocabulary; the rest must agree
+            shapes = [(vocabulary.size, *sh[1:]) for sh in shapes]
+        if len(set(map(tuple, shapes))) > 1:
             detail = ", ".join(f"{m} {list(sh)}" for (m, _), sh in zip(inputs, shapes))
             raise PlanError(f"tensor {name}: input shapes differ: {detail}")
         shared_scopes = [s.parameters, recipe.parameters]
@@ -201,7 +208,8 @@ def build_plan(recipe: Recipe, readers: Mapping[str, CheckpointReader]) -> Merge
                                 "normalize: false")
         in_dtype = np.result_type(*[readers[m].dtype(n) for m, n in inputs])
         jobs.append(TensorJob(name=name, inputs=tuple(inputs), base=base_pos, shared=shared,
-                              per_model=tuple(per_model), shape=tuple(shapes[0]), in_dtype=in_dtype))
+                              per_model=tuple(per_model), shape=tuple(shapes[0]), in_dtype=in_dtype,
+                              vocab=vocab))
 
     first, last = slices[0], slices[-1]
     for name in _loose(lay.pre, first, layouts, readers, "pre"):
@@ -263,15 +271,28 @@ def build_plan(recipe: Recipe, readers: Mapping[str, CheckpointReader]) -> Merge
         config["dtype"] = out_dtype
         if "torch_dtype" in config:
             config["torch_dtype"] = out_dtype
-    tok = recipe.tokenizer_source
-    if tok == "base":
-        if not recipe.base_model:
-            raise RecipeError(f"{recipe.source}: tokenizer_source 'base' needs a base_model")
-        tok = recipe.base_model
-    elif tok is not None and not os.path.isdir(tok):
-        raise RecipeError(f"{recipe.source}: tokenizer_source {tok!r} is not 'base' or a local model directory")
+    if vocabulary is not None:  # mergekit's output config counts the output tokenizer's tokens
+        nested = "vocab_size" not in config and get_dotted(config, "text_config.vocab_size") is not None
+        config = set_dotted(config, "text_config.vocab_size" if nested else "vocab_size", vocabulary.size)
     return MergePlan(recipe=recipe, method=method, jobs=tuple(jobs), config=config, donor=donor,
-                     tokenizer_from=tok or donor)
+                     tokenizer_from=None if vocabulary is not None else donor, vocabulary=vocabulary)
+
+
+def _vocabulary(recipe: Recipe, readers: Mapping[str, CheckpointReader]) -> Vocabulary | None:
+    """The output vocabulary when the recipe sets a tokenizer (merging/vocab.py); else None."""
+    src = recipe.tokenizer_source
+    if src is None:
+        return None
+    if src == "base" and not recipe.base_model:
+        raise RecipeError(f"{recipe.source}: tokenizer_source 'base' needs a base_model")
+    if src not in ("base", "union") and not os.path.isdir(src):
+        raise RecipeError(f"{recipe.source}: tokenizer_source {src!r} is not 'base', 'union' or a local model "
+                          "directory")
+    try:
+        return build_vocabulary(src, recipe.tokens, recipe.base_model, list(readers),
+                                {m: r.config for m, r in readers.items()}, recipe.pad_to_multiple_of)
+    except VocabError as e:
+        raise PlanError(f"{recipe.source}: {e}") from None
 
 
 def _single_stack(lay: Layout, donor: str, where: str):

@@ -2,8 +2,8 @@
 
 Accepted top-level keys: merge_method, base_model, models (each `model` + optional `parameters`),
 slices (each `sources` of `model` + `layer_range` [+ `parameters`], optional `base_model` and
-`parameters`), parameters, dtype, out_dtype, tokenizer_source (`base` or a model path), tokenizer
-(only `source`). Exactly one of `models` / `slices`. An unknown merge method is an error.
+`parameters`), parameters, dtype, out_dtype, tokenizer_source (`base`, `union` or a model path),
+tokenizer (`source`, `tokens`, `pad_to_multiple_of`; see merging/vocab.py). Exactly one of `models` / `slices`. An unknown merge method is an error.
 
 Keys mergekit accepts and then ignores are ignored here too, each with a one-line IgnoredKeyWarning
 naming the key (and the merge method, for a parameter): parameters the method does not declare (e.g.
@@ -11,7 +11,7 @@ naming the key (and the merge method, for a parameter): parameters the method do
 `{filter, value}` entry (mergekit's pydantic models drop unknown fields), and a slice's
 `residual_weight` (declared by mergekit, never used). With `strict=True` each of those is a
 RecipeError instead. Keys mergekit acts on but hm3jax cannot (`modules`, `chat_template`, a
-tokenizer's `tokens` / `pad_to_multiple_of`, a model's `lora` / `override_architecture`) are errors
+model's `lora` / `override_architecture`) are errors
 that say so.
 
 A parameter setting is a scalar, a gradient (list of scalars: interpolated over layer depth), or a
@@ -32,6 +32,7 @@ import yaml
 
 from hm3jax.merging.base import REQUIRED, MergeMethod
 from hm3jax.merging.methods import get_method
+from hm3jax.merging.vocab import VocabError, parse_tokenizer
 
 TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer")
@@ -42,11 +43,7 @@ UNSUPPORTED_KEYS = {
 MODEL_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "base_model", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
-TOKENIZER_KEYS = ("source",)
-UNSUPPORTED_TOKENIZER_KEYS = {
-    "tokens": "per-token embedding sources need vocabulary surgery, which is not supported",
-    "pad_to_multiple_of": "vocabulary padding is not supported",
-}
+TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
 UNSUPPORTED_MODEL_REF_KEYS = {
     "lora": "LoRA adapters are not supported",
     "override_architecture": "the architecture comes from the model's config.json",
@@ -111,6 +108,8 @@ class Recipe:
     tokenizer_source: str | None
     source: str  # where the recipe came from, for messages
     text: str = ""  # the YAML as written (copied next to the merged model)
+    tokens: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # token -> vocab.TokenSpec
+    pad_to_multiple_of: int | None = None
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -160,18 +159,20 @@ def _load_recipe(src: str | os.PathLike | Mapping[str, Any]) -> Recipe:
     else:
         slices = tuple(_parse_slice(s, method, f"{where}: slices[{i}]") for i, s in enumerate(raw["slices"]))
     tok = raw.get("tokenizer_source")
+    tokens, pad = {}, None
     if raw.get("tokenizer") is not None:
         if tok is not None:
             raise RecipeError(f"{where}: give tokenizer_source or tokenizer, not both")
         if not isinstance(raw["tokenizer"], dict):
-            raise RecipeError(f"{where}: tokenizer must be a mapping with a 'source' key")
-        _check_keys(raw["tokenizer"], TOKENIZER_KEYS, f"{where}: tokenizer", extra=UNSUPPORTED_TOKENIZER_KEYS)
-        tok = raw["tokenizer"].get("source", "union")  # mergekit's default
-    if tok == "union":
-        raise RecipeError(f"{where}: tokenizer_source 'union' (vocabulary surgery) is not supported; "
-                          "supported: 'base' or a model path")
-    if tok is not None and not isinstance(tok, str):
-        raise RecipeError(f"{where}: tokenizer_source must be 'base' or a model path, got {tok!r}")
+            raise RecipeError(f"{where}: tokenizer must be a mapping (source, tokens, pad_to_multiple_of)")
+        _check_keys(raw["tokenizer"], TOKENIZER_KEYS, f"{where}: tokenizer")
+        try:  # source defaults to mergekit's `union`
+            tok, tokens, pad = parse_tokenizer({k: v for k, v in raw["tokenizer"].items() if k in TOKENIZER_KEYS},
+                                               f"{where}: tokenizer")
+        except VocabError as e:
+            raise RecipeError(str(e)) from None
+    if tok is not None and (not isinstance(tok, str) or not tok):
+        raise RecipeError(f"{where}: tokenizer_source must be 'base', 'union' or a model path, got {tok!r}")
     return Recipe(
         method=method,
         base_model=_model_ref(raw.get("base_model"), f"{where}: base_model", optional=True),
@@ -179,18 +180,20 @@ def _load_recipe(src: str | os.PathLike | Mapping[str, Any]) -> Recipe:
         parameters=_parse_params(raw.get("parameters"), method, f"{where}: parameters"),
         dtype=_dtype(raw.get("dtype"), f"{where}: dtype"),
         out_dtype=_dtype(raw.get("out_dtype"), f"{where}: out_dtype"),
-        tokenizer_source=tok, source=where, text=text)
+        tokenizer_source=tok, source=where, text=text, tokens=tokens, pad_to_multiple_of=pad)
 
 
 def input_paths(recipe: Recipe) -> list[str]:
-    """Every local path a recipe reads: models, base models, and a tokenizer source given as a path."""
+    """Every local path a recipe reads: models, base models, a tokenizer source given as a path and the
+    models named by `tokenizer.tokens`."""
     paths = [recipe.base_model] if recipe.base_model else []
     for src in recipe.models or ():
         paths.append(src.model)
     for s in recipe.slices or ():
         paths += [src.model for src in s.sources] + ([s.base_model] if s.base_model else [])
-    if recipe.tokenizer_source and recipe.tokenizer_source != "base":
+    if recipe.tokenizer_source and recipe.tokenizer_source not in ("base", "union"):
         paths.append(recipe.tokenizer_source)
+    paths += [spec.model for spec in recipe.tokens.values() if spec.model]
     return list(dict.fromkeys(paths))
 
 

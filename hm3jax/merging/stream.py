@@ -113,8 +113,9 @@ def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.Pa
         inside an input (a model, the tokenizer source, the recipe file).
       max_shard_size: bytes per output shard (see parse_shard_size).
       seed: PRNG seed of random methods (each tensor draws from fold_in(seed, crc32(name))).
-      copy_tokenizer: copy tokenizer files from `tokenizer_source` (default: the base model, else the
-        first model) into the output.
+      copy_tokenizer: copy the tokenizer files of the base model (else the first model) into the
+        output, when the recipe sets no tokenizer; with `tokenizer_source` / `tokenizer` the output
+        tokenizer (merging/vocab.py) is always saved, as mergekit does.
       prefetch: how many upcoming tensors to load while the current one is merged (0 = none).
       prefetch_bytes: cap on the input bytes of those upcoming tensors (int or "512MiB", "1GB"; see
         parse_size); the next tensor is always loaded ahead when prefetch >= 1, whatever its size.
