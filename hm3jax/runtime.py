@@ -2,9 +2,8 @@
 
 XLA:CPU allocates every output buffer afresh, and glibc serves large buffers with fresh anonymous
 memory, so each call page-faults its outputs in again, 4 KiB at a time. For memory-bound programs
-(parameter merges, elementwise updates of large pytrees) those faults cost more than the arithmetic:
-a jitted task-arithmetic merge of 1 GB pytrees runs at ~0.35x the machine's copy bandwidth with them
-and ~0.7x with 2 MiB transparent huge pages (see benchmarks/README.md).
+(parameter merges, elementwise updates of large pytrees) those faults can cost more than the
+arithmetic; 2 MiB transparent huge pages make them 512 times rarer (measurements: benchmarks/README.md).
 
 glibc (>= 2.35) asks the kernel for transparent huge pages when the tunable `glibc.malloc.hugetlb=1`
 is set, but reads tunables only at process start. `reexec_with_huge_pages` therefore re-executes the

@@ -24,3 +24,15 @@ def small_zoo(tmp_path_factory):
 def small_zoo_loaded(small_zoo):
     """load_zoo of the session's SMALL zoo: (ModelConfig, {name: params}, tokenizer)."""
     return load_zoo(small_zoo[0])
+
+
+# Tests that train the zoo (directly or through these fixtures) are slow: `.ci/run` runs them after
+# the fast tests. Other slow tests (parity with transformers / mergekit, command lines run in
+# subprocesses, long searches) carry @pytest.mark.slow themselves.
+_ZOO_FIXTURES = {"small_zoo", "small_zoo_loaded"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _ZOO_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -73,6 +73,7 @@ PATHS = {
 
 
 @pytest.mark.parametrize("case", sorted(PATHS))
+@pytest.mark.slow
 def test_export_matches_forward_path_in_transformers(family, tmp_path, case):
     import torch
     from transformers import AutoModelForCausalLM
@@ -145,6 +146,7 @@ def _read_all(path):
         return {n: np.array(r.get(n), np.float32) for n in r.names}
 
 
+@pytest.mark.slow
 def test_mergekit_rebuilds_a_task_arithmetic_export(family, tmp_path, monkeypatch):
     pytest.importorskip("mergekit")
     from mergekit.config import MergeConfiguration

@@ -64,6 +64,7 @@ PARITY = {
 
 
 @pytest.mark.parametrize("name", sorted(PARITY))
+@pytest.mark.slow
 def test_matches_transformers_generate_with_left_padding(name):
     cfg = PARITY[name]
     params = random_params(cfg, seed=21)
@@ -193,6 +194,7 @@ def smollm2():
     return cfg, params, load_tokenizer(path), model
 
 
+@pytest.mark.slow
 def test_smollm2_greedy_matches_transformers(smollm2):
     cfg, params, tok, model = smollm2
     rows = tok(["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th"])

@@ -59,6 +59,7 @@ def categorical_run():
     return tr, run_lower(tr, LAYOUT, problems(), None, jax.random.key(0), CHUNKS)
 
 
+@pytest.mark.slow
 def test_identity_path_is_likely_at_the_start():
     """Before training, the identity path over the merged model has the prior's probability
     identity_prob ** L, and every other path far less."""
@@ -139,6 +140,7 @@ def test_checkpoint_resume_equals_unbroken_run(categorical_run, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["random", "evolution"])
+@pytest.mark.slow
 def test_path_baselines_on_the_synthetic_reward(method):
     cfg = PathSearchConfig(method=method, population=32, iterations=16, chunk_iterations=8)
     tr = make_path_search(cfg, ENV, LAYOUT, SCORER)
@@ -185,6 +187,7 @@ def test_conditioned_mode_needs_a_conditioned_agent():
         make_train(ENV, AgentConfig(condition=False), PPOConfig(mode="conditioned"), LAYOUT, SCORER)
 
 
+@pytest.mark.slow
 def test_coral_alignment_shrinks_the_statistics_gap():
     from hm3jax.search.align import AlignConfig, apply_affine, coral_gap, fit_affine
 

@@ -77,6 +77,7 @@ def test_bad_inputs_fail_clearly_and_leave_nothing(zoo, tmp_path, capsys, case, 
     assert _left_behind(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_existing_output_and_overwrite(zoo, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
@@ -106,6 +107,7 @@ def test_failure_while_writing_removes_partial_output(zoo, tmp_path, monkeypatch
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_pytree_api_equals_cli_for_random_method(zoo, tmp_path):
     """dare_ties through `merging.dare_ties` on loaded pytrees == the CLI with the same seed."""
     recipe = {"merge_method": "dare_ties", "base_model": zoo["base"], "dtype": "float32",

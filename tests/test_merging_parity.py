@@ -21,6 +21,8 @@ from merging_zoo import LAYERS, build_zoo, load_params, read_all, run_mergekit
 from hm3jax import merging
 from hm3jax.merging.stream import merge_recipe
 
+pytestmark = pytest.mark.slow  # mergekit runs in-process for every case
+
 ATOL = 1e-5
 
 

@@ -80,6 +80,7 @@ FAMILIES = {
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.slow
 def test_logits_match_transformers(name):
     cfg = FAMILIES[name]
     params = random_params(cfg, seed=3)

@@ -12,6 +12,8 @@ from hm3jax.demo import PARAGRAPH, perplexity, smollm2_gguf
 from hm3jax.io import load_pretrained, load_tokenizer, save_pretrained
 from hm3jax.models import forward
 
+pytestmark = pytest.mark.slow  # a 135M-parameter model through hm3jax and transformers
+
 
 @pytest.fixture(scope="module")
 def gguf_path():

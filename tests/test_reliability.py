@@ -547,6 +547,7 @@ def _check_signals(root, sigs, seed):
     assert not [e for e in os.listdir(root) if e.startswith(".out.")]  # SIGKILL's debris removed
 
 
+@pytest.mark.slow
 def test_sigint_sigterm_sigkill_of_a_running_merge(tmp_path):
     _slow_models(tmp_path)
     proc = _merge_proc(tmp_path, "quick.yml")

@@ -131,6 +131,7 @@ def _random_params(cfg, seed):
     return params
 
 
+@pytest.mark.slow
 def test_path_scorer_on_the_decoder(tokenizer):
     from hm3jax import models
 

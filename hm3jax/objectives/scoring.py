@@ -106,8 +106,8 @@ def make_path_scorer(
       num_tasks: None for overall means; K for per-task means using batch.task_id.
       chunk_size: score the rows in chunks of this many (lax.map) to bound activation memory,
         which matters when the scorer is vmapped over many paths; None scores all rows at once.
-        Small models score faster in small chunks whose activations stay in cache (the zoo on a
-        2-core CPU: 64 rows x 16 paths is ~25% faster than all 2100 rows at once).
+        Small models can score faster in small chunks whose activations stay in cache (see
+        benchmarks/README.md).
 
     Returns:
       score(path) -> (exact_match_mean, loglik_mean): path is an int array of pool indices (-1 =
