@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import chex
 import flax.linen as linen
 import jax
 import jax.numpy as jnp
@@ -93,10 +94,11 @@ def test_every_deterministic_method_merges_any_pytree_like_the_hf_dict(family, n
     method = METHODS[name]
     b = base if method.base != "ignored" else None
     got = method.merge(b, models, weights, **params)
-    assert jax.tree.structure(got) == jax.tree.structure(base)  # the container types survive
+    chex.assert_trees_all_equal_structs(got, base)  # the container types survive
     hf_base, back = _as_hf(base)
     want = method.merge(None if b is None else hf_base, [_as_hf(x)[0] for x in models], weights, **params)
-    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6), got, back(want))
+    chex.assert_trees_all_close(got, back(want), rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_equal_dtypes(got, base)
     if name in ("linear", "task_arithmetic", "ties"):  # and the merge moved something
         assert any(not np.allclose(g, x) for g, x in zip(jax.tree.leaves(got), jax.tree.leaves(base)))
 
@@ -174,4 +176,4 @@ def test_equinox_module_merges_if_installed():
     params = [eqx.filter(t, eqx.is_array) for t in (base, *models)]
     got = merging.task_arithmetic(params[0], params[1:], np.array([0.5, 0.5]))
     want = jax.tree.map(lambda b, x, y: b + 0.5 * (x - b) + 0.5 * (y - b), *params)
-    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6), got, want)
+    chex.assert_trees_all_close(got, want, atol=1e-6)
