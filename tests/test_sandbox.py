@@ -1,4 +1,4 @@
-"""The code sandbox (realtasks.run_program): no false pass, no process outlives a run, bounded output."""
+"""The code sandbox (objectives.sandbox.run_program): no false pass, no process outlives a run, bounded output."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import tracemalloc
 import pytest
 
 from hm3jax.io.atomic import pid_alive
-from hm3jax.objectives.realtasks import run_program
+from hm3jax.objectives.sandbox import run_program
 
 F_TESTS = "assert f() == 2"
 
