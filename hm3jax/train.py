@@ -19,10 +19,10 @@ from hm3jax.config import (
     RunConfigError,
     parse_run_config,
     preference_matrix,
-    prepare_run_dir,
     task_names,
     validate,
 )
+from hm3jax.rundir import prepare_run_dir
 
 
 def check_supported(cfg: RunConfig) -> None:

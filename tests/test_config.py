@@ -18,15 +18,14 @@ from hm3jax.config import (
     TaskFiles,
     TasksConfig,
     ZooSource,
-    check_run_dir,
     load_run_config,
     parse_run_config,
-    prepare_run_dir,
     task_names,
     to_yaml,
     validate,
 )
 from hm3jax.models import ModelConfig
+from hm3jax.rundir import check_run_dir, prepare_run_dir
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 PAPER = ("qwen2.5-1.5b.yaml", "llama2-7b.yaml", "llama2-13b.yaml")

@@ -11,11 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hm3jax.config import CheckpointSource, ModelsConfig, RunConfig, prepare_run_dir, validate
+from hm3jax.config import CheckpointSource, ModelsConfig, RunConfig, validate
 from hm3jax.io import load_pretrained, save_pretrained
 from hm3jax.models import ModelConfig, build_pool, forward, forward_path, init_params, shell_of
 from hm3jax.recommend import RecommendError, main, parse_preference, pick_solution
 from hm3jax.report import build_front, write_front
+from hm3jax.rundir import prepare_run_dir
 from hm3jax.search.upper import merge_for_preference
 
 TASKS = ["math", "code", "translation"]
