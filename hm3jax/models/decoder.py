@@ -92,13 +92,19 @@ def forward_path(cfg: ModelConfig, shell: dict, pool: LayerPool, path: jax.Array
     Returns:
       float32 logits [B, S, vocab].
     """
+    return _forward_path(cfg, shell, pool.layers, checked_path(pool, path), tokens, attention_mask)
+
+
+def checked_path(pool: LayerPool, path) -> jax.Array:
+    """`path` as int32 [T]: ValueError unless 1-D, PoolError for an index outside the pool (checked
+    when the path is concrete; a traced path, vmapped over candidates, cannot be)."""
     path = jnp.asarray(path, jnp.int32)
     if path.ndim != 1:
         raise ValueError(f"path must be a 1-D array of pool indices, got shape {path.shape}")
     concrete = concrete_or_none(path)
-    if concrete is not None:  # a traced path (vmapped over candidates) cannot be checked
+    if concrete is not None:
         pool.check_path(concrete)
-    return _forward_path(cfg, shell, pool.layers, path, tokens, attention_mask)
+    return path
 
 
 def concrete_or_none(x) -> np.ndarray | None:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hm3jax.models.config import ModelConfig
-from hm3jax.models.decoder import causal_mask, concrete_or_none, embed, head, pool_layer
+from hm3jax.models.decoder import causal_mask, checked_path, concrete_or_none, embed, head, pool_layer
 from hm3jax.models.layers import rope_tables
 from hm3jax.models.pool import LayerPool, shell_of
 
@@ -82,13 +82,7 @@ def generate_path(cfg: ModelConfig, shell: dict, pool: LayerPool, path, prompt_t
     Returns:
       int32 [B, N] generated tokens, pad after a row's EOS.
     """
-    path = jnp.asarray(path, jnp.int32)
-    if path.ndim != 1:
-        raise ValueError(f"path must be a 1-D array of pool indices, got shape {path.shape}")
-    concrete_path = concrete_or_none(path)
-    if concrete_path is not None:  # a traced path (vmapped over candidates) cannot be checked
-        pool.check_path(concrete_path)
-    return _generate_layers(cfg, shell, pool.layers, path, prompt_tokens, prompt_mask,
+    return _generate_layers(cfg, shell, pool.layers, checked_path(pool, path), prompt_tokens, prompt_mask,
                             max_new_tokens, eos_token_id, pad_token_id)
 
 
