@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from hm3jax.merging.base import REQUIRED, MergeMethod, Param, sum_models
 from hm3jax.merging.sparsify import topk_mask
-from hm3jax.merging.task_arithmetic import consensus_mask, true_divide
+from hm3jax.merging.task_arithmetic import consensus_mask, rounding, true_divide
 
 
 # --------------------------------------------------------------------------------------- linear
@@ -46,30 +46,36 @@ def model_stock_tensor(base: jax.Array, models: Sequence[jax.Array], weights=Non
 
     c is the mean pairwise cosine between the offsets θ_i − θ_0 (norm product clamped to >= 1e-6,
     cosines clamped to [-1, 1]); where |1 + (N − 1)c| < 1e-6 (no finite estimate) t = 0 keeps the
-    base. `filter_wise` computes c per row (last axis) instead of over the whole tensor.
+    base. `filter_wise` computes c per row (last axis) instead of over the whole tensor. Given
+    float16/bfloat16 inputs, every operation rounds to that dtype, as mergekit's torch code does.
     base `[*S]`, models: M >= 2 arrays `[*S]` -> `[*S]`.
     """
     del weights, key
-    shape = base.shape
+    shape, dt = base.shape, base.dtype
+    r = rounding(dt)
+    base, models = r(base), [r(x) for x in models]
     if filter_wise:
         w0 = base[None] if base.ndim == 1 else base
         ws = [x[None] if base.ndim == 1 else x for x in models]
     else:
         w0, ws = base.reshape(-1), [x.reshape(-1) for x in models]
-    offsets = [x - w0 for x in ws]
-    norms = [jnp.linalg.norm(o, axis=-1) for o in offsets]
+    offsets = [r(x - w0) for x in ws]
+    norms = [r(jnp.linalg.norm(o, axis=-1)) for o in offsets]
     n = len(ws)
     cos = []
     for i in range(n):
         for j in range(i + 1, n):
-            dot = jnp.sum(offsets[i] * offsets[j], axis=-1)
-            cos.append(jnp.clip(dot / jnp.maximum(norms[i] * norms[j], 1e-6), -1, 1))
-    c = (sum_models(cos) / len(cos))[..., None]
-    den = 1 + (n - 1) * c
-    singular = jnp.abs(den) < 1e-6
-    t = jnp.where(singular, 0, n * c / jnp.where(singular, 1, den))
-    avg = sum_models(ws) / n
-    return (t * avg + (1 - t) * w0).reshape(shape)
+            dot = r(jnp.sum(r(offsets[i] * offsets[j]), axis=-1))
+            cos.append(jnp.clip(r(dot / r(jnp.maximum(r(norms[i] * norms[j]), 1e-6))), -1, 1))
+    c = r(true_divide(sum_models(cos), jnp.float32(len(cos))))[..., None]
+    den = r(1 + r((n - 1) * c))
+    singular = jnp.abs(den) < r(jnp.float32(1e-6))
+    t = jnp.where(singular, 0, r(r(n * c) / jnp.where(singular, 1, den)))
+    total = ws[0]
+    for x in ws[1:]:
+        total = r(total + x)
+    avg = r(true_divide(total, jnp.float32(n)))
+    return r(r(t * avg) + r(r(1 - t) * w0)).reshape(shape).astype(dt)
 
 
 model_stock = MergeMethod(

@@ -6,9 +6,11 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from hm3jax.merging.base import REQUIRED, MergeMethod, Param, sum_models
+from hm3jax.merging.task_arithmetic import LOW_PRECISION, rounding, true_divide
 
 
 # --------------------------------------------------------------------------------------- slerp
@@ -45,7 +47,10 @@ slerp = MergeMethod(
 
 
 # --------------------------------------------------------------------------------------- nuslerp
-def _nuslerp(t, v0: jax.Array, v1: jax.Array, row_wise: bool, flatten: bool, eps: float = 1e-8):
+def _nuslerp(t, v0: jax.Array, v1: jax.Array, row_wise: bool, flatten: bool, eps: float = 1e-8, r=None,
+             one_minus_t=None):
+    r = r or (lambda v: v)  # rounding after each operation (16-bit inputs; see nuslerp_tensor)
+    omt = 1 - t if one_minus_t is None else one_minus_t
     shape = v0.shape
     if flatten:
         v0, v1 = v0.reshape(-1), v1.reshape(-1)
@@ -53,26 +58,28 @@ def _nuslerp(t, v0: jax.Array, v1: jax.Array, row_wise: bool, flatten: bool, eps
         v0, v1 = jnp.swapaxes(v0, 0, -1), jnp.swapaxes(v1, 0, -1)
 
     def unit(x):
-        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-7)
+        return r(true_divide(x, r(jnp.maximum(r(jnp.linalg.norm(x, axis=-1, keepdims=True)), 1e-7))))
 
-    cos = jnp.clip(jnp.sum(unit(v0) * unit(v1), axis=-1, keepdims=True), -1, 1)
-    colinear = (1 - jnp.square(cos)) <= eps ** 2
-    theta = jnp.arccos(jnp.where(colinear, 0, cos))
-    sin_theta = jnp.where(colinear, 1, jnp.sin(theta))
-    res = (jnp.sin((1 - t) * theta) * v0 + jnp.sin(t * theta) * v1) / sin_theta
-    res = jnp.where(colinear, (1 - t) * v0 + t * v1, res)
+    cos = jnp.clip(r(jnp.sum(r(unit(v0) * unit(v1)), axis=-1, keepdims=True)), -1, 1)
+    colinear = r(1 - r(jnp.square(cos))) <= r(jnp.float32(eps ** 2))
+    theta = r(jnp.arccos(jnp.where(colinear, 0, cos)))
+    sin_theta = jnp.where(colinear, 1, r(jnp.sin(theta)))
+    res = r(true_divide(r(r(r(jnp.sin(r(omt * theta))) * v0) + r(r(jnp.sin(r(t * theta))) * v1)), sin_theta))
+    res = jnp.where(colinear, r(r(omt * v0) + r(t * v1)), res)
     if not flatten and row_wise and res.ndim > 1:
         res = jnp.swapaxes(res, 0, -1)
     return res.reshape(shape)
 
 
 def nuslerp_tensor(base, models: Sequence[jax.Array], weights: jax.Array, key=None, *, nuslerp_row_wise: bool = False,
-                   nuslerp_flatten: bool = True) -> jax.Array:
+                   nuslerp_flatten: bool = True, t_host=None) -> jax.Array:
     """NuSLERP between two models, of their task vectors when a base is given.
 
     t = w_1 / (w_0 + w_1) (0.5 when |w_0 + w_1| < 1e-6). `nuslerp_flatten` (default) uses one angle
     per tensor; otherwise one per row (last axis), or with `nuslerp_row_wise` one per slice along
-    axis 0 (mergekit's transpose). Exactly collinear pairs are interpolated linearly.
+    axis 0 (mergekit's transpose). Exactly collinear pairs are interpolated linearly. `t_host`:
+    [t, 1 − t] computed in float64 from the recipe's weights (`nuslerp_prepare`), as mergekit computes
+    them in Python, so 16-bit merges round alike.
     base `[*S]` or None, models: two arrays `[*S]`, weights `[2]` -> `[*S]`.
     """
     del key
@@ -80,14 +87,36 @@ def nuslerp_tensor(base, models: Sequence[jax.Array], weights: jax.Array, key=No
     w = jnp.asarray(weights, jnp.float32)
     total = w[0] + w[1]
     t = jnp.where(jnp.abs(total) < 1e-6, 0.5, w[1] / jnp.where(jnp.abs(total) < 1e-6, 1, total))
-    t = t.astype(models[0].dtype)
+    dt = models[0].dtype
+    r = rounding(dt)  # 16-bit inputs: every operation rounds to their dtype, as mergekit's torch code does
+    omt = None
+    if t_host is not None:
+        t, omt = t_host[0], t_host[1]
+    if dt not in LOW_PRECISION:
+        t = t.astype(dt)
+        omt = None if omt is None else omt.astype(dt)
+    ms = [r(x) for x in models]
     if base is None:
-        return _nuslerp(t, models[0], models[1], nuslerp_row_wise, nuslerp_flatten)
-    return base + _nuslerp(t, models[0] - base, models[1] - base, nuslerp_row_wise, nuslerp_flatten)
+        return _nuslerp(t, ms[0], ms[1], nuslerp_row_wise, nuslerp_flatten, r=r, one_minus_t=omt).astype(dt)
+    b = r(base)
+    return r(b + _nuslerp(t, r(ms[0] - b), r(ms[1] - b), nuslerp_row_wise, nuslerp_flatten, r=r,
+                          one_minus_t=omt)).astype(dt)
+
+
+def nuslerp_prepare(params: dict, shape: tuple) -> dict:
+    """Host hook: t and 1 − t from the float64 weights, when given (the out-of-core merge gives them)."""
+    w = params.get("weight")
+    if w is not None and np.ndim(w) == 1 and len(w) == 2 and not isinstance(w, jax.core.Tracer):
+        w = np.asarray(w, np.float64)
+        total = w[0] + w[1]
+        t = 0.5 if abs(total) < 1e-6 else w[1] / total
+        params["t_host"] = np.asarray([t, 1 - t], np.float64)
+    return params
 
 
 nuslerp = MergeMethod(
     name="nuslerp", base="optional", random=False, merge_tensor=nuslerp_tensor, min_models=2, max_models=2,
+    prepare=nuslerp_prepare,
     params={"weight": Param(REQUIRED, per_model=True, doc="relative weight of each of the two models"),
             "nuslerp_row_wise": Param(False, static=True, doc="one angle per slice along axis 0"),
             "nuslerp_flatten": Param(True, static=True, doc="one angle per whole tensor")},

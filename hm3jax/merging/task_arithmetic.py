@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax import lax
 
 from hm3jax.merging import sparsify as sp
 from hm3jax.merging.base import REQUIRED, MergeMethod, Param, sum_models
@@ -35,6 +36,28 @@ SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers", "della_magprun
 CONSENSUS = (None, "sum", "count")
 RANDOM_SPARSIFIERS = ("random", "della_magprune")  # the ones that draw keep-masks (key or masks)
 LOW_PRECISION = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+
+
+def round_to(x: jax.Array, dtype) -> jax.Array:
+    """float32 `x` rounded to the float16/bfloat16 grid (to nearest even), kept in float32.
+
+    Not a convert pair: XLA narrows chains of converts around float32 ops into 16-bit ops, which
+    XLA:CPU then evaluates with float32 excess precision (not rounding in between). reduce_precision
+    stays, but flushes float16 subnormals, so those (|x| < 2^-14) are rounded to multiples of 2^-24.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    if np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16):
+        return lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
+    tiny = jnp.abs(x) < 2.0 ** -14
+    return jnp.where(tiny, jnp.round(x * 2.0 ** 24) * 2.0 ** -24, lax.reduce_precision(x, exponent_bits=5, mantissa_bits=10))
+
+
+def rounding(dtype):
+    """For float16/bfloat16: v -> v rounded to `dtype`, held in float32 (one torch CPU op on 16-bit
+    tensors: computed in float32, rounded; see round_to); the identity for other dtypes."""
+    if np.dtype(dtype) in LOW_PRECISION:
+        return lambda v: round_to(v, dtype)
+    return lambda v: v
 
 
 def true_divide(x: jax.Array, d: jax.Array) -> jax.Array:
@@ -134,8 +157,7 @@ def _gta_16bit(base, models, weights, key, masks, sparsification, consensus, nor
     """The pipeline in float16/bfloat16 as mergekit computes it with torch (module docstring)."""
     dt, f32 = base.dtype, jnp.float32
 
-    def r(v):  # one torch CPU op: computed in float32, rounded to the 16-bit dtype
-        return v.astype(dt).astype(f32)
+    r = rounding(dt)  # one torch CPU op: computed in float32, rounded to the 16-bit dtype
 
     b = base.astype(f32)
     deltas = [r(x.astype(f32) - b) for x in models]
