@@ -24,6 +24,7 @@ from hm3jax.search.env import EnvConfig
 from hm3jax.search.lower import LowerConfig
 from hm3jax.search.ppo import PPOConfig
 from hm3jax.search.upper import UpperConfig
+from hm3jax.sharding import MeshConfig, ShardingError
 
 CONFIG_FILE = "config.yaml"
 ZOO_CONFIGS = ("default", "small")
@@ -178,6 +179,9 @@ class RunConfig:
     """The Pareto front."""
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     """Logging."""
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    """Devices: the (data, fsdp) mesh, partition-rule overrides, multi-host start (hm3jax.sharding;
+    default one device). Not compared on resume: a run may continue on another slice."""
 
 
 # ------------------------------------------------------------------------------------ parsing
@@ -374,6 +378,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise RunConfigError(f"front.cost_seq_len must be >= 1, got {cfg.front.cost_seq_len}")
     if not cfg.output_dir:
         raise RunConfigError("output_dir: empty")
+    try:
+        cfg.mesh.check()
+    except ShardingError as e:
+        raise RunConfigError(str(e)) from None
     inputs = []
     if m.checkpoints is not None:
         inputs += [m.checkpoints.base, *m.checkpoints.experts.values()]

@@ -12,7 +12,7 @@ import draccus
 from hm3jax.config import CONFIG_FILE, RunConfig, RunConfigError, load_run_config, to_yaml
 
 # Keys that do not change a run's results: a run directory may be resumed with other values.
-_NOT_COMPARED = ("log",)
+_NOT_COMPARED = ("log", "mesh")
 
 
 def _flat(d, prefix: str = "") -> dict:

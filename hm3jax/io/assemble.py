@@ -78,6 +78,31 @@ def params_from_source(cfg: ModelConfig, source: TensorSource, dtype: Any = None
     that differs from the embedding of a tied model.
     """
     out_dt = None if dtype is None else float_dtype(dtype)
+    expected = check_source(cfg, source, where)
+    shapes = param_shapes(cfg)
+    by_path: dict[tuple, list[tuple[int | None, str]]] = {}
+    for name, (path, layer) in expected.items():
+        by_path.setdefault(path, []).append((layer, name))
+    params: dict = {}
+    for path, entries in by_path.items():
+        if entries[0][0] is None:
+            arr = np.asarray(source.get(entries[0][1]))
+            leaf = arr if out_dt is None or arr.dtype == out_dt else arr.astype(out_dt)
+        else:
+            # Fill a preallocated stack so at most one layer's tensor is in flight beside it.
+            dt = out_dt or np.dtype(source.dtype(entries[0][1]))
+            leaf = np.empty(shapes[path], dt)
+            for layer, name in entries:
+                leaf[layer] = source.get(name)
+        set_path(params, path, jnp.asarray(leaf))
+        del leaf
+    return params
+
+
+def check_source(cfg: ModelConfig, source: TensorSource, where: str = "checkpoint") -> dict:
+    """Check `source` against `cfg` from names, dtypes and shapes (plus, for a tied model that stores
+    a head, that it equals the embedding); return `hf_names(cfg)`. Raises CheckpointError as
+    `params_from_source` documents. Reads no tensor data otherwise."""
     present = list(source.names)
     # Before enumerating the expected names: a corrupt layer count (a flipped bit can declare 33
     # million layers) would otherwise build hundreds of millions of names.
@@ -123,24 +148,7 @@ def params_from_source(cfg: ModelConfig, source: TensorSource, dtype: Any = None
         raise CheckpointError(
             f"{where}: config has tie_word_embeddings=true but {HEAD} differs from {EMBED}; "
             "set tie_word_embeddings=false in config.json to keep a separate head")
-
-    by_path: dict[tuple, list[tuple[int | None, str]]] = {}
-    for name, (path, layer) in expected.items():
-        by_path.setdefault(path, []).append((layer, name))
-    params: dict = {}
-    for path, entries in by_path.items():
-        if entries[0][0] is None:
-            arr = np.asarray(source.get(entries[0][1]))
-            leaf = arr if out_dt is None or arr.dtype == out_dt else arr.astype(out_dt)
-        else:
-            # Fill a preallocated stack so at most one layer's tensor is in flight beside it.
-            dt = out_dt or np.dtype(source.dtype(entries[0][1]))
-            leaf = np.empty(shapes[path], dt)
-            for layer, name in entries:
-                leaf[layer] = source.get(name)
-        set_path(params, path, jnp.asarray(leaf))
-        del leaf
-    return params
+    return expected
 
 
 def check_params(cfg: ModelConfig, params: dict) -> None:

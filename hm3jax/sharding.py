@@ -1,0 +1,268 @@
+"""One device mesh from config, and logical-axis rules that place every array on it.
+
+The mesh has two axes: `data` (candidate paths, examples, preferences: work that splits without
+communication) and `fsdp` (parameters: each device holds a slice of every weight, gathered one
+layer at a time where a matmul needs it). Sizes come from `MeshConfig`; -1 takes the devices left.
+
+Placement is two tables, as in maxtext. `PARAM_AXES` names each dimension of a params-layout leaf
+(models/params.py) with a *logical* axis (`vocab`, `embed`, `heads`, `mlp`, `norm`, plus `layers`
+for the stacked layer axis or `pool` for a LayerPool's); `LOGICAL_RULES` maps logical axes to mesh
+axes (`embed -> fsdp`: FSDP over the hidden dimension; `paths`/`batch`/`preferences -> data`).
+A leaf no rule matches is an error naming it (or replicated, where the caller asks: agents,
+optimiser counters). A dimension the mesh axis does not divide evenly is replicated.
+
+    mesh = make_mesh(MeshConfig(fsdp=-1))
+    params = jax.device_put(params, param_shardings(params, mesh))
+    paths = jax.device_put(paths, batch_sharding(mesh, paths.ndim, "paths"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA, FSDP = "data", "fsdp"
+MESH_AXES = (DATA, FSDP)
+
+# Logical axis -> mesh axis (None: replicated). FSDP over the hidden dimension of every matrix; the
+# layer / pool axis stays whole so a scan step slices one layer locally.
+LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
+    ("layers", None), ("pool", None), ("models", None),
+    ("vocab", None), ("embed", FSDP), ("heads", None), ("mlp", None), ("norm", None),
+    ("paths", DATA), ("batch", DATA), ("preferences", DATA), ("seq", None),
+)
+
+# Path regex (leaf keys joined by "/") -> logical names of the per-layer dimensions. Matched as a
+# suffix, so the same table places optimiser states (`.../mu/layers/mlp/up_proj/weight`).
+PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (r"(^|/)(embed_tokens|lm_head)/weight$", ("vocab", "embed")),
+    (r"(^|/)(input_layernorm|post_attention_layernorm|norm)/weight$", ("norm",)),
+    (r"(^|/)[qkv]_proj/weight$", ("heads", "embed")),
+    (r"(^|/)[qkv]_proj/bias$", ("heads",)),
+    (r"(^|/)o_proj/weight$", ("embed", "heads")),
+    (r"(^|/)(gate|up)_proj/weight$", ("mlp", "embed")),
+    (r"(^|/)(gate|up)_proj/bias$", ("mlp",)),
+    (r"(^|/)down_proj/weight$", ("embed", "mlp")),
+    (r"(^|/)down_proj/bias$", ("norm",)),
+)
+
+
+class ShardingError(ValueError):
+    """A mesh that does not fit the devices, or a leaf that no partition rule places."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The device mesh (`mesh:` in a run config). Defaults: one device, nothing sharded."""
+
+    data: int = 1
+    """Devices along the `data` axis (paths, examples, preferences); -1: the devices left over."""
+    fsdp: int = 1
+    """Devices along the `fsdp` axis (every weight's hidden dimension); -1: the devices left over."""
+    slices: int = 1
+    """Multi-slice TPU (or multi-node GPU): slices joined by the slower data-centre network; the
+    `data` axis spans them (its size must be a multiple of this), `fsdp` stays inside a slice."""
+    distributed: bool = False
+    """Call jax.distributed.initialize() before touching devices (multi-host: the same command on
+    every host; TPU VMs and SLURM find the coordinator themselves)."""
+    coordinator_address: str = ""
+    """host:port of process 0, for clusters JAX cannot detect (empty: auto-detect)."""
+    num_processes: int = 0
+    """Process count, with coordinator_address (0: auto-detect)."""
+    process_id: int = -1
+    """This process's index, with coordinator_address (-1: auto-detect)."""
+    rules: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Overrides of LOGICAL_RULES: logical axis (embed, heads, mlp, vocab, norm, layers, pool, paths,
+    batch, preferences) -> mesh axis (data, fsdp) or "none" (replicated)."""
+
+    def check(self) -> None:
+        """Raise ShardingError naming the `mesh.*` key that cannot be used (no devices needed)."""
+        for key in ("data", "fsdp", "slices"):
+            v = getattr(self, key)
+            if v == 0 or v < -1 or (key == "slices" and v < 1):
+                raise ShardingError(f"mesh.{key} must be a positive device count"
+                                    f"{'' if key == 'slices' else ' or -1 (the devices left)'}, got {v}")
+        if self.data == -1 and self.fsdp == -1:
+            raise ShardingError("mesh.data and mesh.fsdp are both -1; at most one axis takes the devices left")
+        if self.data > 0 and self.data % self.slices:
+            raise ShardingError(f"mesh.data {self.data} is not a multiple of mesh.slices {self.slices}")
+        known = {k for k, _ in LOGICAL_RULES}
+        for k, v in self.rules.items():
+            if k not in known:
+                raise ShardingError(f"mesh.rules.{k}: unknown logical axis; known: {', '.join(sorted(known))}")
+            if v not in (*MESH_AXES, "none"):
+                raise ShardingError(f"mesh.rules.{k}: {v!r} is not a mesh axis (data, fsdp or none)")
+
+
+def initialize_distributed(cfg: MeshConfig) -> bool:
+    """Call `jax.distributed.initialize()` when `cfg.distributed`; True if it was called. Must run
+    before anything queries devices (make_mesh does it first)."""
+    if not cfg.distributed:
+        return False
+    kwargs: dict[str, Any] = {}
+    if cfg.coordinator_address:
+        kwargs["coordinator_address"] = cfg.coordinator_address
+    if cfg.num_processes:
+        kwargs["num_processes"] = cfg.num_processes
+    if cfg.process_id >= 0:
+        kwargs["process_id"] = cfg.process_id
+    if not jax.distributed.is_initialized():
+        jax.distributed.initialize(**kwargs)
+    return True
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int]:
+    """(data, fsdp) sizes for `n_devices`, -1 resolved; ShardingError when they do not fit."""
+    cfg.check()
+    data, fsdp = cfg.data, cfg.fsdp
+    if data == -1:
+        data = n_devices // fsdp
+    if fsdp == -1:
+        fsdp = n_devices // data
+    if data < 1 or fsdp < 1 or data * fsdp > n_devices:
+        raise ShardingError(f"mesh.data {cfg.data} x mesh.fsdp {cfg.fsdp} needs {max(data, 1) * max(fsdp, 1)} "
+                            f"devices; {n_devices} are visible")
+    if cfg.slices > 1 and data % cfg.slices:
+        raise ShardingError(f"mesh.data {data} is not a multiple of mesh.slices {cfg.slices}")
+    return data, fsdp
+
+
+def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[Any] | None = None) -> Mesh:
+    """The (data, fsdp) Mesh of `cfg` over `devices` (default: all, after initialize_distributed).
+
+    Fewer devices than visible: the first data*fsdp are used (the default config: one device).
+    With `slices > 1` the data axis is laid across slices (mesh_utils.create_hybrid_device_mesh).
+    """
+    initialize_distributed(cfg)
+    devices = list(jax.devices() if devices is None else devices)
+    data, fsdp = mesh_shape(cfg, len(devices))
+    from jax.experimental import mesh_utils
+
+    if cfg.slices > 1:
+        grid = mesh_utils.create_hybrid_device_mesh((data // cfg.slices, fsdp), (cfg.slices, 1), devices)
+    elif data * fsdp == len(devices):
+        try:
+            grid = mesh_utils.create_device_mesh((data, fsdp), devices)
+        except (ValueError, NotImplementedError, AssertionError):  # a topology it cannot lay out
+            grid = np.asarray(devices).reshape(data, fsdp)
+    else:
+        grid = np.asarray(devices[:data * fsdp]).reshape(data, fsdp)
+    return Mesh(grid, MESH_AXES)
+
+
+# ------------------------------------------------------------------------------------ rules
+def rules_of(cfg: MeshConfig | None = None) -> dict[str, str | None]:
+    """LOGICAL_RULES with `cfg.rules` applied: logical axis -> mesh axis or None."""
+    rules = dict(LOGICAL_RULES)
+    for k, v in (cfg.rules if cfg is not None else {}).items():
+        rules[k] = None if v == "none" else v
+    return rules
+
+
+def leaf_axes(name: str, ndim: int, stacked_axis: str = "layers") -> tuple[str, ...] | None:
+    """Logical axes of a params-layout leaf named `name` ("layers/mlp/up_proj/weight"), or None when
+    no PARAM_AXES entry matches. A leaf with one more dimension than its entry gets `stacked_axis`
+    first (the layer axis of params, the pool axis of a LayerPool); more than one more: `models`
+    too (a stack of several models' params)."""
+    for pattern, axes in PARAM_AXES:
+        if re.search(pattern, name):
+            extra = ndim - len(axes)
+            if extra < 0:
+                return None
+            return (("models",) * (extra - 1) + (stacked_axis,) if extra else ()) + axes
+    return None
+
+
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+             rules: dict[str, str | None]) -> PartitionSpec:
+    """PartitionSpec of logical `axes`: each mapped by `rules`, replicated where the mesh axis is
+    size 1, does not divide the dimension, or is already used by an earlier dimension."""
+    used, out = set(), []
+    for ax, n in zip(axes, shape):
+        m = rules.get(ax) if ax is not None else None
+        if m is None or m in used or mesh.shape[m] == 1 or n % mesh.shape[m]:
+            out.append(None)
+        else:
+            used.add(m)
+            out.append(m)
+    return PartitionSpec(*out)
+
+
+def _name(path) -> str:
+    from hm3jax.merging.base import path_names
+
+    return "/".join(path_names(path))
+
+
+def tree_shardings(tree: Any, mesh: Mesh, cfg: MeshConfig | None = None, stacked_axis: str = "layers",
+                   unmatched: str = "error") -> Any:
+    """A NamedSharding per leaf of `tree` (arrays or ShapeDtypeStructs, any pytree), by PARAM_AXES
+    and the rules. unmatched: "error" (ShardingError naming the leaf) or "replicate" (agents,
+    optimiser counters, anything not in the params layout)."""
+    rules = rules_of(cfg)
+
+    def one(path, leaf):
+        name, shape = _name(path), tuple(np.shape(leaf))
+        axes = leaf_axes(name, len(shape), stacked_axis)
+        if axes is None:
+            if unmatched == "replicate" or not shape:
+                return NamedSharding(mesh, PartitionSpec())
+            raise ShardingError(f"no partition rule places leaf {name!r} (shape {list(shape)}); "
+                                "add a PARAM_AXES entry or pass unmatched='replicate'")
+        return NamedSharding(mesh, spec_for(axes, shape, mesh, rules))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def param_shardings(params: Any, mesh: Mesh, cfg: MeshConfig | None = None) -> Any:
+    """Shardings of a params pytree (models/params.py layout; layer axis first, never split)."""
+    return tree_shardings(params, mesh, cfg, "layers")
+
+
+def pool_shardings(layers: Any, mesh: Mesh, cfg: MeshConfig | None = None) -> Any:
+    """Shardings of a LayerPool's `layers` (pool axis first, never split: a path step slices locally)."""
+    return tree_shardings(layers, mesh, cfg, "pool")
+
+
+def opt_state_shardings(state: Any, mesh: Mesh, cfg: MeshConfig | None = None) -> Any:
+    """Shardings of an optax state over params: moments like their params, the rest replicated."""
+    return tree_shardings(state, mesh, cfg, "layers", unmatched="replicate")
+
+
+def batch_sharding(mesh: Mesh, ndim: int, logical: str = "batch", cfg: MeshConfig | None = None) -> NamedSharding:
+    """Sharding of an array whose leading axis is `logical` (batch, paths, preferences): split over
+    the axis its rule names, the other `ndim - 1` dimensions replicated."""
+    m = rules_of(cfg).get(logical)
+    lead = m if m is not None and mesh.shape[m] > 1 else None
+    return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_tree(tree: Any, shardings: Any) -> Any:
+    """`tree` placed by `shardings` (one device_put for the whole pytree)."""
+    return jax.device_put(tree, shardings)
+
+
+def merge_sharded(method: Any, base: Any, models: Sequence[Any], weights: Any = None, key: Any = None, *,
+                  shardings: Any, **params: Any) -> Any:
+    """`method.merge(base, models, weights, key, **params)` in one jit whose outputs are placed by
+    `shardings` (a NamedSharding per leaf, e.g. param_shardings of the base): the inputs keep their
+    own shardings, and methods whose per-tensor reductions (slerp's norms, karcher's iterations)
+    would otherwise leave the result replicated return it sharded. `method`: a MergeMethod or its
+    name in merging.METHODS. Weights and parameters are closed over (concrete, as the methods'
+    host-side preparation needs them)."""
+    from hm3jax.merging import get_method
+
+    m = get_method(method) if isinstance(method, str) else method
+    fn = jax.jit(lambda b, ms: m.merge(b, ms, weights, key, **params), out_shardings=shardings)
+    return fn(base, list(models))

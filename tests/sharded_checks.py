@@ -1,0 +1,152 @@
+"""Checks that need 8 devices, run by test_sharding.py in a fresh interpreter with 8 fake CPU devices
+(`python tests/sharded_checks.py CHECK [TMPDIR]`; the device count is fixed before JAX starts).
+
+merges: every merge method, sharded by the partition rules == unsharded, output sharded; the
+  elementwise ones compile without an all-gather.
+scoring: a batch of paths scored on (data, fsdp) meshes == make_path_scorer; no all-gather of a
+  whole pool leaf.
+io: load_sharded == load_pretrained, each device's callback reading only its slice; save_sharded
+  writes what save_pretrained writes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hm3jax.models.config import ModelConfig
+from hm3jax.sharding import MeshConfig, make_mesh, param_shardings
+
+CFG = ModelConfig(model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+PARAMS = {"slerp": {"t": 0.3}, "nearswap": {"t": 0.02}, "ties": {"density": 0.5},
+          "breadcrumbs": {"density": 0.8, "gamma": 0.05}, "breadcrumbs_ties": {"density": 0.8, "gamma": 0.05},
+          "sce": {"select_topk": 0.5}}
+# Per-element methods (and TIES with the threshold-search trim): nothing to gather.
+NO_GATHER = ("linear", "task_arithmetic", "dare_linear", "dare_ties", "nearswap", "passthrough")
+_SHAPE = re.compile(r"= \w+\[([\d,]*)\]")
+
+
+def gathered_sizes(hlo: str) -> list[int]:
+    """Element counts of every all-gather result in compiled HLO text."""
+    sizes = []
+    for line in hlo.splitlines():
+        if "all-gather(" in line or "all-gather-start(" in line:
+            m = _SHAPE.search(line)
+            dims = [int(d) for d in m.group(1).split(",") if d] if m else []
+            sizes.append(int(np.prod(dims)) if dims else 0)
+    return sizes
+
+
+def check_merges() -> None:
+    from hm3jax.merging import METHODS
+    from hm3jax.sharding import merge_sharded
+
+    def tree(seed, scale=1.0):
+        # One stacked leaf keeps the compile count (4 per method) within the test's time; the
+        # partition rules place shell leaves the same way (test_sharding's fast tests).
+        k = jax.random.PRNGKey(seed)
+        return {"layers": {"mlp": {"up_proj": {"weight": scale * jax.random.normal(k, (2, 32, 64))}}}}
+
+    base = tree(0)
+    models = [jax.tree.map(lambda a, d: a + 0.1 * d * (jnp.abs(d) > 0.3), base, tree(i + 1)) for i in range(3)]
+    mesh = make_mesh(MeshConfig(fsdp=8))
+    sh = param_shardings(base, mesh)
+    sb, sms = jax.device_put(base, sh), [jax.device_put(m, sh) for m in models]
+    key = jax.random.PRNGKey(7)
+    for name, method in sorted(METHODS.items()):
+        m = 1 if method.max_models == 1 else 2 if method.max_models == 2 or name == "model_stock" else 3
+        w = jnp.array([0.5, 0.3, 0.2][:m]) if method.uses_weights else None
+        ignored = method.base == "ignored"
+        k = key if method.random else None
+        kw = PARAMS.get(name, {})
+        ref = method.merge(None if ignored else base, models[:m], w, k, **kw)
+        got = merge_sharded(method, None if ignored else sb, sms[:m], w, k, shardings=sh, **kw)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6,
+                                                             err_msg=name), ref, got)
+        spec = got["layers"]["mlp"]["up_proj"]["weight"].sharding.spec
+        assert spec == jax.sharding.PartitionSpec(None, None, "fsdp"), (name, spec)
+        if name in NO_GATHER:
+            hlo = jax.jit(lambda b, ms, w=w, k=k, kw=kw, method=method: method.merge(
+                None if ignored else b, ms, w, k, **kw)).lower(sb, sms[:m]).compile().as_text()
+            assert not gathered_sizes(hlo), (name, "all-gather in an elementwise merge")
+        print(name, "ok", flush=True)
+    print("merges ok")
+
+
+def _pool_and_batch():
+    from hm3jax.models.decoder import init_params
+    from hm3jax.models.pool import build_pool, shell_of
+    from hm3jax.objectives.batch import Batch
+
+    ms = [init_params(CFG, jax.random.PRNGKey(i)) for i in range(3)]
+    rng = np.random.default_rng(0)
+    n, s = 8, 12
+    am = np.ones((n, s), np.int32)
+    am[0, :3] = 0  # one left-padded row
+    tm = np.zeros((n, s), bool)
+    tm[:, 6:] = True
+    batch = Batch(rng.integers(0, CFG.vocab_size, (n, s)).astype(np.int32), am, tm,
+                  (np.arange(n) % 3).astype(np.int32))
+    return build_pool(ms), shell_of(ms[0]), batch
+
+
+def check_scoring() -> None:
+    from hm3jax.objectives.scoring import make_path_scorer
+    from hm3jax.objectives.sharded_scoring import make_sharded_paths_scorer
+
+    pool, shell, batch = _pool_and_batch()
+    paths = np.random.default_rng(1).integers(-1, pool.size, (8, 4)).astype(np.int32)
+    want = jax.vmap(make_path_scorer(CFG, shell, pool, batch, num_tasks=3))(jnp.asarray(paths))
+    smallest_leaf = min(x.size for x in jax.tree.leaves(pool.layers) if x.ndim == 3)
+    for data, fsdp, split in ((2, 4, "paths"), (4, 2, "examples"), (1, 8, "paths")):
+        mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp))
+        score = make_sharded_paths_scorer(CFG, shell, pool, batch, mesh, num_tasks=3, split=split)
+        got = score(paths)
+        for a, b in zip(want, got):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, err_msg=f"{data}x{fsdp} {split}")
+        if split == "paths" and data > 1:
+            assert got[0].sharding.spec[0] == "data", got[0].sharding
+        sizes = gathered_sizes(score.lower(paths).compile().as_text())
+        assert all(s < smallest_leaf for s in sizes), (data, fsdp, "a whole pool leaf was gathered", sizes)
+        print(data, fsdp, split, "ok, all-gathers:", sizes, flush=True)
+    print("scoring ok")
+
+
+def check_io(tmp: str) -> None:
+    from hm3jax.io import load_pretrained, save_pretrained
+    from hm3jax.io.sharded import load_sharded, save_sharded
+    from hm3jax.models.decoder import init_params
+
+    params = init_params(CFG, jax.random.PRNGKey(0))
+    src = os.path.join(tmp, "src")
+    save_pretrained(src, CFG, params, max_shard_size=20_000)  # several shards + an index
+    _, want = load_pretrained(src)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+    stats = {}
+    cfg, got = load_sharded(src, mesh, stats=stats)
+    assert cfg.num_hidden_layers == CFG.num_hidden_layers
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), want, got)
+    up = got["layers"]["mlp"]["up_proj"]["weight"]
+    assert up.sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp"), up.sharding
+    assert stats["largest_host_buffer"] <= up.nbytes // 4, stats  # one device's slice, never a leaf
+    _, bf = load_sharded(src, mesh, dtype="bfloat16")
+    assert bf["norm"]["weight"].dtype == jnp.bfloat16
+    out = save_sharded(os.path.join(tmp, "out"), cfg, got)
+    _, back = load_pretrained(out)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), want, back)
+    print("io ok")
+
+
+if __name__ == "__main__":
+    assert len(jax.devices()) == 8, jax.devices()
+    check = sys.argv[1]
+    {"merges": check_merges, "scoring": check_scoring}.get(check, lambda: check_io(sys.argv[2]))()
