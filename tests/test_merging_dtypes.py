@@ -1,6 +1,6 @@
 """float16/bfloat16 recipes (`dtype: float16`, as mergekit's examples are written) give mergekit 0.1.5's
-tensors: the task-arithmetic family, model_stock and nuslerp do their arithmetic in the 16-bit dtype
-as torch does, linear and slerp in float32. `compute_dtype="float32"` keeps float32 arithmetic (one rounding at the end)."""
+tensors: the task-arithmetic family, model_stock, nuslerp and sce do their arithmetic in the 16-bit
+dtype as torch does, linear and slerp in float32. `compute_dtype="float32"` keeps float32 arithmetic (one rounding at the end)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ def recipes(z) -> dict[str, dict]:
                     "models": _models(z, [{"weight": 0.3}, {"weight": [0.9, 0.1]}])},
         "nuslerp_rows_no_base": {"merge_method": "nuslerp", "parameters": {"nuslerp_flatten": False},
                                  "models": _models(z, [{"weight": 0.6}, {"weight": 0.4}])},
+        "sce": {"merge_method": "sce", "base_model": z["base"], "models": _models(z, [{}, {}, {}])},
         "dare_ties": {"merge_method": "dare_ties", "base_model": z["base"],
                       "models": _models(z, [{"weight": 0.5, "density": 0.5}, {"weight": 0.7, "density": 0.6}])},
     }
@@ -76,7 +77,7 @@ def _trim_ties(base: dict, recipe: dict, name: str, dtype) -> np.ndarray:
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "slerp", "model_stock",
-                                    "model_stock_filter_wise", "nuslerp", "nuslerp_rows_no_base"])
+                                    "model_stock_filter_wise", "nuslerp", "nuslerp_rows_no_base", "sce"])
 def test_16bit_recipe_matches_mergekit(zoo, tmp_path, dtype, method):
     recipe = {**recipes(zoo)[method], "dtype": dtype}
     run_mergekit(recipe, str(tmp_path / "mergekit"))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from hm3jax.merging.base import REQUIRED, MergeMethod, Param, sum_models
 from hm3jax.merging.sparsify import topk_mask
-from hm3jax.merging.task_arithmetic import consensus_mask, rounding, true_divide
+from hm3jax.merging.task_arithmetic import rounding, true_divide
 
 
 # --------------------------------------------------------------------------------------- linear
@@ -94,24 +94,29 @@ def sce_tensor(base: jax.Array, models: Sequence[jax.Array], weights=None, key=N
     float32, as in mergekit where a torch int tensor times a float is float32; ties by index).
     Weights w_i = mean(τ_i²) / Σ_j mean(τ_j²) (uniform when that sum < 1e-6); entries whose sign
     disagrees with sign(Σ τ) get weight 0; result θ_base + Σ w_i m_i τ_i / max(Σ w_i m_i, 1e-6).
+    Given float16/bfloat16 inputs, every operation rounds to that dtype, as in mergekit.
     base `[*S]`, models: M arrays `[*S]` -> `[*S]`. select_topk scalar (may be traced).
     """
     del weights, key, int8_mask
-    tvs = [x - base for x in models]
+    dt = base.dtype
+    r = rounding(dt)  # 16-bit inputs: every operation rounds to their dtype, as mergekit's torch code does
+    base = r(base)
+    tvs = [r(r(x) - base) for x in models]
     m = len(tvs)
     topk = jnp.asarray(select_topk, jnp.float32)
     mean = sum_models(tvs) / m
-    var = sum_models([jnp.square(t - mean) for t in tvs]) / m  # population variance over models
+    var = r(sum_models([jnp.square(t - mean) for t in tvs]) / m)  # population variance over models
     k = jnp.floor(jnp.count_nonzero(var).astype(jnp.float32) * topk).astype(jnp.int32)
     keep = jnp.where(topk >= 1, True, jnp.where(topk <= 0, False, topk_mask(var, k)))
     tvs = [jnp.where(keep, t, 0) for t in tvs]
-    agree = consensus_mask(tvs, "sum")
-    energy = jnp.stack([jnp.mean(jnp.square(t)) for t in tvs])
-    total = jnp.sum(energy)
-    w = jnp.where(jnp.abs(total) < 1e-6, jnp.full_like(energy, 1 / m), energy / total)
+    elected = jnp.where(r(sum_models(tvs)) >= 0, 1.0, -1.0)  # sign election as consensus_mask, rounded
+    agree = [jnp.sign(t) == elected for t in tvs]
+    energy = jnp.stack([r(jnp.mean(r(jnp.square(t)))) for t in tvs])
+    total = r(jnp.sum(energy))
+    w = jnp.where(jnp.abs(total) < 1e-6, r(jnp.full_like(energy, 1 / m)), r(energy / total))
     ew = [jnp.where(a, w[i], 0) for i, a in enumerate(agree)]
-    merged = sum_models([t * e for t, e in zip(tvs, ew)]) / jnp.maximum(sum_models(ew), 1e-6)
-    return base + merged
+    merged = r(sum_models([r(t * e) for t, e in zip(tvs, ew)]))
+    return r(base + r(merged / r(jnp.maximum(r(sum_models(ew)), 1e-6)))).astype(dt)
 
 
 sce = MergeMethod(
