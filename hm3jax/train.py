@@ -117,16 +117,33 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> dict:
     return front
 
 
+def _mesh(cfg: RunConfig):
+    """The run's device mesh (jax.distributed.initialize() first when `mesh.distributed`), built
+    before any work so a mesh that does not fit the devices is reported as a config error."""
+    from hm3jax.sharding import ShardingError, make_mesh
+
+    try:
+        return make_mesh(cfg.mesh)
+    except ShardingError as e:
+        raise RunConfigError(str(e)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from hm3jax import pipeline as pl
 
     try:
         cfg = validate(parse_run_config(argv))
         check_supported(cfg)
+        mesh = _mesh(cfg)
         resumed = prepare_run_dir(cfg)
     except RunConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if mesh.devices.size > 1 or cfg.mesh.distributed:
+        import jax
+
+        print(f"mesh {dict(mesh.shape)} on {mesh.devices.size} of {jax.device_count()} devices, "
+              f"process {jax.process_index() + 1} of {jax.process_count()}", flush=True)
     print(f"{'resuming' if resumed else 'starting'} run in {cfg.output_dir}", flush=True)
     try:
         # HM3JAX_STOP_AFTER (a stage name, or "lower:C"): stop there, as a kill would (tests of resuming)

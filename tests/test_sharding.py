@@ -126,3 +126,12 @@ def test_paths_scored_on_a_mesh_equal_the_single_device_scores():
 @pytest.mark.slow
 def test_checkpoints_load_straight_into_shards_and_save_from_them(tmp_path):
     assert "io ok" in _run("io", str(tmp_path))
+
+
+def test_train_refuses_a_mesh_larger_than_the_devices_before_any_work(tmp_path, capsys):
+    from hm3jax import train
+
+    out = tmp_path / "run"
+    rc = train.main(["--config_path", "configs/smoke.yaml", "--output_dir", str(out), "--mesh.data", "4"])
+    assert rc == 2 and not out.exists()
+    assert "mesh.data 4 x mesh.fsdp 1 needs 4 devices; 1 are visible" in capsys.readouterr().err
