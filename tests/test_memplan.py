@@ -22,6 +22,7 @@ TEMP_RATIO = (0.5, 1.25)
 ARG_SLACK = 64  # bytes: XLA adds a few bytes of tuple bookkeeping to the argument and output sizes
 
 
+@pytest.mark.slow  # compiles two scorers: a few seconds each
 @pytest.mark.parametrize("dims", [(64, 128, 96, 4, 16, 4, "float32"), (128, 384, 2048, 4, 64, 2, "bfloat16")])
 def test_plan_matches_the_compiled_scorers_memory_analysis(dims):
     D, F, V, rows, seq, paths, dtype = dims
