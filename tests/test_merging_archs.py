@@ -249,3 +249,30 @@ def test_gap_in_layer_numbers_and_multi_stack_slices(tmp_path):
     sliced = {"merge_method": "passthrough", "slices": [{"sources": [{"model": b, "layer_range": [0, 1]}]}]}
     with pytest.raises(PlanError, match=r"has 2 layer stacks \(transformer\.h, vision\.layers\); `slices` take one"):
         merge_recipe(sliced, tmp_path / "out", progress=False)
+
+
+def test_non_float_buffers_are_copied_when_the_inputs_agree(tmp_path):
+    """As mergekit: an integer buffer (CLIP's position_ids in older checkpoints) is copied, not merged;
+    inputs that disagree on it are refused, naming the tensor."""
+    from safetensors.numpy import load_file, save_file
+
+    a, b = _gpt2_pair(tmp_path)
+    ids = np.arange(16, dtype=np.int64)[None]
+    for m in (a, b):
+        t = load_file(os.path.join(m, "model.safetensors"))
+        save_file({**t, "transformer.position_ids": ids}, os.path.join(m, "model.safetensors"))
+    recipe = {"merge_method": "ties", "base_model": a, "dtype": "float16",
+              "models": [{"model": b, "parameters": {"weight": 1.0, "density": 0.5}}]}
+    merge_recipe(recipe, tmp_path / "out", progress=False)
+    from hm3jax.io.safetensors_io import CheckpointReader
+
+    r = CheckpointReader(str(tmp_path / "out"))
+    assert r.dtype("transformer.position_ids") == np.int64
+    np.testing.assert_array_equal(r.read("transformer.position_ids"), ids)
+    assert r.dtype("transformer.wte.weight") == np.float16
+    t = load_file(os.path.join(b, "model.safetensors"))
+    save_file({**t, "transformer.position_ids": ids + 1}, os.path.join(b, "model.safetensors"))
+    with pytest.raises(ValueError, match=r"tensor transformer\.position_ids: a non-float buffer \(int64\) whose "
+                                         r"values differ between the models"):
+        merge_recipe(recipe, tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out2").exists()

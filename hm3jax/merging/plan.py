@@ -58,6 +58,7 @@ class TensorJob:
     shape: tuple[int, ...]
     in_dtype: np.dtype
     vocab: bool = False  # rows are tokens: each input is re-indexed to the output vocabulary first
+    buffer: bool = False  # a non-float tensor (e.g. position ids) copied from the inputs, which agree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,17 +174,25 @@ def build_plan(recipe: Recipe, readers: Mapping[str, CheckpointReader]) -> Merge
             real = _input_name(reader, nm)
             if real is None:
                 raise PlanError(f"tensor {nm} is missing from model {src.model}")
-            if reader.dtype(real) not in FLOAT_DTYPES:
-                raise PlanError(f"{reader.shard_of(real)}: tensor {real}: dtype {dtype_code(reader.dtype(real))}; "
-                                "expected a float dtype (F16, BF16, F32, F64) for model weights")
             inputs.append((src.model, real))
             shapes.append(reader.shape(real))
+        codes = [readers[m].dtype(n) for m, n in inputs]
+        buffer = all(c not in FLOAT_DTYPES for c in codes)  # e.g. int64 position ids: copied, not merged
+        for (m, real), c in zip(inputs, codes):
+            if (not buffer and c not in FLOAT_DTYPES) or (buffer and c != codes[0]):
+                raise PlanError(f"{readers[m].shard_of(real)}: tensor {real}: dtype {dtype_code(c)}; expected a "
+                                "float dtype (F16, BF16, F32, F64) for model weights, or the same non-float dtype "
+                                "in every input for a buffer")
         vocab = vocabulary is not None and is_vocab_tensor(name)
         if vocab:  # the rows are rebuilt for the output vocabulary; the rest must agree
             shapes = [(vocabulary.size, *sh[1:]) for sh in shapes]
         if len(set(map(tuple, shapes))) > 1:
             detail = ", ".join(f"{m} {list(sh)}" for (m, _), sh in zip(inputs, shapes))
             raise PlanError(f"tensor {name}: input shapes differ: {detail}")
+        if buffer:  # the inputs must agree on its values (checked when read), as mergekit requires
+            jobs.append(TensorJob(name=name, inputs=tuple(inputs), base=None, shared={}, per_model=(),
+                                  shape=tuple(shapes[0]), in_dtype=np.dtype(codes[0]), buffer=True))
+            return
         shared_scopes = [s.parameters, recipe.parameters]
         shared, per_model = {}, []
         for k, prm in method.params.items():

@@ -192,6 +192,8 @@ def _merge_into(recipe: Recipe, readers: dict[str, CheckpointReader], out_dir: s
 def _dtypes(plan: MergePlan, job: TensorJob) -> tuple[np.dtype | None, np.dtype]:
     """(dtype inputs are rounded to, as mergekit loads them; output dtype)."""
     r = plan.recipe
+    if job.buffer:
+        return None, np.dtype(job.in_dtype)
     load = _NP_DTYPES[r.dtype] if r.dtype else None
     out = _NP_DTYPES.get(r.out_dtype or r.dtype or "", job.in_dtype)
     return load, np.dtype(out)
@@ -254,10 +256,15 @@ def _load(readers: dict[str, CheckpointReader], job: TensorJob, allow_nonfinite:
                                      "(allow_nonfinite=True) to merge it anyway")
             warnings.warn(msg, NonFiniteWarning, stacklevel=2)
         out.append(arr)
+    if job.buffer and any(a.shape != out[0].shape or not np.array_equal(a, out[0]) for a in out[1:]):
+        raise ValueError(f"tensor {job.name}: a non-float buffer ({out[0].dtype}) whose values differ between the "
+                         f"models ({', '.join(m for m, _ in job.inputs)}); only a buffer they agree on is copied")
     if job.vocab and vocabulary is not None:  # rows in the loaded dtype, as mergekit averages them
         rows = rebuild_rows(vocabulary, {m: a if load is None else a.astype(load) for (m, _), a in zip(job.inputs, out)},
                             job.name)
         out = [rows[m] for m, _ in job.inputs]
+    if job.buffer:
+        return out  # host arrays: JAX (without x64) would make int64 int32
     return [jax.device_put(a) for a in out]
 
 
@@ -347,6 +354,10 @@ def run_plan(plan: MergePlan, readers: dict[str, CheckpointReader], out_dir: str
             arrays = fut.result()
             if failure:
                 raise failure[0]
+            if job.buffer:  # copied, not merged
+                done.put((job.name, arrays[0]))
+                del arrays
+                continue
             base = arrays[job.base] if job.base is not None else None
             models = tuple(a for i, a in enumerate(arrays) if i != job.base)
             static, traced, weights = _arguments(method, job)
