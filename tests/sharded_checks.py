@@ -7,6 +7,7 @@ scoring: a batch of paths scored on (data, fsdp) meshes == make_path_scorer; no 
   whole pool leaf.
 io: load_sharded == load_pretrained, each device's callback reading only its slice; save_sharded
   writes what save_pretrained writes.
+multihost PID TMP PORT: one of two processes (jax.distributed on localhost, 4 fake devices each).
 """
 
 from __future__ import annotations
@@ -146,7 +147,29 @@ def check_io(tmp: str) -> None:
     print("io ok")
 
 
+def check_multihost(pid: int, tmp: str, port: str) -> None:
+    """One of two processes (4 fake devices each): the mesh spans both, each loads only its own
+    devices' slices, and save_sharded gathers across processes while process 0 alone writes."""
+    from hm3jax.io.sharded import load_sharded, save_sharded
+
+    mesh = make_mesh(MeshConfig(fsdp=-1, distributed=True, coordinator_address=f"localhost:{port}",
+                                num_processes=2, process_id=pid))
+    assert jax.process_count() == 2 and mesh.devices.size == 8 and jax.local_device_count() == 4
+    stats: dict = {}
+    cfg, params = load_sharded(os.path.join(tmp, "src"), mesh, stats=stats)
+    up = params["layers"]["mlp"]["up_proj"]["weight"]
+    assert not up.is_fully_addressable and len(up.addressable_shards) == 4
+    assert stats["largest_host_buffer"] <= up.nbytes // 8
+    out = save_sharded(os.path.join(tmp, "out"), cfg, params)
+    assert (out is not None) == (pid == 0), out
+    print(f"multihost {pid} ok", flush=True)
+
+
 if __name__ == "__main__":
-    assert len(jax.devices()) == 8, jax.devices()
     check = sys.argv[1]
+    if check == "multihost":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        check_multihost(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+        sys.exit(0)
+    assert len(jax.devices()) == 8, jax.devices()
     {"merges": check_merges, "scoring": check_scoring}.get(check, lambda: check_io(sys.argv[2]))()

@@ -135,3 +135,32 @@ def test_train_refuses_a_mesh_larger_than_the_devices_before_any_work(tmp_path, 
     rc = train.main(["--config_path", "configs/smoke.yaml", "--output_dir", str(out), "--mesh.data", "4"])
     assert rc == 2 and not out.exists()
     assert "mesh.data 4 x mesh.fsdp 1 needs 4 devices; 1 are visible" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_load_their_own_slices_and_process_0_writes(tmp_path):
+    import socket
+
+    import numpy as np
+
+    from hm3jax.io import load_pretrained, save_pretrained
+    from hm3jax.models.decoder import init_params
+
+    save_pretrained(tmp_path / "src", CFG, init_params(CFG, jax.random.PRNGKey(0)), max_shard_size=20_000)
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, CHECKS, "multihost", str(i), str(tmp_path), port], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:  # one that hangs waiting for its peer
+            if p.poll() is None:
+                p.kill()
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"multihost {i} ok" in out, out
+    _, want = load_pretrained(tmp_path / "src")
+    _, got = load_pretrained(tmp_path / "out")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), want, got)
