@@ -7,6 +7,7 @@ scoring: a batch of paths scored on (data, fsdp) meshes == make_path_scorer; no 
   whole pool leaf.
 io: load_sharded == load_pretrained, each device's callback reading only its slice; save_sharded
   writes what save_pretrained writes.
+search: one PPO chunk of the lower level, preferences over data and the pool over fsdp == one device.
 multihost PID TMP PORT: one of two processes (jax.distributed on localhost, 4 fake devices each).
 """
 
@@ -108,7 +109,7 @@ def check_scoring() -> None:
     paths = np.random.default_rng(1).integers(-1, pool.size, (8, 4)).astype(np.int32)
     want = jax.vmap(make_path_scorer(CFG, shell, pool, batch, num_tasks=3))(jnp.asarray(paths))
     smallest_leaf = min(x.size for x in jax.tree.leaves(pool.layers) if x.ndim == 3)
-    for data, fsdp, split in ((2, 4, "paths"), (4, 2, "examples"), (1, 8, "paths")):
+    for data, fsdp, split in ((2, 4, "paths"), (4, 2, "examples")):
         mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp))
         score = make_sharded_paths_scorer(CFG, shell, pool, batch, mesh, num_tasks=3, split=split)
         got = score(paths)
@@ -120,6 +121,47 @@ def check_scoring() -> None:
         assert all(s < smallest_leaf for s in sizes), (data, fsdp, "a whole pool leaf was gathered", sizes)
         print(data, fsdp, split, "ok, all-gathers:", sizes, flush=True)
     print("scoring ok")
+
+
+def check_search() -> None:
+    """One PPO chunk of the lower level (per-preference agents, model scorer) with the state and
+    problems split over data=4 and the pool over fsdp=2 equals the single-device chunk."""
+    from hm3jax.search.agent import AgentConfig
+    from hm3jax.search.env import EnvConfig
+    from hm3jax.search.lower import LowerConfig, build_search, make_lower_train, make_model_scorer
+    from hm3jax.search.ppo import PPOConfig
+    from hm3jax.search.sharded import place_search
+
+    pool, _, batch = _pool_and_batch()
+    k = 2
+    models = [{"layers": jax.tree.map(lambda x, i=i: x[i * 3:(i + 1) * 3], pool.layers), **_shell(i)}
+              for i in range(3)]
+    models.append(jax.tree.map(lambda x: x * 1.01, models[0]))  # 2 experts + 2 merged (one per preference)
+    batch = batch._replace(task_id=batch.task_id % k)
+    lc = LowerConfig(env=EnvConfig(search_minibatch=4), agent=AgentConfig(embed_dim=8, hidden_dim=16, mlp_dim=16),
+                     ppo=PPOConfig(num_envs=4, minibatches=1, iterations=1, chunk_iterations=1),
+                     objective="loglik", score_chunk=4)
+    prefs = np.asarray([[0.8, 0.2], [0.3, 0.7]], np.float32)
+    data, problems, layout = build_search(CFG, models[:k], models[k:], batch, prefs, np.zeros(k), lc)
+    trainer = make_lower_train(lc, layout, make_model_scorer(CFG, k, lc))
+    key = jax.random.key(0)
+    want_state, want = trainer.chunk(trainer.init(key, problems), problems, data)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+    state, problems, data = place_search(mesh, trainer.init(key, problems), problems, data)
+    got_state, got = trainer.chunk(state, problems, data)
+    assert jax.tree.leaves(got_state)[0].sharding.spec[0] == "data", jax.tree.leaves(got_state)[0].sharding
+    np.testing.assert_allclose(np.asarray(want.reward), np.asarray(got.reward), rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(want_state), jax.tree.leaves(got_state)):
+        np.testing.assert_allclose(np.asarray(a).astype(np.float64), np.asarray(b).astype(np.float64),
+                                   rtol=1e-4, atol=1e-5)
+    print("search ok")
+
+
+def _shell(seed: int) -> dict:
+    from hm3jax.models.decoder import init_params
+    from hm3jax.models.pool import shell_of
+
+    return shell_of(init_params(CFG, jax.random.PRNGKey(seed)))
 
 
 def check_io(tmp: str) -> None:
@@ -172,4 +214,4 @@ if __name__ == "__main__":
         check_multihost(int(sys.argv[2]), sys.argv[3], sys.argv[4])
         sys.exit(0)
     assert len(jax.devices()) == 8, jax.devices()
-    {"merges": check_merges, "scoring": check_scoring}.get(check, lambda: check_io(sys.argv[2]))()
+    {"merges": check_merges, "scoring": check_scoring, "search": check_search}.get(check, lambda: check_io(sys.argv[2]))()

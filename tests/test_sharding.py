@@ -124,6 +124,11 @@ def test_paths_scored_on_a_mesh_equal_the_single_device_scores():
 
 
 @pytest.mark.slow
+def test_a_search_chunk_on_a_mesh_equals_the_single_device_chunk():
+    assert "search ok" in _run("search")
+
+
+@pytest.mark.slow
 def test_checkpoints_load_straight_into_shards_and_save_from_them(tmp_path):
     assert "io ok" in _run("io", str(tmp_path))
 
