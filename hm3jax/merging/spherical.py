@@ -189,6 +189,8 @@ def karcher_tensor(base, models: Sequence[jax.Array], weights=None, key=None, *,
     if m == 1:
         return models[0]
     shape = models[0].shape
+    if models[0].dtype in LOW_PRECISION:
+        return _karcher_16bit(models, max_iter, tol).reshape(shape)
     xs = [x.reshape(-1) for x in models]
     norms = jnp.stack([jnp.linalg.norm(x) for x in xs])
     units = [x / jnp.where(norms[i] == 0, 1, norms[i]) for i, x in enumerate(xs)]
@@ -229,6 +231,49 @@ def karcher_tensor(base, models: Sequence[jax.Array], weights=None, key=None, *,
     scale = jnp.sum(norms) / m
     out = jnp.where(jnp.any(valid), scale * mean, jnp.zeros_like(mean))
     return out.reshape(shape)
+
+
+def _karcher_16bit(models: list, max_iter: int, tol: float) -> jax.Array:
+    """karcher_tensor on float16/bfloat16 inputs as mergekit computes it with torch: norms in float32,
+    every tensor operation rounded to the 16-bit dtype, float32 scalars (norms, cos/sin of the tangent
+    norm) applied unrounded, the normalised weights computed in Python floats."""
+    dt, m = models[0].dtype, len(models)
+    r = rounding(dt)
+    xs = [r(x.reshape(-1)) for x in models]
+    norms = jnp.stack([jnp.linalg.norm(x) for x in xs])
+    units = [jnp.where(norms[i] == 0, 0.0, r(true_divide(x, jnp.where(norms[i] == 0, 1, norms[i]))))
+             for i, x in enumerate(xs)]
+    valid = norms > tol
+    # mergekit: alpha = 1/M, normalised by the sum over the k valid inputs, in Python floats
+    table = np.asarray([0.0] + [(1 / m) / sum([1 / m] * k) for k in range(1, m + 1)], np.float32)
+    na = jnp.asarray(table)[jnp.sum(valid)]
+    mean = jnp.zeros_like(xs[0])
+    for i, u in enumerate(units):
+        mean = jnp.where(valid[i], r(mean + r(na * u)), mean)
+    mean_norm = jnp.linalg.norm(mean)
+    first = jnp.argmax(valid)
+    first_valid = sum_models([jnp.where(first == i, u, 0) for i, u in enumerate(units)])
+    mean = jnp.where(mean_norm < tol, first_valid, r(true_divide(mean, jnp.where(mean_norm < tol, 1, mean_norm))))
+
+    def body(state):
+        i, mean, _ = state
+        tangent = jnp.zeros_like(mean)
+        for j, u in enumerate(units):
+            dot = jnp.clip(r(jnp.sum(mean * u)), -1, 1)
+            theta = r(jnp.arccos(dot))
+            use = valid[j] & (theta >= tol)
+            coef = r(na * r(theta / jnp.where(use, r(jnp.sin(theta)), 1)))
+            tangent = jnp.where(use, r(tangent + r(coef * r(u - r(dot * mean)))), tangent)
+        tn = jnp.linalg.norm(tangent)
+        done = tn < tol
+        step = r(r(jnp.cos(tn) * mean) + r(jnp.sin(tn) * r(true_divide(tangent, jnp.where(done, 1, tn)))))
+        un = jnp.linalg.norm(step)
+        step = jnp.where(un > tol, r(true_divide(step, jnp.where(un > tol, un, 1))), step)
+        return i + 1, jnp.where(done, mean, step), done
+
+    _, mean, _ = lax.while_loop(lambda st: (st[0] < max_iter) & ~st[2], body, (jnp.int32(0), mean, jnp.bool_(False)))
+    scale = sum_models([jnp.float32(1 / m) * norms[i] for i in range(m)])
+    return jnp.where(jnp.any(valid), r(scale * mean), 0.0).astype(dt)
 
 
 karcher = MergeMethod(

@@ -126,7 +126,7 @@ def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.Pa
         hm3jax.merging.recipe) raise RecipeError instead of an IgnoredKeyWarning each.
       compute_dtype: "mergekit" (default): each method's arithmetic in the dtype mergekit 0.1.5 runs
         it in, so float16/bfloat16 recipes give mergekit's tensors: the task-arithmetic family (ties,
-        dare_*, task_arithmetic, breadcrumbs*, della*), model_stock, nuslerp and sce in the recipe's
+        dare_*, task_arithmetic, breadcrumbs*, della*), model_stock, nuslerp, sce and karcher in the recipe's
         `dtype` (else the inputs'), the other methods in float32. "float32": all arithmetic in float32, rounded once to the
         output dtype (more accurate for 16-bit recipes; differs from mergekit's tensors).
     Returns the absolute output path. Raises RecipeError / PlanError / OutputExistsError /
@@ -202,7 +202,7 @@ def _dtypes(plan: MergePlan, job: TensorJob) -> tuple[np.dtype | None, np.dtype]
 COMPUTE_DTYPES = ("mergekit", "float32")
 # Methods whose arithmetic mergekit runs in the loaded dtype (float16/bfloat16 included); it runs the
 # others in float32 (linear, slerp, ...), or hm3jax does (see README, "dtype semantics").
-NATIVE_DTYPE_METHODS = frozenset(m.name for m in TA_METHODS) | {"model_stock", "nuslerp", "sce"}
+NATIVE_DTYPE_METHODS = frozenset(m.name for m in TA_METHODS) | {"model_stock", "nuslerp", "sce", "karcher"}
 
 
 def _compute_dtype(plan: MergePlan, job: TensorJob, load: np.dtype | None, how: str) -> np.dtype:
