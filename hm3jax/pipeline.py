@@ -54,6 +54,7 @@ class Context(NamedTuple):
     store: StageStore
     log: Callable[[dict], None]
     cache: dict  # compiled trainers and scorers shared by the stages (same shapes, one compilation)
+    mesh: Any = None  # the device mesh of the searches (None: one device)
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -183,7 +184,7 @@ def _path_search(ctx: Context, name: str, merged: list[dict], ideal, make_traine
 
         res = run_lower(trainer, layout, problems, data, key, num_chunks,
                         checkpoint_dir=ctx.store.path(name), stop_after=stop_chunk,
-                        progress=ctx.cfg.log.progress, log=log, desc=name)
+                        progress=ctx.cfg.log.progress, log=log, desc=name, mesh=ctx.mesh)
         if stop_chunk is not None and stop_chunk < num_chunks:
             raise StopRun(stop_after)
         rewards = np.asarray(res.history.reward) if res.history is not None else np.zeros((0, len(ctx.prefs)))

@@ -63,7 +63,7 @@ def load_context(cfg: RunConfig):
     search, heldout = pl.load_batches(suite, tokenizer)
     return pl.Context(cfg, model_cfg, tasks, models[pl.BASE], [models[t] for t in tasks], tokenizer,
                       search, heldout, preference_matrix(cfg), pl.StageStore(cfg.output_dir),
-                      pl.metrics_logger(cfg.output_dir, cfg.log.tensorboard), {})
+                      pl.metrics_logger(cfg.output_dir, cfg.log.tensorboard), {}, _search_mesh(cfg))
 
 
 def run(cfg: RunConfig, stop_after: str | None = None) -> dict:
@@ -126,6 +126,12 @@ def _mesh(cfg: RunConfig):
         return make_mesh(cfg.mesh)
     except ShardingError as e:
         raise RunConfigError(str(e)) from None
+
+
+def _search_mesh(cfg: RunConfig):
+    """The mesh the searches run on: None on one device (the default: nothing is moved)."""
+    mesh = _mesh(cfg)
+    return mesh if mesh.devices.size > 1 else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -194,7 +194,8 @@ class LowerResult(NamedTuple):
 def run_lower(trainer: Trainer, layout: PathLayout, problems: PathProblem, data, key: jax.Array,
               num_chunks: int, checkpoint_dir: str | os.PathLike | None = None,
               stop_after: int | None = None, progress: bool = False,
-              log: Callable[[int, ChunkMetrics], None] | None = None, desc: str = "lower level") -> LowerResult:
+              log: Callable[[int, ChunkMetrics], None] | None = None, desc: str = "lower level",
+              mesh=None) -> LowerResult:
     """Run `num_chunks` jitted chunks (resuming from the latest checkpoint in checkpoint_dir).
 
     Args:
@@ -207,6 +208,8 @@ def run_lower(trainer: Trainer, layout: PathLayout, problems: PathProblem, data,
       stop_after: stop after this many chunks in all (to test resuming); None runs all.
       progress: show a tqdm bar labelled `desc`; log: called with (chunk index, ChunkMetrics) after
         each chunk.
+      mesh: a device mesh (hm3jax.sharding) to run the chunks on: preferences over `data`, the pool
+        over `fsdp` (search.sharded.place_search); None runs where the inputs are.
     """
     state = trainer.init(key, problems)
     start, mngr = 0, None
@@ -220,6 +223,10 @@ def run_lower(trainer: Trainer, layout: PathLayout, problems: PathProblem, data,
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
             restored = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
             state = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(restored))
+    if mesh is not None:
+        from hm3jax.search.sharded import place_search
+
+        state, problems, data = place_search(mesh, state, problems, data)
     end = num_chunks if stop_after is None else min(stop_after, num_chunks)
     bar = None
     if progress:
