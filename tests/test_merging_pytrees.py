@@ -86,8 +86,13 @@ def _as_hf(tree):
     return hf, lambda d: jax.tree.unflatten(treedef, [d[f"t{j:03d}"]["weight"] for j in range(len(leaves))])
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("name", DETERMINISTIC)
+# Every method on a Flax linen model's params; three (a weighted sum, a trim, a spherical one) on
+# the other containers, whose handling does not depend on the method.
+CASES = [("linen", n) for n in DETERMINISTIC] + [
+    (f, n) for f in ("nnx_state", "namedtuple_struct_list") for n in ("linear", "ties", "slerp")]
+
+
+@pytest.mark.parametrize(("family", "name"), CASES)
 def test_every_deterministic_method_merges_any_pytree_like_the_hf_dict(family, name):
     m, params, weights = _inputs(name)
     base, models = _finetunes(FAMILIES[family], m)
