@@ -61,9 +61,16 @@ def load_context(cfg: RunConfig):
         suite = embedded_suite()
     pl.check_models(tasks, models)
     search, heldout = pl.load_batches(suite, tokenizer)
+    mesh = _search_mesh(cfg)
+    if mesh is not None:  # every model FSDP-sharded: the merges and scorers follow their inputs
+        import jax
+
+        from hm3jax.sharding import param_shardings
+
+        models = {k: jax.device_put(v, param_shardings(v, mesh, cfg.mesh)) for k, v in models.items()}
     return pl.Context(cfg, model_cfg, tasks, models[pl.BASE], [models[t] for t in tasks], tokenizer,
                       search, heldout, preference_matrix(cfg), pl.StageStore(cfg.output_dir),
-                      pl.metrics_logger(cfg.output_dir, cfg.log.tensorboard), {}, _search_mesh(cfg))
+                      pl.metrics_logger(cfg.output_dir, cfg.log.tensorboard), {}, mesh)
 
 
 def run(cfg: RunConfig, stop_after: str | None = None) -> dict:
