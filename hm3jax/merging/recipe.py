@@ -3,14 +3,15 @@
 Accepted top-level keys: merge_method, base_model, models (each `model` + optional `parameters`),
 slices (each `sources` of `model` + `layer_range` [+ `parameters`], optional `base_model` and
 `parameters`), parameters, dtype, out_dtype, tokenizer_source (`base`, `union` or a model path),
-tokenizer (`source`, `tokens`, `pad_to_multiple_of`; see merging/vocab.py). Exactly one of `models` / `slices`. An unknown merge method is an error.
+tokenizer (`source`, `tokens`, `pad_to_multiple_of`; see merging/vocab.py), chat_template (see
+merging/chat_template.py). Exactly one of `models` / `slices`. An unknown merge method is an error.
 
 Keys mergekit accepts and then ignores are ignored here too, each with a one-line IgnoredKeyWarning
 naming the key (and the merge method, for a parameter): parameters the method does not declare (e.g.
 `weight` on slerp), any unknown key of the recipe, a model entry, a slice, a source, a tokenizer or a
 `{filter, value}` entry (mergekit's pydantic models drop unknown fields), and a slice's
 `residual_weight` (declared by mergekit, never used). With `strict=True` each of those is a
-RecipeError instead. Keys mergekit acts on but hm3jax cannot (`modules`, `chat_template`, a
+RecipeError instead. Keys mergekit acts on but hm3jax cannot (`modules`, a
 model's `lora` / `override_architecture`) are errors
 that say so.
 
@@ -31,14 +32,14 @@ from typing import Any
 import yaml
 
 from hm3jax.merging.base import REQUIRED, MergeMethod
+from hm3jax.merging.chat_template import ChatTemplateError, check_chat_template
 from hm3jax.merging.methods import get_method
 from hm3jax.merging.vocab import VocabError, parse_tokenizer
 
 TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-            "tokenizer_source", "tokenizer")
+            "tokenizer_source", "tokenizer", "chat_template")
 UNSUPPORTED_KEYS = {
     "modules": "per-module recipes (multimodal models) are not supported",
-    "chat_template": "chat templates are not rewritten; copy one into the output directory",
 }
 MODEL_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "base_model", "parameters")
@@ -110,6 +111,7 @@ class Recipe:
     text: str = ""  # the YAML as written (copied next to the merged model)
     tokens: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # token -> vocab.TokenSpec
     pad_to_multiple_of: int | None = None
+    chat_template: str | None = None  # as written: a named template, "auto" or Jinja (chat_template.py)
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -173,6 +175,12 @@ def _load_recipe(src: str | os.PathLike | Mapping[str, Any]) -> Recipe:
             raise RecipeError(str(e)) from None
     if tok is not None and (not isinstance(tok, str) or not tok):
         raise RecipeError(f"{where}: tokenizer_source must be 'base', 'union' or a model path, got {tok!r}")
+    template = raw.get("chat_template") or None  # mergekit: empty or null sets none
+    if template is not None:
+        try:
+            template = check_chat_template(template)
+        except ChatTemplateError as e:
+            raise RecipeError(str(e).replace("recipe:", f"{where}:", 1)) from None
     return Recipe(
         method=method,
         base_model=_model_ref(raw.get("base_model"), f"{where}: base_model", optional=True),
@@ -180,7 +188,8 @@ def _load_recipe(src: str | os.PathLike | Mapping[str, Any]) -> Recipe:
         parameters=_parse_params(raw.get("parameters"), method, f"{where}: parameters"),
         dtype=_dtype(raw.get("dtype"), f"{where}: dtype"),
         out_dtype=_dtype(raw.get("out_dtype"), f"{where}: out_dtype"),
-        tokenizer_source=tok, source=where, text=text, tokens=tokens, pad_to_multiple_of=pad)
+        tokenizer_source=tok, source=where, text=text, tokens=tokens, pad_to_multiple_of=pad,
+        chat_template=template)
 
 
 def input_paths(recipe: Recipe) -> list[str]:
