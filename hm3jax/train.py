@@ -35,7 +35,7 @@ def check_supported(cfg: RunConfig) -> None:
 def load_context(cfg: RunConfig):
     """The stages' Context: models, tokenizer, batches, preferences, the stage store and the log."""
     from hm3jax import pipeline as pl
-    from hm3jax.io import load_pretrained, load_tokenizer
+    from hm3jax.io import load_tokenizer
 
     tasks = task_names(cfg)
     check_supported(cfg)
@@ -50,10 +50,11 @@ def load_context(cfg: RunConfig):
         from hm3jax.objectives.synthetic import tasks as embedded_suite
 
         ck = cfg.models.checkpoints
-        model_cfg, base = load_pretrained(ck.base, dtype=cfg.models.dtype)
+        load = _loader(cfg)
+        model_cfg, base = load(ck.base)
         models = {pl.BASE: base}
         for name, path in ck.experts.items():
-            c, models[name] = load_pretrained(path, dtype=cfg.models.dtype)
+            c, models[name] = load(path)
             if c.layer_signature != model_cfg.layer_signature or c.num_hidden_layers != model_cfg.num_hidden_layers:
                 raise RunConfigError(f"models.checkpoints.experts.{name}: {path} has another layer layout "
                                      "or depth than the base")
@@ -62,7 +63,7 @@ def load_context(cfg: RunConfig):
     pl.check_models(tasks, models)
     search, heldout = pl.load_batches(suite, tokenizer)
     mesh = _search_mesh(cfg)
-    if mesh is not None:  # every model FSDP-sharded: the merges and scorers follow their inputs
+    if mesh is not None:  # every model FSDP-sharded (if not loaded so): the merges and scorers follow
         import jax
 
         from hm3jax.sharding import param_shardings
@@ -133,6 +134,23 @@ def _mesh(cfg: RunConfig):
         return make_mesh(cfg.mesh)
     except ShardingError as e:
         raise RunConfigError(str(e)) from None
+
+
+def _loader(cfg: RunConfig):
+    """path -> (ModelConfig, params): on a mesh of several devices, safetensors checkpoints are read
+    straight into shards (io.sharded.load_sharded: each device reads its slice); else load_pretrained."""
+    from hm3jax.io import load_pretrained
+    from hm3jax.io.hf import _has_safetensors
+    from hm3jax.io.sharded import load_sharded
+
+    mesh = _search_mesh(cfg)
+
+    def load(path: str):
+        if mesh is not None and os.path.isdir(path) and _has_safetensors(path):
+            return load_sharded(path, mesh, dtype=cfg.models.dtype, mesh_cfg=cfg.mesh)
+        return load_pretrained(path, dtype=cfg.models.dtype)
+
+    return load
 
 
 def _search_mesh(cfg: RunConfig):
