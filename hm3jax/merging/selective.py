@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from hm3jax.merging.base import REQUIRED, MergeMethod, Param, sum_models
+from hm3jax.merging.task_arithmetic import LOW_PRECISION, rounding, true_divide
 
 
 # --------------------------------------------------------------------------------------- arcee_fusion
@@ -65,11 +66,31 @@ def arcee_fusion_tensor(base: jax.Array, models: Sequence[jax.Array], weights=No
     """
     del weights, key
     (model,) = models
+    if base.dtype in LOW_PRECISION:
+        return _arcee_fusion_16bit(base, model)
     imp = fusion_importance(model, base)
     n = imp.size
     q1, med, q3 = order_statistics(imp, [(n - 1) // 4, (n - 1) // 2, 3 * (n - 1) // 4])
     threshold = med + 1.5 * (q3 - q1)
     return base + (model - base) * (imp >= threshold).astype(base.dtype)
+
+
+def _arcee_fusion_16bit(base: jax.Array, model: jax.Array) -> jax.Array:
+    """arcee_fusion_tensor on float16/bfloat16 inputs as mergekit's torch code computes it: every
+    operation (softmax, the row sums included) computed in float32 and rounded to the 16-bit dtype,
+    the threshold from 16-bit scalars; the float32 mask makes the last update float32 (rounded once)."""
+    dt = base.dtype
+    r = rounding(dt)
+    b, m = base.astype(jnp.float32), model.astype(jnp.float32)
+    diff = r(m - b)
+    p = r(r(jax.nn.softmax(m, axis=-1)) + 1e-8)
+    q = r(r(jax.nn.softmax(b, axis=-1)) + 1e-8)
+    kl = r(jnp.sum(r(p * r(jnp.log(r(true_divide(p, q))))), axis=-1, keepdims=True))
+    imp = r(jnp.abs(diff) * kl)
+    n = imp.size
+    q1, med, q3 = order_statistics(imp, [(n - 1) // 4, (n - 1) // 2, 3 * (n - 1) // 4])
+    threshold = r(med + r(1.5 * r(q3 - q1)))
+    return (b + diff * (imp >= threshold)).astype(dt)
 
 
 arcee_fusion = MergeMethod(

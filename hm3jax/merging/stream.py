@@ -208,7 +208,8 @@ def _dtypes(plan: MergePlan, job: TensorJob) -> tuple[np.dtype | None, np.dtype]
 COMPUTE_DTYPES = ("mergekit", "float32")
 # Methods whose arithmetic mergekit runs in the loaded dtype (float16/bfloat16 included); it runs the
 # others in float32 (linear, slerp, ...), or hm3jax does (see README, "dtype semantics").
-NATIVE_DTYPE_METHODS = frozenset(m.name for m in TA_METHODS) | {"model_stock", "nuslerp", "sce", "karcher"}
+NATIVE_DTYPE_METHODS = frozenset(m.name for m in TA_METHODS) | {"model_stock", "nuslerp", "sce", "karcher",
+                                                                     "arcee_fusion"}
 
 
 def _compute_dtype(plan: MergePlan, job: TensorJob, load: np.dtype | None, how: str) -> np.dtype:
