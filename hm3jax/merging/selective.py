@@ -107,6 +107,12 @@ def nearswap_tensor(base: jax.Array, models: Sequence[jax.Array], weights=None, 
     """
     del weights, key
     (model,) = models
+    if base.dtype in LOW_PRECISION:  # as torch: t / x is reciprocal(x) * t; every op rounded
+        dt, r = base.dtype, rounding(base.dtype)
+        a, b = base.astype(jnp.float32), model.astype(jnp.float32)
+        x = jnp.maximum(jnp.abs(r(a - b)), r(jnp.float32(1e-6)))
+        w = jnp.clip(r(r(true_divide(jnp.float32(1), x)) * jnp.asarray(t, jnp.float32)), 0, 1)
+        return r(r(w * b) + r(r(1 - w) * a)).astype(dt)
     t = jnp.asarray(t, base.dtype)
     w = jnp.clip(t / jnp.maximum(jnp.abs(base - model), 1e-6), 0, 1)
     return w * model + (1 - w) * base
@@ -138,6 +144,8 @@ def ram_tensor(base: jax.Array, models: Sequence[jax.Array], weights=None, key=N
     del weights, key
     if not len(models):
         return base
+    if base.dtype in LOW_PRECISION:
+        return _ram_16bit(base, list(models), epsilon, None)
     tvs, _, count = _ram_parts(base, list(models), epsilon)
     div = jnp.maximum(count, 1).astype(base.dtype)
     return base + sum_models([t / div for t in tvs])
@@ -155,6 +163,8 @@ def ramplus_tl_tensor(base: jax.Array, models: Sequence[jax.Array], weights=None
     del weights, key
     if not len(models):
         return base
+    if base.dtype in LOW_PRECISION:
+        return _ram_16bit(base, list(models), epsilon, (r, alpha))
     tvs, changed, count = _ram_parts(base, list(models), epsilon)
     unique, overlap = count == 1, count > 1
     div = jnp.maximum(count, 1).astype(base.dtype)
@@ -167,6 +177,36 @@ def ramplus_tl_tensor(base: jax.Array, models: Sequence[jax.Array], weights=None
         lam = (1 + jnp.asarray(r, jnp.float32) * jnp.clip(rho, 0, jnp.asarray(alpha, jnp.float32)))
         terms.append(jnp.where(unique, t * lam.astype(base.dtype), 0) + jnp.where(overlap, t / div, 0))
     return base + sum_models(terms)
+
+
+def _ram_16bit(base: jax.Array, models: list, epsilon, gain) -> jax.Array:
+    """ram_tensor (gain None) / ramplus_tl_tensor (gain (r, alpha)) on float16/bfloat16 inputs as
+    mergekit computes them: task vectors, epsilon and the overlap means rounded to the 16-bit dtype,
+    the sum over the models in float32 rounded once; ramplus_tl's float32 gain makes its unique terms,
+    the sum and the update float32 (rounded once at the end)."""
+    dt = base.dtype
+    rd = rounding(dt)
+    b = base.astype(jnp.float32)
+    tvs = [rd(x.astype(jnp.float32) - b) for x in models]
+    changed = [jnp.abs(t) > rd(jnp.float32(epsilon)) for t in tvs]
+    count = sum_models([c.astype(jnp.int32) for c in changed])
+    unique, overlap = count == 1, count > 1
+    div = jnp.maximum(count, 1).astype(jnp.float32)
+    terms = []
+    for t, c in zip(tvs, changed):
+        shared = jnp.where(c & overlap, rd(true_divide(t, div)), 0)
+        if gain is None:
+            terms.append(jnp.where(c & unique, t, 0) + shared)
+        else:
+            r, alpha = (jnp.asarray(v, jnp.float32) for v in gain)
+            rho = (jnp.sum(c & overlap).astype(jnp.float32)
+                   / jnp.maximum(jnp.sum(c & unique).astype(jnp.float32), jnp.float32(epsilon)))
+            lam = 1 + r * jnp.clip(rho, 0, alpha)
+            terms.append(jnp.where(c & unique, t * lam, 0) + shared)
+    merged = sum_models(terms)
+    if gain is None:
+        return rd(b + rd(merged)).astype(dt)
+    return (b + merged).astype(dt)
 
 
 ram = MergeMethod(

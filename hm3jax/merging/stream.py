@@ -209,7 +209,8 @@ COMPUTE_DTYPES = ("mergekit", "float32")
 # Methods whose arithmetic mergekit runs in the loaded dtype (float16/bfloat16 included); it runs the
 # others in float32 (linear, slerp, ...), or hm3jax does (see README, "dtype semantics").
 NATIVE_DTYPE_METHODS = frozenset(m.name for m in TA_METHODS) | {"model_stock", "nuslerp", "sce", "karcher",
-                                                                     "arcee_fusion"}
+                                                                     "arcee_fusion", "nearswap", "ram",
+                                                                     "ramplus_tl"}
 
 
 def _compute_dtype(plan: MergePlan, job: TensorJob, load: np.dtype | None, how: str) -> np.dtype:
