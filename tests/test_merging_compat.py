@@ -115,9 +115,9 @@ def test_ignored_parameter_value_must_still_be_a_setting():
         load_recipe(_slerp(parameters={"t": 0.5, "weight": {"x": 1}}))
 
 
-REFUSED = {  # mergekit acts on these; hm3jax cannot, so it refuses them with or without strict
+REFUSED = {  # mergekit acts on these; hm3jax cannot (or the value is invalid), so it refuses them
     "modules": (_slerp(modules={}), r"key 'modules' is not supported \(per-module recipes"),
-    "chat_template": (_slerp(chat_template="chatml"), r"key 'chat_template' is not supported"),
+    "chat_template": (_slerp(chat_template="nosuch"), r"key 'chat_template': 'nosuch' is not a named template"),
     "lora": (_slerp(base_model={"model": "a", "lora": "l"}), r"base_model: key 'lora' is not supported"),
     "override_architecture": (_slerp(base_model={"model": "a", "override_architecture": "X"}),
                               r"key 'override_architecture' is not supported"),
