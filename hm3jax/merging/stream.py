@@ -116,7 +116,8 @@ def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.Pa
       seed: PRNG seed of random methods (each tensor draws from fold_in(seed, crc32(name))).
       copy_tokenizer: copy the tokenizer files of the base model (else the first model) into the
         output, when the recipe sets no tokenizer; with `tokenizer_source` / `tokenizer` the output
-        tokenizer (merging/vocab.py) is always saved, as mergekit does.
+        tokenizer (merging/vocab.py) is always saved, as mergekit does. With `chat_template` the
+        tokenizer is loaded and re-saved with that template instead of copied (chat_template.py).
       prefetch: how many upcoming tensors to load while the current one is merged (0 = none).
       prefetch_bytes: cap on the input bytes of those upcoming tensors (int or "512MiB", "1GB"; see
         parse_size); the next tensor is always loaded ahead when prefetch >= 1, whatever its size.
