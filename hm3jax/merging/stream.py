@@ -176,8 +176,7 @@ def _merge_into(recipe: Recipe, readers: dict[str, CheckpointReader], out_dir: s
             src = os.path.join(plan.tokenizer_from, name)
             if os.path.isfile(src):  # a link out of the model directory is refused, not copied
                 tokenizer_files.append((model_file(plan.tokenizer_from, name, plan.tokenizer_from), name))
-    template_set = recipe.chat_template is not None
-    template = resolve_chat_template(recipe.chat_template, input_paths(recipe)) if template_set else None
+    template = resolve_chat_template(recipe.chat_template, input_paths(recipe)) if recipe.chat_template else None
     with atomic_output_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         run_plan(plan, readers, tmp, max_shard_size=shard_bytes, seed=seed, prefetch=prefetch,
                  prefetch_bytes=prefetch_bytes, progress=progress, allow_nonfinite=allow_nonfinite,
@@ -187,13 +186,10 @@ def _merge_into(recipe: Recipe, readers: dict[str, CheckpointReader], out_dir: s
             f.write("\n")
         with open(os.path.join(tmp, "mergekit_config.yml"), "w", encoding="utf-8") as f:
             f.write(recipe.text or yaml.safe_dump({"merge_method": recipe.method.name}))
-        if recipe.chat_template is None:
-            for src, name in tokenizer_files:
-                shutil.copyfile(src, os.path.join(tmp, name))
-        if plan.vocabulary is not None:  # the output tokenizer (tokenizer_source / tokenizer), as mergekit
-            save_with_template(plan.vocabulary.tokenizer, template, tmp)
-        elif template_set and copy_tokenizer and plan.tokenizer_from:  # re-saved with the template, as mergekit
-            save_with_template(plan.tokenizer_from, template, tmp)
+        for src, name in tokenizer_files if not recipe.chat_template else ():  # else re-saved, as mergekit
+            shutil.copyfile(src, os.path.join(tmp, name))
+        if plan.vocabulary is not None or (recipe.chat_template and copy_tokenizer and plan.tokenizer_from):
+            save_with_template(plan.vocabulary.tokenizer if plan.vocabulary else plan.tokenizer_from, template, tmp)
 
 
 def _dtypes(plan: MergePlan, job: TensorJob) -> tuple[np.dtype | None, np.dtype]:
