@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from hm3jax.merging.stream import merge_recipe
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-from hm3jax.merging.stream import merge_recipe
 
 
 def _llava(path: str, seed: int) -> str:
