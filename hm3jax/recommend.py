@@ -13,8 +13,10 @@ RUN_DIR/config.yaml (the zoo or the checkpoints), and the upper-level merge, whe
 is rebuilt with `merge_for_preference(method, base, experts, preference, key, density, scale)` from
 the solution's "upper" settings, key = `jax.random.key(upper["seed"])`, or the key whose raw data
 `upper["key_data"]` holds when present (see merge_key).
-`--search-iterations N` (a short online search for this exact preference) needs a λ-conditioned
-agent checkpoint in RUN_DIR/checkpoints/agent.
+`--search-iterations N` runs a short online search for this exact preference instead (see
+hm3jax.online): the run's λ-conditioned agent (a run with `lower.ppo.mode: conditioned`) continues
+PPO for N iterations on this λ over the upper-level merge for it, and its best path, scored on the
+held-out split, is the answer (printed and exported as above; front.json is not changed).
 
 Exit status: 0 on success, 2 on a usage or input error (one line on stderr).
 """
@@ -31,7 +33,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 FRONT_FILE = "front.json"
-AGENT_CHECKPOINT = os.path.join("checkpoints", "agent")
 
 
 class RecommendError(ValueError):
@@ -98,6 +99,12 @@ def pick_solution(front: Mapping, preference: Sequence[float]) -> tuple[int, dic
                         np.float64)
     i = int(np.argmin(values))
     return i, front["solutions"][i], float(values[i])
+
+
+def tchebycheff_value(solution: Mapping, preference: Sequence[float], front: Mapping) -> float:
+    """max_k λ_k |f_k - z*_k| of one solution record's held-out scores, z* = front["ideal"]."""
+    f = np.asarray(solution["scores"]["heldout"], np.float64)
+    return float(np.max(np.asarray(preference, np.float64) * np.abs(f - np.asarray(front["ideal"], np.float64))))
 
 
 # ------------------------------------------------------------------------------------ export
@@ -190,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", metavar="DIR", help="write the chosen model here as an HF checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the --export directory if it exists")
     p.add_argument("--search-iterations", type=int, default=0, metavar="N",
-                   help="run N iterations of online search for this preference with the run's "
-                        "λ-conditioned agent (needs RUN_DIR/checkpoints/agent)")
+                   help="instead of picking from the front, continue the run's λ-conditioned agent "
+                        "(lower.ppo.mode: conditioned) for N PPO iterations on this preference")
     return p
 
 
@@ -202,19 +209,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         front = read_front(args.run_dir)
         lam = parse_preference(args.preference, front["tasks"])
+        if args.search_iterations < 0:
+            raise RecommendError(f"--search-iterations must be >= 0, got {args.search_iterations}")
         if args.search_iterations:
-            agent = os.path.join(args.run_dir, AGENT_CHECKPOINT)
-            if args.search_iterations < 0:
-                raise RecommendError(f"--search-iterations must be >= 0, got {args.search_iterations}")
-            if not os.path.exists(agent):
-                raise RecommendError(f"--search-iterations needs a λ-conditioned agent checkpoint; "
-                                     f"{agent} does not exist (this run saved none)")
-            raise RecommendError("--search-iterations: online search with the λ-conditioned agent is not "
-                                 "available in this version")
+            from hm3jax.online import OnlineSearchError, check_run, search_preference
+
+            try:
+                check_run(args.run_dir)
+            except OnlineSearchError as e:
+                raise RecommendError(f"--search-iterations: {e}") from None
         i, sol, value = pick_solution(front, lam)
         print(f"preference {[round(float(x), 4) for x in lam]} over {', '.join(front['tasks'])}: solution "
               f"{i} of {len(front['solutions'])}, held-out {sol['scores']['heldout']}, Tchebycheff "
               f"{value:.4f}, {len([s for s in sol['path'] if s is not None])} layers", file=sys.stderr)
+        if args.search_iterations:
+            sol = search_preference(args.run_dir, lam, args.search_iterations)
+            value = tchebycheff_value(sol, lam, front)
+            print(f"online search ({args.search_iterations} iterations of the run's conditioned agent): "
+                  f"held-out {sol['scores']['heldout']}, Tchebycheff {value:.4f}, "
+                  f"{len([s for s in sol['path'] if s is not None])} layers", file=sys.stderr)
         print(json.dumps(sol, indent=2))
         if args.export:
             out = export_solution(args.run_dir, sol, args.export, overwrite=args.overwrite)

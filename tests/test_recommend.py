@@ -68,7 +68,17 @@ def test_cli_prints_the_pick_and_refuses_bad_input(tmp_path, capsys):
     assert main([str(run), "--preference", "1,1"]) == 2
     assert "2 weights but the run has 3 tasks (math, code, translation)" in capsys.readouterr().err
     assert main([str(run), "--preference", "1,0,0", "--search-iterations", "5"]) == 2
-    assert "λ-conditioned agent checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--search-iterations:" in err and "config.yaml" in err, err
+    # A run whose lower level trained one agent per preference cannot answer a new one online.
+    from hm3jax.config import RunConfig, to_yaml
+
+    (run / "config.yaml").write_text(to_yaml(RunConfig(output_dir=str(run))))
+    (run / "checkpoints" / "lower").mkdir(parents=True)
+    assert main([str(run), "--preference", "1,0,0", "--search-iterations", "5"]) == 2
+    assert "lower.ppo.mode is 'per_preference'" in capsys.readouterr().err
+    assert main([str(run), "--preference", "1,0,0", "--search-iterations", "-1"]) == 2
+    assert "--search-iterations must be >= 0" in capsys.readouterr().err
     assert main([str(tmp_path / "nowhere"), "--preference", "1,0,0"]) == 2
     assert "front.json: no such file" in capsys.readouterr().err
 

@@ -93,7 +93,7 @@ def test_recommend_exports_a_model_with_the_fronts_scores(smoke_run, tmp_path):
 
     from hm3jax.io import load_pretrained
     from hm3jax.models import forward
-    from hm3jax.objectives import exact_match, make_suite_batch, task_means
+    from hm3jax.objectives import make_suite_batch
     from hm3jax.zoo import load_zoo
 
     out, zoo, _ = smoke_run
@@ -106,9 +106,7 @@ def test_recommend_exports_a_model_with_the_fronts_scores(smoke_run, tmp_path):
     assert cfg.num_hidden_layers == len(record["path"])
     _, _, tokenizer = load_zoo(zoo)
     batch = make_suite_batch(SMALL.suite(), "heldout", tokenizer)
-    em = exact_match(forward(cfg, params, jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask)), batch)
-    got = np.asarray(task_means(em, batch, len(TASK_NAMES)))
-    np.testing.assert_allclose(got, record["scores"]["heldout"], atol=1e-6)
+    np.testing.assert_allclose(_heldout_exact_match(dest, zoo), record["scores"]["heldout"], atol=1e-6)
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
@@ -120,6 +118,40 @@ def test_recommend_exports_a_model_with_the_fronts_scores(smoke_run, tmp_path):
     mine = np.asarray(forward(cfg, params, jnp.asarray(batch.tokens[rows]), jnp.asarray(batch.attention_mask[rows])))
     real = batch.attention_mask[rows].astype(bool)
     assert np.abs(mine - theirs)[real].max() <= 1e-4
+
+
+def _heldout_exact_match(model_dir, zoo) -> np.ndarray:
+    """[K] held-out exact match of an exported checkpoint on the SMALL suite."""
+    import jax.numpy as jnp
+
+    from hm3jax.io import load_pretrained
+    from hm3jax.models import forward
+    from hm3jax.objectives import exact_match, make_suite_batch, task_means
+    from hm3jax.zoo import load_zoo
+
+    cfg, params = load_pretrained(model_dir)
+    batch = make_suite_batch(SMALL.suite(), "heldout", load_zoo(zoo)[2])
+    em = exact_match(forward(cfg, params, jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask)), batch)
+    return np.asarray(task_means(em, batch, len(TASK_NAMES)))
+
+
+def test_online_search_answers_a_new_preference_with_the_runs_agent(smoke_run, tmp_path):
+    """recommend --search-iterations: the run's λ-conditioned agent continues on a preference the run
+    never saw; the answer is exported like a front solution and the run directory is left as it was."""
+    out, zoo, _ = smoke_run
+    before = {f: (out / f).read_bytes() for f in ("front.json", "metrics.jsonl", "config.yaml")}
+    dest = tmp_path / "online"
+    res = subprocess.run([sys.executable, "-m", "hm3jax.recommend", str(out), "--preference", "0.2,0.3,0.5",
+                          "--search-iterations", "4", "--export", str(dest)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "online search (4 iterations of the run's conditioned agent)" in res.stderr
+    record = json.loads(res.stdout)
+    np.testing.assert_allclose(record["preference"], [0.2, 0.3, 0.5], atol=1e-6)
+    assert record["upper"]["method"] == "dare_ties" and record["path"] and record["shell"] == "merge"
+    assert json.loads((dest / "hm3jax_solution.json").read_text()) == record
+    np.testing.assert_allclose(_heldout_exact_match(dest, zoo), record["scores"]["heldout"], atol=1e-6)
+    assert {f: (out / f).read_bytes() for f in before} == before
 
 
 @pytest.mark.parametrize("args,words", [

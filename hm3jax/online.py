@@ -1,0 +1,127 @@
+"""Online search for a new preference with a finished run's λ-conditioned agent.
+
+HM3's promise: one agent, trained offline over sampled preference vectors, answers a preference it
+has not seen without retraining. For a run whose lower level trained one shared agent
+(`lower.ppo.mode: conditioned`), `search_preference` takes that agent from the run's checkpoint
+(RUN_DIR/checkpoints/lower), merges the upper level for the new λ (as the run merged its own
+preferences, with the run's density and scale), and either samples one batch of paths from the agent
+as it is (`iterations=0`) or continues PPO for `iterations` iterations on this λ alone. The best path
+is re-scored on the whole search split (the training signal) and then on the held-out split, and
+returned as a front.json solution record, so recommend can print it and export it.
+
+Nothing is written to the run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from hm3jax.config import CONFIG_FILE, RunConfigError, load_run_config, validate
+
+
+class OnlineSearchError(ValueError):
+    """A run that cannot answer a new preference online (no conditioned agent, unfinished run)."""
+
+
+def check_run(run_dir: str | os.PathLike):
+    """The run's validated config; OnlineSearchError unless it trained a λ-conditioned agent."""
+    path = os.path.join(os.fspath(run_dir), CONFIG_FILE)
+    try:
+        cfg = validate(load_run_config(path))
+    except RunConfigError as e:
+        raise OnlineSearchError(f"{path}: {e}") from None
+    if cfg.lower.ppo.mode != "conditioned":
+        raise OnlineSearchError(f"{path}: lower.ppo.mode is {cfg.lower.ppo.mode!r}; an online search needs the "
+                                "one λ-conditioned agent of a run with lower.ppo.mode: conditioned")
+    agent = os.path.join(os.fspath(run_dir), "checkpoints", "lower")
+    if not os.path.isdir(agent):
+        raise OnlineSearchError(f"{agent}: no lower-level checkpoint (the run did not finish its lower level)")
+    return cfg
+
+
+def search_preference(run_dir: str | os.PathLike, preference: Sequence[float], iterations: int = 0,
+                      seed: int = 0) -> dict:
+    """A solution record for `preference` from the run's conditioned agent (see the module docstring).
+
+    Args:
+      run_dir: a finished run of a config with lower.ppo.mode: conditioned.
+      preference: [K] λ on the simplex (recommend normalises it).
+      iterations: PPO iterations on this λ (rounded up to whole chunks of lower.ppo.chunk_iterations);
+        0 samples one batch of lower.ppo.num_envs paths from the agent as trained.
+      seed: seeds the sampling and the continued training (the upper-level merge uses the run's seed).
+    Returns the solution record (preference, upper, path, shell, scores, cost, dominated False).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from hm3jax import pipeline as pl
+    from hm3jax.cost import path_cost
+    from hm3jax.report import make_solution
+    from hm3jax.search.lower import build_search, make_lower_train, propose, run_lower
+    from hm3jax.search.upper import merge_for_preference
+    from hm3jax.train import load_context
+
+    if iterations < 0:
+        raise OnlineSearchError(f"iterations must be >= 0, got {iterations}")
+    run_dir = os.fspath(run_dir)
+    cfg = check_run(run_dir)
+    cfg = dataclasses.replace(cfg, output_dir=run_dir,
+                              log=dataclasses.replace(cfg.log, tensorboard=False, progress=False))
+    lam = np.asarray(preference, np.float32)
+    # The stages print one line each; stdout is recommend's JSON, so they go to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        ctx = load_context(cfg)._replace(log=lambda record: None)  # nothing is logged into the run
+        if lam.shape != (len(ctx.tasks),):
+            raise OnlineSearchError(f"preference has {lam.size} weights for {len(ctx.tasks)} tasks")
+        ideal = pl.references(ctx)["ideal"]
+        up = pl.upper(ctx, ideal)
+        # The run's agent: restore the finished lower level's state (no chunk left to run).
+        merged = pl.merged_models(ctx, up["density"], up["scale"])
+        data, problems, layout = build_search(ctx.model_cfg, ctx.experts, merged, ctx.search, ctx.prefs, ideal,
+                                              cfg.lower, ctx.base)
+        scorer = pl._model_scorer(ctx)
+        trainer = make_lower_train(cfg.lower, layout, scorer)
+        ppo = cfg.lower.ppo
+        done = run_lower(trainer, layout, problems, data, jax.random.key(cfg.seed),
+                         ppo.iterations // ppo.chunk_iterations, checkpoint_dir=ctx.store.path("lower"))
+        params, opt_state = done.state.params, done.state.opt_state
+        del merged, data, problems
+
+        # The new preference's upper-level merge: the run's method, density and scale (the first
+        # preference's when the run tuned them per preference), a key of its own.
+        density, scale = float(np.mean(up["density"])), float(np.mean(up["scale"]))
+        key = jax.random.fold_in(pl.upper_key(ctx), 10_000 + seed)
+        new = merge_for_preference(cfg.upper.method, ctx.base, ctx.experts, jnp.asarray(lam), key,
+                                   jnp.float32(density), jnp.float32(scale))
+        data1, problems1, layout1 = build_search(ctx.model_cfg, ctx.experts, [new], ctx.search, lam[None], ideal,
+                                                 cfg.lower, ctx.base)
+        trainer1 = make_lower_train(cfg.lower, layout1, scorer)
+        k_run = jax.random.key(seed)
+        if iterations:
+            state = trainer1.init(k_run, problems1)._replace(params=params, opt_state=opt_state)
+            for _ in range(math.ceil(iterations / ppo.chunk_iterations)):
+                state, _ = trainer1.chunk(state, problems1, data1)
+            best = jax.tree.map(lambda x: np.asarray(x)[0], trainer1.best(state))
+        else:
+            one = jax.tree.map(lambda x: x[0], problems1)
+            best = jax.tree.map(np.asarray, propose(trainer1, layout1, cfg.lower.env, scorer, params, one, data1,
+                                                    k_run))
+        # Held-out scores of the best path, as the run scores its own.
+        held, _, _ = build_search(ctx.model_cfg, ctx.experts, [new], ctx.heldout, lam[None], ideal, cfg.lower,
+                                  ctx.base)
+        from hm3jax.search import env as en
+
+        glob = np.asarray(en.to_global(layout1, jnp.asarray(best.path)[None], jnp.asarray(problems1.block)[:, None]))
+        heldout = np.asarray(jax.jit(scorer.full)(held, jnp.asarray(glob[0])[None], jnp.int32(0)))[0]
+    path = pl.describe_path(ctx, best.path, pl.MERGE)
+    upper = {"method": cfg.upper.method, "density": density, "scale": scale, "seed": cfg.seed,
+             "key_data": np.asarray(jax.random.key_data(key)).tolist()}
+    return make_solution(lam, upper, path, pl.MERGE, best.scores, heldout,
+                         path_cost(ctx.model_cfg, path, cfg.front.cost_seq_len).to_dict())
