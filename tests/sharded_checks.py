@@ -8,11 +8,13 @@ scoring: a batch of paths scored on (data, fsdp) meshes == make_path_scorer; no 
 io: load_sharded == load_pretrained, each device's callback reading only its slice; save_sharded
   writes what save_pretrained writes.
 search: one PPO chunk of the lower level, preferences over data and the pool over fsdp == one device.
-multihost PID TMP PORT: one of two processes (jax.distributed on localhost, 4 fake devices each).
+multihost PID TMP PORT: one of two processes (jax.distributed on localhost, 4 fake devices each):
+  loading, saving, a TIES merge and a batch of path scores across both.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -204,7 +206,47 @@ def check_multihost(pid: int, tmp: str, port: str) -> None:
     assert stats["largest_host_buffer"] <= up.nbytes // 8
     out = save_sharded(os.path.join(tmp, "out"), cfg, params)
     assert (out is not None) == (pid == 0), out
+    merged, em, ll = multihost_merge_and_score(cfg, params, mesh)
+    local = lambda x: np.asarray(x.addressable_shards[0].data)  # replicated: every process has it all
+    print("merge digest", json.dumps(local(merged).tolist()), flush=True)
+    print("path scores", json.dumps([local(em).tolist(), local(ll).tolist()]), flush=True)
     print(f"multihost {pid} ok", flush=True)
+
+
+PATHS = np.array([[0, 1], [2, 3], [1, -1], [3, 0]], np.int32)  # pool: the base's 2 layers, then the merge's
+
+
+def multihost_merge_and_score(cfg, params, mesh=None):
+    """A TIES merge of `params` with a moved copy of itself and the scores of PATHS through the pool
+    (base + merge) on a fixed batch: (per-leaf sums of the merge [n_leaves], exact match [4], loglik
+    [4]), the same numbers on one process (mesh None) as on a mesh that spans processes."""
+    from hm3jax.merging import METHODS
+    from hm3jax.models.pool import build_pool, shell_of
+    from hm3jax.objectives.batch import Batch
+    from hm3jax.sharding import merge_sharded
+
+    expert = jax.jit(lambda t: jax.tree.map(lambda x: x * 1.5 + 0.01, t))(params)  # keeps the shardings
+    w = np.array([0.7])
+    if mesh is None:
+        merged = METHODS["ties"].merge(params, [expert], w, density=0.5)
+    else:
+        merged = merge_sharded("ties", params, [expert], w, shardings=param_shardings(params, mesh, None),
+                               density=0.5)
+    digest = jax.jit(lambda t: jnp.stack([jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(t)]))(merged)
+    rng = np.random.default_rng(0)
+    n, s = 4, 10
+    batch = Batch(rng.integers(0, cfg.vocab_size, (n, s)).astype(np.int32), np.ones((n, s), np.int32),
+                  np.arange(s)[None].repeat(n, 0) >= 5, np.zeros(n, np.int32))
+    pool = build_pool([params, merged])
+    if mesh is None:
+        from hm3jax.objectives.scoring import make_path_scorer
+
+        em, ll = jax.vmap(make_path_scorer(cfg, shell_of(params), pool, batch))(jnp.asarray(PATHS))
+    else:
+        from hm3jax.objectives.sharded_scoring import make_sharded_paths_scorer
+
+        em, ll = make_sharded_paths_scorer(cfg, shell_of(params), pool, batch, mesh)(PATHS)
+    return digest, em, ll
 
 
 if __name__ == "__main__":

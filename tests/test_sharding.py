@@ -3,6 +3,7 @@ devices, see sharded_checks.py) sharded == unsharded merges, scoring and checkpo
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -169,3 +170,14 @@ def test_two_processes_load_their_own_slices_and_process_0_writes(tmp_path):
     _, want = load_pretrained(tmp_path / "src")
     _, got = load_pretrained(tmp_path / "out")
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), want, got)
+    # The merge and the path scores across the two processes are the single process's numbers.
+    sys.path.insert(0, os.path.dirname(CHECKS))
+    from sharded_checks import multihost_merge_and_score
+
+    digest, em, ll = (np.asarray(x) for x in multihost_merge_and_score(CFG, want))
+    for out in outs:
+        lines = dict(line.split(" ", 2)[1:] for line in out.splitlines() if line.startswith(("merge ", "path ")))
+        np.testing.assert_allclose(json.loads(lines["digest"]), digest, rtol=1e-5, atol=1e-5)
+        got_em, got_ll = json.loads(lines["scores"])
+        np.testing.assert_allclose(got_em, em, atol=1e-6)
+        np.testing.assert_allclose(got_ll, ll, rtol=1e-4, atol=1e-5)
