@@ -128,15 +128,9 @@ def generalized_task_arithmetic(base: jax.Array, models: Sequence[jax.Array], we
     m = len(deltas)
     w = jnp.broadcast_to(jnp.asarray(weights, base.dtype), (m,))
     if sparsification is not None:
-        per = {k: jnp.broadcast_to(jnp.asarray(params[k]), (m,))
-               for k in ("density", "gamma", "epsilon", "keep", "top") if k in params}
-        random = sparsification in RANDOM_SPARSIFIERS
-        if random and masks is None and key is None:
-            raise ValueError(f"sparsification {sparsification!r} needs a PRNG key or masks")
-        keys = jax.random.split(key, m) if (random and masks is None) else [None] * m
-        mks = [None] * m if masks is None else list(masks)
-        deltas = [_sparsify_one(sparsification, d, {k: v[i] for k, v in per.items()}, keys[i], mks[i],
-                                rescale, trim) for i, d in enumerate(deltas)]
+        per, keys, mks = _per_model_sparsify_args(sparsification, params, m, key, masks)
+        deltas = [_sparsify_one(sparsification, d, per[i], keys[i], mks[i], rescale, trim)
+                  for i, d in enumerate(deltas)]
     deltas = [w[i] * d for i, d in enumerate(deltas)]
     if consensus is not None:
         agree = consensus_mask(deltas, consensus)
@@ -153,6 +147,18 @@ def generalized_task_arithmetic(base: jax.Array, models: Sequence[jax.Array], we
     return (base + mixed).astype(base.dtype)
 
 
+def _per_model_sparsify_args(sparsification, params, m: int, key, masks):
+    """Per model i: its sparsifier parameters, PRNG key (random sparsifiers) and injected mask."""
+    per = {k: jnp.broadcast_to(jnp.asarray(params[k]), (m,))
+           for k in ("density", "gamma", "epsilon", "keep", "top") if k in params}
+    random = sparsification in RANDOM_SPARSIFIERS
+    if random and masks is None and key is None:
+        raise ValueError(f"sparsification {sparsification!r} needs a PRNG key or masks")
+    keys = jax.random.split(key, m) if (random and masks is None) else [None] * m
+    mks = [None] * m if masks is None else list(masks)
+    return [{k: v[i] for k, v in per.items()} for i in range(m)], keys, mks
+
+
 def _gta_16bit(base, models, weights, key, masks, sparsification, consensus, normalize, rescale, trim, params):
     """The pipeline in float16/bfloat16 as mergekit computes it with torch (module docstring)."""
     dt, f32 = base.dtype, jnp.float32
@@ -163,16 +169,11 @@ def _gta_16bit(base, models, weights, key, masks, sparsification, consensus, nor
     deltas = [r(x.astype(f32) - b) for x in models]
     m = len(deltas)
     if sparsification is not None:
-        per = {k: jnp.broadcast_to(jnp.asarray(params[k]), (m,))
-               for k in ("density", "gamma", "epsilon", "keep", "top") if k in params}
         random = sparsification in RANDOM_SPARSIFIERS
-        if random and masks is None and key is None:
-            raise ValueError(f"sparsification {sparsification!r} needs a PRNG key or masks")
-        keys = jax.random.split(key, m) if (random and masks is None) else [None] * m
-        mks = [None] * m if masks is None else list(masks)
+        per, keys, mks = _per_model_sparsify_args(sparsification, params, m, key, masks)
         out = []
         for i, d in enumerate(deltas):
-            kept = _sparsify_one(sparsification, d, {k: v[i] for k, v in per.items()}, keys[i], mks[i], False, trim)
+            kept = _sparsify_one(sparsification, d, per[i], keys[i], mks[i], False, trim)
             if rescale:  # L1 norm ratio; float32 work for float16 random drops (mergekit's CPU fallback)
                 work32 = random and dt == np.dtype(np.float16)
                 before, after = jnp.sum(jnp.abs(d)), jnp.sum(jnp.abs(kept))
