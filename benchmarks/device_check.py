@@ -25,20 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from merge_inmemory import median_time
+
 SIZES = {  # (hidden, inter, layers, heads, kv heads, vocab, batch, seq, merge GB, paths, rows)
     "full": (1024, 4096, 16, 16, 8, 32000, 8, 512, 1.0, 64, 16),
     "tiny": (64, 128, 2, 4, 2, 256, 2, 32, 0.004, 8, 4),
 }
-
-
-def median_time(fn, runs: int) -> float:
-    jax.block_until_ready(fn())  # warm-up: compilation
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def check_forward(cfg, dtype, batch: int, seq: int, runs: int) -> dict:
@@ -91,10 +84,9 @@ def check_forward(cfg, dtype, batch: int, seq: int, runs: int) -> dict:
 
 def check_merge(gb: float, hidden: int, inter: int, vocab: int, dtype, runs: int) -> dict:
     """GB/s of task arithmetic and TIES vs the device's copy bandwidth on the same bytes."""
-    from hm3jax import merging
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from merge_inmemory import llama_tree  # the Llama-shaped tree of the in-memory merge benchmark
+
+    from hm3jax import merging
 
     key = jax.random.PRNGKey(0)
     base = jax.tree.map(lambda x: x.astype(dtype), llama_tree(key, gb, hidden, inter, vocab))
