@@ -102,6 +102,9 @@ def search_preference(run_dir: str | os.PathLike, preference: Sequence[float], i
                                    jnp.float32(density), jnp.float32(scale))
         data1, problems1, layout1 = build_search(ctx.model_cfg, ctx.experts, [new], ctx.search, lam[None], ideal,
                                                  cfg.lower, ctx.base)
+        fitted = pl.alignment(ctx, [new])  # maps for the new merge's pool (None unless lower.align)
+        if fitted is not None:
+            data1 = data1._replace(align=fitted.alignment)
         trainer1 = make_lower_train(cfg.lower, layout1, scorer)
         k_run = jax.random.key(seed)
         if iterations:
@@ -116,6 +119,7 @@ def search_preference(run_dir: str | os.PathLike, preference: Sequence[float], i
         # Held-out scores of the best path, as the run scores its own.
         held, _, _ = build_search(ctx.model_cfg, ctx.experts, [new], ctx.heldout, lam[None], ideal, cfg.lower,
                                   ctx.base)
+        held = held._replace(align=data1.align)
         from hm3jax.search import env as en
 
         glob = np.asarray(en.to_global(layout1, jnp.asarray(best.path)[None], jnp.asarray(problems1.block)[:, None]))
@@ -124,4 +128,5 @@ def search_preference(run_dir: str | os.PathLike, preference: Sequence[float], i
     upper = {"method": cfg.upper.method, "density": density, "scale": scale, "seed": cfg.seed,
              "key_data": np.asarray(jax.random.key_data(key)).tolist()}
     return make_solution(lam, upper, path, pl.MERGE, best.scores, heldout,
-                         path_cost(ctx.model_cfg, path, cfg.front.cost_seq_len).to_dict())
+                         path_cost(ctx.model_cfg, path, cfg.front.cost_seq_len).to_dict(),
+                         aligned=fitted is not None and pl.switches_models(path, pl.MERGE))

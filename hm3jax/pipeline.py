@@ -172,6 +172,9 @@ def _path_search(ctx: Context, name: str, merged: list[dict], ideal, make_traine
     def compute():
         data, problems, layout = build_search(ctx.model_cfg, ctx.experts, merged, ctx.search, ctx.prefs,
                                               ideal, lower, ctx.base)
+        fitted = alignment(ctx, merged)
+        if fitted is not None:
+            data = data._replace(align=fitted.alignment)
         scorer = _model_scorer(ctx)
         trainer = make_trainer(layout, scorer)
         stop_chunk = None
@@ -188,11 +191,44 @@ def _path_search(ctx: Context, name: str, merged: list[dict], ideal, make_traine
         if stop_chunk is not None and stop_chunk < num_chunks:
             raise StopRun(stop_after)
         rewards = np.asarray(res.history.reward) if res.history is not None else np.zeros((0, len(ctx.prefs)))
-        return {"path": res.best.path, "global_path": res.global_paths, "search": res.best.scores,
-                "tcheby": res.best.tcheby, "reward_curve": rewards.reshape(rewards.shape[0], -1)}
+        out = {"path": res.best.path, "global_path": res.global_paths, "search": res.best.scores,
+               "tcheby": res.best.tcheby, "reward_curve": rewards.reshape(rewards.shape[0], -1)}
+        if fitted is not None:  # held-out scoring runs the paths with the same maps
+            out["align"] = fitted.alignment.params
+            out["align_gap"] = np.asarray([fitted.gap_before, fitted.gap_after], np.float32)
+        return out
 
     return _stage(ctx, name, compute, lambda o: f"best paths' mean Tchebycheff value "
                   f"{float(np.mean(o['tcheby'])):.4f} (search split)", stop_after)
+
+
+def alignment(ctx: Context, merged: list[dict]):
+    """The switch maps of searches over `merged` (search.align.AlignFit), or None when
+    lower.align is off. Fitted once per list of merged models and process; the same key for every
+    search, so searches over one pool run with the same maps."""
+    if not ctx.cfg.lower.align.enabled:
+        return None
+    from hm3jax.search.align import fit_alignment
+
+    cache = ctx.cache.setdefault("align", {})
+    if id(merged) not in cache:
+        key = jax.random.fold_in(jax.random.key(ctx.cfg.seed), 100)
+        fit = fit_alignment(ctx.model_cfg, ctx.cfg.lower.align, ctx.experts, merged, ctx.search, key)
+        cache[id(merged)] = (merged, fit)  # the list is held so its id is not reused
+        line = f"switch statistics gap {fit.gap_before:.4f} -> {fit.gap_after:.4f} (search split)"
+        print(f"[align] {line}", flush=True)
+        ctx.log({"stage": "align", "summary": line, "gap_before": fit.gap_before, "gap_after": fit.gap_after})
+    return cache[id(merged)][1]
+
+
+def stage_alignment(ctx: Context, stage: dict, num_blocks: int):
+    """The Alignment a finished path search ran with (from its saved maps), or None."""
+    if "align" not in stage:
+        return None
+    from hm3jax.search.align import pool_alignment
+
+    K = len(ctx.tasks)
+    return pool_alignment(stage["align"], K, ctx.model_cfg.num_hidden_layers, K + num_blocks)
 
 
 def lower_stage(ctx: Context, name: str, merged: list[dict], ideal, stop_after=None) -> dict:
@@ -271,6 +307,7 @@ def heldout_scores(ctx: Context, searches: dict[str, tuple[dict, list[dict]]], i
         for name, (res, merged) in searches.items():
             data, _, _ = build_search(ctx.model_cfg, ctx.experts, merged, ctx.heldout, ctx.prefs, ideal,
                                       ctx.cfg.lower, ctx.base)
+            data = data._replace(align=stage_alignment(ctx, res, len(merged)))
             rows = [np.asarray(full(data, jnp.asarray(res["global_path"][i])[None], jnp.int32(i)))[0]
                     for i in range(len(ctx.prefs))]
             out[name] = np.stack(rows)
@@ -307,8 +344,21 @@ def solutions(ctx: Context, stage: dict, heldout: np.ndarray, merged_name: str, 
                   "scale": float(upper_out["scale"][i]), "seed": ctx.cfg.seed,
                   "key_data": np.asarray(jax.random.key_data(k)).tolist()}
         recs.append(make_solution(pref, up, path, merged_name, stage["search"][i], heldout[i],
-                                  path_cost(ctx.model_cfg, path, seq).to_dict()))
+                                  path_cost(ctx.model_cfg, path, seq).to_dict(),
+                                  aligned="align" in stage and switches_models(path, merged_name)))
     return recs
+
+
+def switches_models(path, shell: str) -> bool:
+    """Whether a described path ever runs a layer of another model than the one before it (the
+    shell's model before the first layer): the steps where alignment maps apply."""
+    prev = shell
+    for step in path:
+        if step is not None:
+            if step[0] != prev:
+                return True
+            prev = step[0]
+    return False
 
 
 def identity_solutions(ctx: Context, search: np.ndarray, heldout: np.ndarray, upper_out: dict | None,

@@ -156,6 +156,10 @@ def export_solution(run_dir: str | os.PathLike, solution: Mapping, out_dir: str 
     from hm3jax.io import load_pretrained
     from hm3jax.io.atomic import check_output_path
 
+    if solution.get("aligned"):
+        raise RecommendError("this solution's scores were measured with alignment maps at model switches "
+                             "(lower.align.enabled), which a transformers checkpoint cannot hold; export a "
+                             "solution of a run without alignment")
     cfg, ckpts = source_checkpoints(run_dir)
     check_output_path(out_dir, [run_dir, *ckpts.values()])  # before loading anything
     tasks = list(task_names(cfg))

@@ -5,7 +5,8 @@ Inputs are solution records (dicts, the format of `hm3jax_solution.json`):
     {"preference": [K floats], "upper": {"method", "density", "scale", "seed"},
      "path": [[model name, layer], ...], "shell": model name,
      "scores": {"search": [K], "heldout": [K]},
-     "cost": {"layers", "parameters", "flops_per_token"}, "dominated": bool}
+     "cost": {"layers", "parameters", "flops_per_token"}, "dominated": bool,
+     "aligned": true (only for paths that switch models, scored with lower.align's maps)}
 
 HM3's solutions, the baselines' ({method: [solutions]}, methods named as in METHODS: the
 parameter-level merges, the path searches and the HM3 ablations), and single reference models
@@ -64,7 +65,7 @@ def _upper_value(key: str, v):
 
 def make_solution(preference: Sequence[float], upper: Mapping[str, Any] | None, path: Sequence,
                   shell: str, search: Sequence[float], heldout: Sequence[float],
-                  cost: Mapping[str, Any] | None = None) -> dict:
+                  cost: Mapping[str, Any] | None = None, aligned: bool = False) -> dict:
     """A solution record in the module docstring's format (plain JSON types; "dominated" False
     until build_front sets it).
 
@@ -76,12 +77,15 @@ def make_solution(preference: Sequence[float], upper: Mapping[str, Any] | None, 
         recommend uses instead of "seed"; or None for a solution without one (e.g. an expert).
       path: (model name, layer) pairs (None for a skipped step). shell: the shell's model name.
       search, heldout: [K] scores. cost: e.g. hm3jax.cost.path_cost(...).to_dict().
+      aligned: the scores were measured with alignment maps at the path's model switches
+        (lower.align), which an exported checkpoint cannot hold; the key is written only when True.
     """
     up = None if upper is None else {k: _upper_value(k, v) for k, v in upper.items()}
     return {"preference": [float(x) for x in preference], "upper": up,
             "path": [None if s is None else [str(s[0]), int(s[1])] for s in path], "shell": str(shell),
             "scores": {"search": [float(x) for x in search], "heldout": [float(x) for x in heldout]},
-            "cost": dict(cost) if cost is not None else None, "dominated": False}
+            "cost": dict(cost) if cost is not None else None, "dominated": False,
+            **({"aligned": True} if aligned else {})}
 
 
 # ------------------------------------------------------------------------------------ objectives

@@ -185,22 +185,3 @@ def test_config_errors_name_the_field(make, field, match):
 def test_conditioned_mode_needs_a_conditioned_agent():
     with pytest.raises(ValueError, match="lower.agent.condition must be True"):
         make_train(ENV, AgentConfig(condition=False), PPOConfig(mode="conditioned"), LAYOUT, SCORER)
-
-
-@pytest.mark.slow
-def test_coral_alignment_shrinks_the_statistics_gap():
-    from hm3jax.search.align import AlignConfig, apply_affine, coral_gap, fit_affine
-
-    assert not AlignConfig().enabled  # off by default
-    k1, k2, k3 = jax.random.split(jax.random.key(7), 3)
-    d = 16
-    mix = jax.random.normal(k1, (d, d)) / 4
-    source = jax.random.normal(k2, (4, 64, d)) @ mix + 1.5  # another model's hidden states
-    target = 0.7 * jax.random.normal(k3, (4, 64, d)) - 0.5
-    before = float(coral_gap(source, target))
-    mapped = apply_affine(fit_affine(AlignConfig(), source, target), source)
-    after = float(coral_gap(mapped, target))
-    assert mapped.shape == source.shape
-    assert after < 0.05 * before, (before, after)
-    with pytest.raises(ValueError, match=r"lower.align.shrinkage must be in \[0, 1\)"):
-        AlignConfig(shrinkage=1.0)

@@ -177,3 +177,31 @@ def test_run_directory_of_another_config_is_refused(smoke_run, tmp_path):
     res = _train(out, zoo, cache, "--upper.density", "0.5", check=False)
     assert res.returncode == 2 and "upper.density" in res.stderr and "config.yaml" in res.stderr, res.stderr
     assert sorted(os.listdir(out)) == before
+
+
+def test_alignment_run_marks_switching_paths_and_reuses_its_saved_maps(small_zoo, tmp_path):
+    """lower.align on: the maps are fitted once before the search (the gap shrinks), solutions whose
+    path switches models are marked aligned, and held-out scoring after a restart uses the maps saved
+    with the search (the same front)."""
+    from hm3jax.pipeline import switches_models
+
+    run, cache = tmp_path / "aligned", tmp_path / "jax-cache"
+    args = ("--lower.align.enabled", "true", "--lower.align.steps", "20", "--eval.baselines", "false")
+    res = _train(run, small_zoo[0], cache, *args)
+    assert "[align] switch statistics gap" in res.stdout
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    fit = [r for r in records if r.get("stage") == "align"]
+    assert len(fit) == 1 and fit[0]["gap_after"] < fit[0]["gap_before"], fit
+    front = json.loads((run / "front.json").read_text())
+    for sol in front["solutions"]:
+        assert sol.get("aligned", False) == switches_models(sol["path"], sol["shell"]), sol
+    for sol in front["baselines"]["param_only"]:
+        assert "aligned" not in sol  # no path search, no maps
+    # Held-out scoring again from the saved search (no new fit): the same front.
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "stages" / "heldout")
+    (run / "front.json").unlink()
+    again = _train(run, small_zoo[0], cache, *args)
+    assert "[align]" not in again.stdout and "[lower]" in again.stdout and "from checkpoint" in again.stdout
+    assert json.loads((run / "front.json").read_text()) == front

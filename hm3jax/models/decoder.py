@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hm3jax.models.align import Alignment, switch_step
 from hm3jax.models.config import ModelConfig
 from hm3jax.models.layers import DecoderLayer, rms_norm, rope_tables
 from hm3jax.models.pool import LayerPool, shell_of
@@ -78,7 +79,8 @@ def pool_layer(cfg: ModelConfig, layers: dict, idx: jax.Array) -> DecoderLayer:
 
 
 def forward_path(cfg: ModelConfig, shell: dict, pool: LayerPool, path: jax.Array,
-                 tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+                 tokens: jax.Array, attention_mask: jax.Array | None = None,
+                 align: Alignment | None = None) -> jax.Array:
     """Run the layers `pool[path[0]], pool[path[1]], ...` between `shell`'s embeddings and head.
 
     Args:
@@ -89,10 +91,12 @@ def forward_path(cfg: ModelConfig, shell: dict, pool: LayerPool, path: jax.Array
       tokens: int [B, S].
       attention_mask: optional 0/1 [B, S]; positions count only unmasked tokens, so left padding
         gives the same positions as unpadded input.
+      align: optional maps applied where the path switches models (models.align); None runs the
+        layers as they are.
     Returns:
       float32 logits [B, S, vocab].
     """
-    return _forward_path(cfg, shell, pool.layers, checked_path(pool, path), tokens, attention_mask)
+    return _forward_path(cfg, shell, pool.layers, checked_path(pool, path), tokens, attention_mask, align)
 
 
 def checked_path(pool: LayerPool, path) -> jax.Array:
@@ -115,22 +119,43 @@ def concrete_or_none(x) -> np.ndarray | None:
         return None
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_path(cfg, shell, layers, path, tokens, attention_mask):
-    B, S = tokens.shape
-    if attention_mask is None:
-        attention_mask = jnp.ones((B, S), jnp.int32)
+def run_layers(cfg: ModelConfig, layers: dict, path: jax.Array, h: jax.Array, attention_mask: jax.Array,
+               align: Alignment | None = None, tap=None):
+    """The layers of `path` (pool indices, -1 skips) over hidden states h [B, S, D] as one lax.scan.
+
+    align: optional switch maps (models.align). tap: optional f(h_in, h_mapped, idx, switched) called
+    inside each step, whose outputs are stacked over the steps and returned as the second value
+    (search.align fits the maps through it). With a tap, the state entering each step is cut from
+    autodiff, so a tap output differentiates through its own step's map only.
+    Returns (h, stacked tap outputs or None).
+    """
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
     cos, sin = rope_tables(cfg, positions)
     mask = causal_mask(cfg, attention_mask)
+    if not path.shape[0]:  # an empty pool (zero-layer model) cannot even be indexed
+        return h, None
 
-    def step(h, idx):
-        out = pool_layer(cfg, layers, idx)(h, cos, sin, mask)
-        return jnp.where(idx >= 0, out, h), None
+    def step(carry, x):
+        h, prev = carry
+        idx, t = x
+        if tap is not None:
+            h = jax.lax.stop_gradient(h)
+        mapped, kind = switch_step(align, cfg.hidden_size, h, prev, idx, t)
+        out = pool_layer(cfg, layers, idx)(mapped, cos, sin, mask)
+        tapped = None if tap is None else tap(h, mapped, idx, kind != prev)
+        return (jnp.where(idx >= 0, out, h), kind), tapped
 
-    h = embed(shell, tokens)
-    if path.shape[0]:  # an empty pool (zero-layer model) cannot even be indexed
-        h, _ = jax.lax.scan(step, h, path)
+    start = jnp.int32(-1) if align is None else jnp.asarray(align.shell_kind, jnp.int32)
+    (h, _), tapped = jax.lax.scan(step, (h, start), (path, jnp.arange(path.shape[0], dtype=jnp.int32)))
+    return h, tapped
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_path(cfg, shell, layers, path, tokens, attention_mask, align=None):
+    B, S = tokens.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((B, S), jnp.int32)
+    h, _ = run_layers(cfg, layers, path, embed(shell, tokens), attention_mask, align)
     return head(cfg, shell, h)
 
 

@@ -31,6 +31,7 @@ from hm3jax.objectives.batch import Batch, pad_rows
 from hm3jax.objectives.scoring import answer_loglik, exact_match, task_means
 from hm3jax.search import env as en
 from hm3jax.search.agent import AgentConfig
+from hm3jax.search.align import AlignConfig
 from hm3jax.search.env import (
     BestPaths,
     EnvConfig,
@@ -49,7 +50,7 @@ class LowerConfig:
     """The whole lower level (config keys under `lower.`).
 
     Attributes:
-      env, agent, ppo: see EnvConfig, AgentConfig, PPOConfig.
+      env, agent, ppo, align: see EnvConfig, AgentConfig, PPOConfig, AlignConfig.
       objective: per-task score f_k: "exact_match" (teacher-forced, in [0, 1]) or "loglik" (mean
         answer log-likelihood, <= 0; smooth where exact match is flat).
       score_chunk: rows per lax.map chunk when a path is scored on the whole search split (bounds
@@ -59,6 +60,7 @@ class LowerConfig:
     env: EnvConfig = dataclasses.field(default_factory=EnvConfig)
     agent: AgentConfig = dataclasses.field(default_factory=AgentConfig)
     ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
+    align: AlignConfig = dataclasses.field(default_factory=AlignConfig)
     objective: str = "exact_match"
     score_chunk: int = 128
 
@@ -74,13 +76,15 @@ class SearchData(NamedTuple):
 
     layers: the global pool's stacked layers [K·L + N·L, ...]; shells: each preference's merged
     shell, stacked [N, ...]; batch: the search split (padded to a multiple of score_chunk);
-    task_rows: int32 [K, n] row indices of each task in `batch` (n = the smallest task's count).
+    task_rows: int32 [K, n] row indices of each task in `batch` (n = the smallest task's count);
+    align: the switch maps every scored path runs with (models.align.Alignment), or None.
     """
 
     layers: Any
     shells: Any
     batch: Batch
     task_rows: jax.Array
+    align: Any = None
 
 
 def layer_summary(layers: dict, base_layers: dict | None = None) -> np.ndarray:
@@ -151,7 +155,7 @@ def make_model_scorer(model_cfg, num_tasks: int, cfg: LowerConfig = LowerConfig(
         pool = LayerPool(data.layers, (), ())
 
         def one(path):
-            logits = forward_path(model_cfg, shell, pool, path, rows.tokens, rows.attention_mask)
+            logits = forward_path(model_cfg, shell, pool, path, rows.tokens, rows.attention_mask, data.align)
             return per_example(logits, rows)
 
         return jax.vmap(one)(paths)  # [B, rows]
