@@ -30,7 +30,7 @@ CONFIG_FILE = "config.yaml"
 ZOO_CONFIGS = ("default", "small")
 TASK_KINDS = ("embedded", "files")
 # Scorers of hm3jax.objectives.realtasks, by the name a task file entry gives.
-SCORERS = {"gsm8k": "gsm8k_accuracy", "chrf": "chrf_corpus", "pass_at_k": "code_pass_at_k"}
+SCORERS = ("gsm8k", "chrf", "pass_at_k")  # of generated answers: hm3jax.objectives.taskfiles
 OBJECTIVES = ("exact_match", "loglik")
 PREFERENCE_KINDS = ("dirichlet", "grid")
 SIMPLEX_TOL = 1e-6
@@ -85,15 +85,17 @@ class ModelsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TaskFiles:
-    """A real task's data: JSONL files with one {"prompt", "answer"} object per line ("answer": the
-    GSM8K solution ending in "#### <number>", the reference translation, or the test code)."""
+    """A real task's data: JSONL files with one {"prompt", "answer"} object per line, plus "test" for
+    pass_at_k ("answer": the reference continuation: the GSM8K solution ending in "#### <number>",
+    the reference translation, or a reference program; "test": code run against a generated
+    program). See hm3jax.objectives.taskfiles."""
 
     search: str = ""
     """JSONL file of the search split (scored while searching)."""
     heldout: str = ""
     """JSONL file of the held-out split (the front and the report)."""
     scorer: str = "gsm8k"
-    """Scorer of hm3jax.objectives.realtasks: gsm8k (answer match), chrf (chrF) or pass_at_k (pass@1)."""
+    """Scorer of generated held-out answers: gsm8k (answer match), chrf (chrF / 100) or pass_at_k (pass@1)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,9 +107,13 @@ class TasksConfig:
     files: dict[str, TaskFiles] = dataclasses.field(default_factory=dict)
     """Task name -> its data files and scorer (kind=files); the names are the experts' task names."""
     objective: str = "exact_match"
-    """Score of the embedded suite: exact_match (teacher-forced, in [0, 1]) or loglik."""
+    """Score of every search and of the held-out table: exact_match (the reference answer
+    teacher-forced, all tokens right, in [0, 1]) or loglik (its mean log-likelihood)."""
     max_new_tokens: int = 256
-    """Generation length of the real-task scorers."""
+    """Generation length of the real-task scorers (kind=files)."""
+    generate_rows: int = 64
+    """kind=files: held-out prompts per task whose generated answers the task's scorer grades, for
+    the base, the experts and HM3's solutions (the first rows of each held-out file)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,6 +320,11 @@ def _check_tasks(cfg: RunConfig) -> None:
         raise RunConfigError(f"tasks.kind {t.kind!r}: expected one of {', '.join(TASK_KINDS)}")
     if t.objective not in OBJECTIVES:
         raise RunConfigError(f"tasks.objective {t.objective!r}: expected one of {', '.join(OBJECTIVES)}")
+    if not isinstance(t.max_new_tokens, int) or t.max_new_tokens < 1:
+        raise RunConfigError(f"tasks.max_new_tokens must be an integer >= 1, got {t.max_new_tokens!r}")
+    if not isinstance(t.generate_rows, int) or t.generate_rows < 0:
+        raise RunConfigError(f"tasks.generate_rows must be an integer >= 0 (0: no generation), "
+                             f"got {t.generate_rows!r}")
     ck = cfg.models.checkpoints
     experts = tuple(ck.experts) if ck is not None else task_names(dataclasses.replace(
         cfg, tasks=TasksConfig()))
@@ -342,6 +353,12 @@ def _check_tasks(cfg: RunConfig) -> None:
                 raise RunConfigError(f"tasks.files.{name}.{split}: no JSONL file given")
             if not os.path.isfile(path):
                 raise RunConfigError(f"tasks.files.{name}.{split}: {path}: no such file")
+        from hm3jax.objectives.taskfiles import FileTask, TaskFileError
+
+        try:  # every record is read and checked before any work
+            FileTask(name, f.search, f.heldout, f.scorer)
+        except TaskFileError as e:
+            raise RunConfigError(str(e)) from None
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -393,12 +410,3 @@ def validate(cfg: RunConfig) -> RunConfig:
     except UnsafeOutputError as e:
         raise RunConfigError(str(e)) from None
     return cfg
-
-
-def scorer(name: str):
-    """The hm3jax.objectives.realtasks function of a task file's `scorer` name."""
-    if name not in SCORERS:
-        raise RunConfigError(f"scorer {name!r}: expected one of {', '.join(SCORERS)}")
-    from hm3jax.objectives import realtasks
-
-    return getattr(realtasks, SCORERS[name])

@@ -32,7 +32,7 @@ from hm3jax.search.upper import UPPER_METHODS, _merge_key, merge_for_preference,
 
 MERGE, BASE = "merge", "base"
 STAGES = ("references", "upper", "lower", "arch_only", "random_path", "evolutionary_path",
-          "param_baselines", "heldout")
+          "param_baselines", "heldout", "generated")
 
 
 class StopRun(Exception):
@@ -55,6 +55,7 @@ class Context(NamedTuple):
     log: Callable[[dict], None]
     cache: dict  # compiled trainers and scorers shared by the stages (same shapes, one compilation)
     mesh: Any = None  # the device mesh of the searches (None: one device)
+    suite: tuple = ()  # the tasks (tasks.kind files: objectives.taskfiles.FileTask, with their records)
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -315,6 +316,66 @@ def heldout_scores(ctx: Context, searches: dict[str, tuple[dict, list[dict]]], i
 
     return _stage(ctx, "heldout", compute, lambda o: ", ".join(
         f"{n} mean {_fmt(np.mean(v, axis=0))}" for n, v in o.items()), stop_after)
+
+
+def generated_scores(ctx: Context, lower: dict, merged: list[dict], stop_after=None) -> dict | None:
+    """tasks.kind files: each task's scorer on greedy answers generated for its first
+    `tasks.generate_rows` held-out prompts, by the base and the experts ("references" [1 + K, K])
+    and HM3's best paths ("hm3" [N, K]; NaN for a path that switches models under alignment maps,
+    which generation does not apply). None for the embedded suite or generate_rows 0."""
+    t = ctx.cfg.tasks
+    if t.kind != "files" or t.generate_rows == 0:
+        return None
+    from hm3jax.models import build_pool, generate, generate_path
+    from hm3jax.models.pool import shell_of
+    from hm3jax.objectives.batch import _special_ids
+    from hm3jax.objectives.taskfiles import generated_score
+
+    eos, pad = _special_ids(ctx.tokenizer)
+    K, L = len(ctx.tasks), ctx.model_cfg.num_hidden_layers
+
+    def prompts(task):
+        recs = task.records("heldout")[:t.generate_rows]
+        ids = ctx.tokenizer([r["prompt"] for r in recs], add_special_tokens=True)["input_ids"]
+        width = max(len(x) for x in ids)
+        tokens = np.full((len(ids), width), pad, np.int32)
+        mask = np.zeros((len(ids), width), np.int32)
+        for i, x in enumerate(ids):  # left padding: every row ends in its last prompt token
+            tokens[i, width - len(x):], mask[i, width - len(x):] = x, 1
+        return recs, jnp.asarray(tokens), jnp.asarray(mask)
+
+    def texts(out):
+        rows = []
+        for row in np.asarray(out).tolist():
+            rows.append(ctx.tokenizer.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True))
+        return rows
+
+    def grade(run):  # run(tokens, mask) -> generated tokens; [K] scores
+        out = []
+        for task in ctx.suite:
+            recs, tokens, mask = prompts(task)
+            out.append(generated_score(task.scorer, texts(run(tokens, mask)), recs))
+        return out
+
+    def compute():
+        kw = {"max_new_tokens": t.max_new_tokens, "eos_token_id": eos, "pad_token_id": pad}
+        refs = [grade(lambda x, m, p=p: generate(ctx.model_cfg, p, x, m, **kw)) for p in [ctx.base] + ctx.experts]
+        hm3 = []
+        for i in range(len(ctx.prefs)):
+            path = describe_path(ctx, lower["path"][i], MERGE)
+            if "align" in lower and switches_models(path, MERGE):
+                hm3.append([float("nan")] * K)
+                continue
+            pool = build_pool(ctx.experts + [merged[i]])
+            glob = np.asarray(lower["global_path"][i])
+            local = np.where(glob >= K * L, glob - i * L, glob).astype(np.int32)  # block i -> the pool's last
+            shell = shell_of(merged[i])
+            hm3.append(grade(lambda x, m, shell=shell, pool=pool, local=local:
+                             generate_path(ctx.model_cfg, shell, pool, local, x, m, **kw)))
+        return {"references": np.asarray(refs, np.float32), "hm3": np.asarray(hm3, np.float32)}
+
+    return _stage(ctx, "generated", compute, lambda o: "task scorers on generated held-out answers: base "
+                  f"{_fmt(o['references'][0])}, HM3 mean {_fmt(np.nanmean(o['hm3'], axis=0))}", stop_after)
 
 
 # ---------------------------------------------------------------------------------- solutions

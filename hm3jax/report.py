@@ -294,7 +294,28 @@ def report_markdown(front: Mapping, title: str = "HM3 run report") -> str:
     n_front = sum(not s["dominated"] for s in front["solutions"])
     lines += ["", f"HM3: {len(front['solutions'])} solutions, {n_front} on its front.", "",
               "## Where HM3 does not win", "", where_hm3_does_not_win(front), ""]
-    return "\n".join(lines)
+    return "\n".join(lines + generated_section(front))
+
+
+def generated_section(front: Mapping) -> list[str]:
+    """report.md lines for the task scorers on generated held-out answers (tasks.kind files), or []."""
+    refs = front.get("references") or {}
+    rows = [(("Base" if name == "base" else f"Expert: {name}"), r["scores"].get("generated"))
+            for name, r in refs.items()]
+    rows += [(f"HM3 λ = ({', '.join(f'{x:.2f}' for x in s['preference'])})", s["scores"].get("generated"))
+             for s in front["solutions"]]
+    if not any(g is not None for _, g in rows):
+        return []
+    tasks = front["tasks"]
+    out = ["## Generated answers", "",
+           "Each task's scorer (GSM8K answer match, chrF / 100, pass@1) on greedy answers to the first "
+           "held-out prompts, x 100 (– : a path that switches models under alignment maps, which "
+           "generation does not apply).", "",
+           "| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for label, g in rows:
+        out.append(f"| {label} | " + " | ".join(_fmt(x) for x in g) + " |" if g is not None
+                   else f"| {label} | " + " | ".join("–" for _ in tasks) + " |")
+    return out + [""]
 
 
 # ------------------------------------------------------------------------------------ writing

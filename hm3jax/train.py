@@ -25,20 +25,12 @@ from hm3jax.config import (
 from hm3jax.rundir import prepare_run_dir
 
 
-def check_supported(cfg: RunConfig) -> None:
-    """Refuse, before anything is written, what the pipeline cannot run yet."""
-    if cfg.tasks.kind != "embedded":
-        raise RunConfigError("tasks.kind: files: scoring real-task files (generation-based scorers) is "
-                             "not wired into hm3jax.train yet; use tasks.kind: embedded")
-
-
 def load_context(cfg: RunConfig):
     """The stages' Context: models, tokenizer, batches, preferences, the stage store and the log."""
     from hm3jax import pipeline as pl
     from hm3jax.io import load_tokenizer
 
     tasks = task_names(cfg)
-    check_supported(cfg)
     if cfg.models.zoo is not None:
         from hm3jax.zoo import CONFIGS, build_zoo, load_zoo
 
@@ -60,6 +52,11 @@ def load_context(cfg: RunConfig):
                                      "or depth than the base")
         tokenizer = load_tokenizer(ck.base)
         suite = embedded_suite()
+    if cfg.tasks.kind == "files":
+        from hm3jax.objectives.taskfiles import FileTask
+
+        suite = tuple(FileTask(t, cfg.tasks.files[t].search, cfg.tasks.files[t].heldout, cfg.tasks.files[t].scorer)
+                      for t in tasks)
     pl.check_models(tasks, models)
     search, heldout = pl.load_batches(suite, tokenizer)
     mesh = _search_mesh(cfg)
@@ -71,7 +68,7 @@ def load_context(cfg: RunConfig):
         models = {k: jax.device_put(v, param_shardings(v, mesh, cfg.mesh)) for k, v in models.items()}
     return pl.Context(cfg, model_cfg, tasks, models[pl.BASE], [models[t] for t in tasks], tokenizer,
                       search, heldout, preference_matrix(cfg), pl.StageStore(cfg.output_dir),
-                      pl.metrics_logger(cfg.output_dir, cfg.log.tensorboard), {}, mesh)
+                      pl.metrics_logger(cfg.output_dir, cfg.log.tensorboard), {}, mesh, tuple(suite))
 
 
 def run(cfg: RunConfig, stop_after: str | None = None) -> dict:
@@ -83,6 +80,8 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> dict:
     Returns:
       The front.json document.
     """
+    import numpy as np
+
     from hm3jax import pipeline as pl
     from hm3jax.report import build_front, make_solution, write_front
 
@@ -102,6 +101,7 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> dict:
                                                             ideal, stop_after), merged)
         params = pl.param_baselines(ctx, stop_after)
     held = pl.heldout_scores(ctx, searches, ideal, stop_after)
+    generated = pl.generated_scores(ctx, searches["lower"][0], merged, stop_after)
 
     hm3 = pl.solutions(ctx, searches["lower"][0], held["lower"], pl.MERGE, up, make_solution)
     baselines = {}
@@ -117,6 +117,11 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> dict:
             baselines[method] = pl.identity_solutions(ctx, params[f"{method}/search"], params[f"{method}/heldout"],
                                                       None, method, make_solution)
     references = pl.reference_records(ctx, ref, make_solution)
+    if generated is not None:  # the task scorers on generated answers (null where not generated)
+        for sol, row in zip(hm3, generated["hm3"]):
+            sol["scores"]["generated"] = None if np.isnan(row).any() else [float(x) for x in row]
+        for sol, row in zip(references.values(), generated["references"]):
+            sol["scores"]["generated"] = [float(x) for x in row]
     front = build_front(ctx.tasks, hm3, baselines, references, cfg.front.cost_objective)
     write_front(cfg.output_dir, front)
     hv = ", ".join(f"{k} {v:.4f}" for k, v in front["hypervolume"].items())
@@ -164,7 +169,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cfg = validate(parse_run_config(argv))
-        check_supported(cfg)
         mesh = _mesh(cfg)
         resumed = prepare_run_dir(cfg)
     except RunConfigError as e:

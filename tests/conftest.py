@@ -1,22 +1,50 @@
 """Fixtures shared across test files.
 
 The reduced model zoo (hm3jax.zoo.SMALL, seed 0) takes a minute or more to train on CPU, so it
-is built once per pytest session and shared by test_zoo.py and test_upper.py.
+is built once per test run and shared by every test file that needs it: under pytest-xdist the
+workers share one build (the first to get the lock builds it, the others reuse it from its
+zoo.json). Compiled XLA programs are cached on disk for the whole run, in-process and in the
+subprocesses tests start, so a program compiled by one test or worker is not compiled again.
 """
 
+import os
 import time
 
+import jax
 import pytest
 
 from hm3jax.zoo import SMALL, build_zoo, load_zoo
 
 
+def _run_dir(tmp_path_factory):
+    """A directory shared by every worker of this test run (pytest's base temp, or its parent under
+    pytest-xdist, whose workers each get a subdirectory of it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    cache = _run_dir(tmp_path_factory) / "jax-compilation-cache"
+    cache.mkdir(exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache)  # inherited by subprocesses
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    yield
+
+
 @pytest.fixture(scope="session")
 def small_zoo(tmp_path_factory):
-    """(zoo directory, manifest, build seconds) of a freshly built SMALL zoo (seed 0)."""
-    out = tmp_path_factory.mktemp("zoo") / "small"
+    """(zoo directory, manifest, build seconds) of the run's SMALL zoo (seed 0), built by this worker
+    or by another one (then the seconds are the time this worker waited and loaded it)."""
+    from filelock import FileLock
+
+    root = _run_dir(tmp_path_factory)
+    out = root / "zoo-small"
     start = time.perf_counter()
-    manifest = build_zoo(out, SMALL, seed=0, progress=False)
+    with FileLock(str(root / "zoo-small.lock")):
+        manifest = build_zoo(out, SMALL, seed=0, progress=False)
     return out, manifest, time.perf_counter() - start
 
 

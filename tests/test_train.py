@@ -21,9 +21,9 @@ REPORT_ROWS = ("| Base |", *(f"| Expert: {t} |" for t in TASK_NAMES), "| Task Ar
 pytestmark = pytest.mark.slow
 
 
-def _train(out, zoo, cache, *extra, stop_after=None, check=True):
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "HM3JAX_NO_HUGE_PAGES": "1"}
+def _train(out, zoo, *extra, stop_after=None, check=True):
+    # the compilation cache of the test run (conftest) is inherited through os.environ
+    env = {**os.environ, "HM3JAX_NO_HUGE_PAGES": "1"}
     env.pop("HM3JAX_STOP_AFTER", None)
     if stop_after:
         env["HM3JAX_STOP_AFTER"] = stop_after
@@ -37,11 +37,10 @@ def _train(out, zoo, cache, *extra, stop_after=None, check=True):
 
 @pytest.fixture(scope="module")
 def smoke_run(small_zoo, tmp_path_factory):
-    """An unbroken smoke run on the session's SMALL zoo: (run dir, zoo dir, compile cache dir)."""
-    tmp = tmp_path_factory.mktemp("train")
-    out, cache = tmp / "run", tmp / "jax-cache"
-    _train(out, small_zoo[0], cache)
-    return out, small_zoo[0], cache
+    """An unbroken smoke run on the session's SMALL zoo: (run dir, zoo dir)."""
+    out = tmp_path_factory.mktemp("train") / "run"
+    _train(out, small_zoo[0])
+    return out, small_zoo[0]
 
 
 def test_smoke_run_writes_the_run_directory_contract(smoke_run):
@@ -75,14 +74,14 @@ def test_smoke_run_writes_the_run_directory_contract(smoke_run):
 
 
 def test_killed_runs_resume_to_the_same_front(smoke_run, tmp_path):
-    out, zoo, cache = smoke_run
+    out, zoo = smoke_run
     run = tmp_path / "resumed"
-    first = _train(run, zoo, cache, stop_after="upper")
+    first = _train(run, zoo, stop_after="upper")
     assert "stopped after upper" in first.stderr
     assert not (run / "front.json").exists()
-    second = _train(run, zoo, cache, stop_after="lower:1")
+    second = _train(run, zoo, stop_after="lower:1")
     assert "[upper]" in second.stdout and "from checkpoint" in second.stdout
-    _train(run, zoo, cache)
+    _train(run, zoo)
     want = json.loads((out / "front.json").read_text())
     got = json.loads((run / "front.json").read_text())
     assert got == want
@@ -96,7 +95,7 @@ def test_recommend_exports_a_model_with_the_fronts_scores(smoke_run, tmp_path):
     from hm3jax.objectives import make_suite_batch
     from hm3jax.zoo import load_zoo
 
-    out, zoo, _ = smoke_run
+    out, zoo = smoke_run
     dest = tmp_path / "model"
     res = subprocess.run([sys.executable, "-m", "hm3jax.recommend", str(out), "--preference", "0.6,0.2,0.2",
                           "--export", str(dest)], capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -138,7 +137,7 @@ def _heldout_exact_match(model_dir, zoo) -> np.ndarray:
 def test_online_search_answers_a_new_preference_with_the_runs_agent(smoke_run, tmp_path):
     """recommend --search-iterations: the run's λ-conditioned agent continues on a preference the run
     never saw; the answer is exported like a front solution and the run directory is left as it was."""
-    out, zoo, _ = smoke_run
+    out, zoo = smoke_run
     before = {f: (out / f).read_bytes() for f in ("front.json", "metrics.jsonl", "config.yaml")}
     dest = tmp_path / "online"
     res = subprocess.run([sys.executable, "-m", "hm3jax.recommend", str(out), "--preference", "0.2,0.3,0.5",
@@ -172,9 +171,9 @@ def test_config_errors_write_nothing(tmp_path, args, words):
 
 
 def test_run_directory_of_another_config_is_refused(smoke_run, tmp_path):
-    out, zoo, cache = smoke_run
+    out, zoo = smoke_run
     before = sorted(os.listdir(out))
-    res = _train(out, zoo, cache, "--upper.density", "0.5", check=False)
+    res = _train(out, zoo, "--upper.density", "0.5", check=False)
     assert res.returncode == 2 and "upper.density" in res.stderr and "config.yaml" in res.stderr, res.stderr
     assert sorted(os.listdir(out)) == before
 
@@ -185,9 +184,9 @@ def test_alignment_run_marks_switching_paths_and_reuses_its_saved_maps(small_zoo
     with the search (the same front)."""
     from hm3jax.pipeline import switches_models
 
-    run, cache = tmp_path / "aligned", tmp_path / "jax-cache"
+    run = tmp_path / "aligned"
     args = ("--lower.align.enabled", "true", "--lower.align.steps", "20", "--eval.baselines", "false")
-    res = _train(run, small_zoo[0], cache, *args)
+    res = _train(run, small_zoo[0], *args)
     assert "[align] switch statistics gap" in res.stdout
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     fit = [r for r in records if r.get("stage") == "align"]
@@ -202,6 +201,76 @@ def test_alignment_run_marks_switching_paths_and_reuses_its_saved_maps(small_zoo
 
     shutil.rmtree(run / "checkpoints" / "stages" / "heldout")
     (run / "front.json").unlink()
-    again = _train(run, small_zoo[0], cache, *args)
+    again = _train(run, small_zoo[0], *args)
     assert "[align]" not in again.stdout and "[lower]" in again.stdout and "from checkpoint" in again.stdout
     assert json.loads((run / "front.json").read_text()) == front
+
+
+def _files_config(tmp_path, zoo, bad_line=None) -> str:
+    """A copy of smoke.yaml whose tasks are JSONL files written from the SMALL suite (math scored
+    by GSM8K answer match, code and translation by chrF); bad_line replaces math's 3rd search line."""
+    import yaml
+
+    files = {}
+    for task, scorer in zip(SMALL.suite(), ("gsm8k", "chrf", "chrf")):
+        paths = {}
+        for split in ("search", "heldout"):
+            lines = [json.dumps({"prompt": p, "answer": a}) for p, a in task.examples(split)]
+            if bad_line is not None and task.name == "math" and split == "search":
+                lines[2] = bad_line
+            paths[split] = tmp_path / f"{task.name}-{split}.jsonl"
+            paths[split].write_text("\n".join(lines) + "\n")
+        files[task.name] = {"search": str(paths["search"]), "heldout": str(paths["heldout"]), "scorer": scorer}
+    with open(SMOKE) as f:
+        cfg = yaml.safe_load(f)
+    cfg["tasks"] = {"kind": "files", "objective": "exact_match", "files": files, "max_new_tokens": 12,
+                    "generate_rows": 16}
+    cfg["models"]["zoo"]["dir"] = str(zoo)
+    path = tmp_path / "files.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return str(path)
+
+
+def test_task_files_run_scores_like_the_embedded_suite_and_grades_generations(smoke_run, tmp_path):
+    """tasks.kind files: the same examples as JSONL give the embedded run's teacher-forced scores;
+    each task's scorer grades greedy answers, and a generated math answer is right at least
+    wherever the teacher-forced answer is."""
+    import jax.numpy as jnp
+
+    from hm3jax.models import forward
+    from hm3jax.objectives import exact_match, make_batch
+    from hm3jax.zoo import load_zoo
+
+    out, zoo = smoke_run
+    run = tmp_path / "files-run"
+    res = subprocess.run([sys.executable, "-m", "hm3jax.train", "--config_path", _files_config(tmp_path, zoo),
+                          "--output_dir", str(run), "--eval.baselines", "false"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=900, env={**os.environ, "HM3JAX_NO_HUGE_PAGES": "1"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "[generated] task scorers on generated held-out answers" in res.stdout
+    want = json.loads((out / "front.json").read_text())
+    got = json.loads((run / "front.json").read_text())
+    assert got["tasks"] == want["tasks"]  # the order of tasks.files
+    for name, rec in want["references"].items():
+        assert got["references"][name]["scores"]["heldout"] == rec["scores"]["heldout"], name
+    for rec in [*got["references"].values(), *got["solutions"]]:
+        assert len(rec["scores"]["generated"]) == 3 and all(0 <= x <= 1 for x in rec["scores"]["generated"])
+    assert "## Generated answers" in (run / "report.md").read_text()
+    # GSM8K's answer match of the math expert's greedy answers >= its teacher-forced exact match on
+    # the same 16 rows (an answer that is right token by token is generated as it is).
+    cfg, models, tok = load_zoo(zoo)
+    rows = SMALL.suite()[0].examples("heldout")[:16]
+    b = make_batch(rows, tok)
+    em = exact_match(forward(cfg, models["math"], jnp.asarray(b.tokens), jnp.asarray(b.attention_mask)), b)
+    assert got["references"]["math"]["scores"]["generated"][got["tasks"].index("math")] >= float(np.mean(em)) - 1e-6
+
+
+def test_a_bad_task_file_is_an_error_naming_file_and_line(small_zoo, tmp_path):
+    out = tmp_path / "run"
+    cfg = _files_config(tmp_path, small_zoo[0], bad_line='{"prompt": "M 1+2="}')
+    res = subprocess.run([sys.executable, "-m", "hm3jax.train", "--config_path", cfg, "--output_dir", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "HM3JAX_NO_HUGE_PAGES": "1"})
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "tasks.files.math.search" in res.stderr and "math-search.jsonl line 3" in res.stderr, res.stderr
+    assert "'answer'" in res.stderr and not out.exists()

@@ -7,7 +7,8 @@ shift and a rank-r correction) from learned embeddings of (source model kind, ta
 target layer, path position). `forward_path(..., align=alignment)` applies it before every layer
 whose model kind differs from the previous layer's (the shell's kind before the first layer); a
 path that never switches runs unchanged. The MLP's output layer starts at zero, so fresh maps are
-the identity. Fitting them (the CORAL-style loss) lives in `hm3jax.search.align`.
+the identity. Fitting them (the CORAL-style loss) lives in `hm3jax.search.align`. Generation
+(`generate_path`) and exported checkpoints run paths without maps.
 """
 
 from __future__ import annotations
