@@ -1,6 +1,7 @@
 """Lower-level benchmark: path-scoring throughput and best Tchebycheff value vs paths scored.
 
     python benchmarks/path_search.py ZOO_DIR [--out benchmarks] [--iterations 48] [--envs 16]
+        [--align] [--identity-prob P] [--methods SUBSTRINGS] [--tag SUFFIX]
 
 Part 1 (throughput): N=8 preferences, per-preference PPO agents vmapped in one jitted chunk, against
 the same jitted single-preference program (N=1) called 8 times in a Python loop; paths scored per
@@ -33,6 +34,7 @@ from hm3jax.moo import dirichlet, tchebycheff
 from hm3jax.objectives import TASK_NAMES, make_suite_batch, pad_rows
 from hm3jax.search import env as en
 from hm3jax.search.agent import AgentConfig
+from hm3jax.search.align import AlignConfig, fit_alignment
 from hm3jax.search.baselines import make_scorer
 from hm3jax.search.env import EnvConfig
 from hm3jax.search.lower import (
@@ -69,6 +71,10 @@ def setup(cfg, models, batch, prefs, lower_cfg, key):
     merged = [jax.tree.map(lambda x, i=i: x[i], up.params) for i in range(len(prefs))]
     data, problems, layout = build_search(cfg, experts, merged, batch, prefs, ideal, lower_cfg,
                                           base=models["base"])
+    if lower_cfg.align.enabled:  # every method then scores its paths with the same fitted maps
+        fit = fit_alignment(cfg, lower_cfg.align, experts, merged, batch, jax.random.fold_in(key, 100))
+        print(f"alignment: switch statistics gap {fit.gap_before:.4f} -> {fit.gap_after:.4f}", flush=True)
+        data = data._replace(align=fit.alignment)
     return data, problems, layout, up, expert_scores
 
 
@@ -139,20 +145,24 @@ def quality(cfg, models, batch, heldout, args):
                     length_penalty=0.0)
     ppo = {"num_envs": args.envs, "minibatches": 2, "iterations": args.iterations,
            "chunk_iterations": args.chunk}
-    base_cfg = LowerConfig(env=env, ppo=PPOConfig(**ppo), objective=args.objective)
+    align = AlignConfig(enabled=args.align)
+    base_cfg = LowerConfig(env=env, ppo=PPOConfig(**ppo), objective=args.objective, align=align)
     data, problems, layout, up, expert_scores = setup(cfg, models, batch, PREFS3, base_cfg, jax.random.key(0))
     scorer = make_model_scorer(cfg, len(TASK_NAMES), base_cfg)
     methods = {}
     for head in ("categorical", "wolpertinger"):
         for mode in ("per_preference", "conditioned"):
-            lc = LowerConfig(env=env, agent=AgentConfig(head=head), ppo=PPOConfig(mode=mode, **ppo),
-                             objective=args.objective)
+            lc = LowerConfig(env=env, agent=AgentConfig(head=head, identity_prob=args.identity_prob),
+                             ppo=PPOConfig(mode=mode, **ppo),
+                             objective=args.objective, align=align)
             methods[f"PPO {head} {'per-λ' if mode == 'per_preference' else 'λ-conditioned'}"] = \
                 make_lower_train(lc, layout, scorer)
     for m in ("random", "evolution"):
         sc = PathSearchConfig(method=m, population=args.envs, iterations=args.iterations,
                               chunk_iterations=args.chunk)
         methods[f"{m} search"] = make_path_search(sc, env, layout, scorer)
+    if args.methods:
+        methods = {k: v for k, v in methods.items() if any(m in k for m in args.methods.split(","))}
     curves, final, seconds = {}, {}, {}
     chunks = args.iterations // args.chunk
     for name, tr in methods.items():
@@ -228,6 +238,13 @@ def main(argv=None) -> int:
     ap.add_argument("--objective", choices=("exact_match", "loglik"), default="exact_match",
                     help="per-task score: exact match, or mean answer log-likelihood (smooth; for "
                          "zoos whose experts have low exact match)")
+    ap.add_argument("--align", action="store_true",
+                    help="fit lower.align's switch maps first and score every path with them")
+    ap.add_argument("--methods", default="",
+                    help="comma-separated substrings of the method names to run (default: all)")
+    ap.add_argument("--identity-prob", type=float, default=AgentConfig().identity_prob,
+                    help="lower.agent.identity_prob of the PPO agents")
+    ap.add_argument("--tag", default="", help="suffix of the output files (path_search{tag}.json/.png)")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
     args = ap.parse_args(argv)
@@ -243,16 +260,14 @@ def main(argv=None) -> int:
     if not args.skip_quality:
         q = quality(cfg, models, batch, heldout, args)
         out["quality"] = q
-        plot(q, os.path.join(args.out, "path_search.png"))
-        with open(os.path.join(args.out, "path_search.json"), "w") as f:
-            json.dump(out, f, indent=1)
+        plot(q, os.path.join(args.out, f"path_search{args.tag}.png"))
         print("| method | " + " | ".join(f"λ = {_fmt(p)} search / held-out" for p in PREFS3) + " |")
         print("|---|" + "---|" * len(PREFS3))
         print("| upper level only (identity path) | " + " | ".join(
             f"{a:.4f} / {b:.4f}" for a, b in zip(q["upper_tcheby"], q["upper_heldout"])) + " |")
         for name in q["final"]:
             print(f"| {name} | " + " | ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(q["final"][name], q["heldout"][name])) + " |")
-    with open(os.path.join(args.out, "path_search.json"), "w") as f:
+    with open(os.path.join(args.out, f"path_search{args.tag}.json"), "w") as f:
         json.dump(out, f, indent=1)
     return 0
 
