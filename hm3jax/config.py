@@ -353,9 +353,10 @@ def _check_tasks(cfg: RunConfig) -> None:
                 raise RunConfigError(f"tasks.files.{name}.{split}: no JSONL file given")
             if not os.path.isfile(path):
                 raise RunConfigError(f"tasks.files.{name}.{split}: {path}: no such file")
-        from hm3jax.objectives.taskfiles import FileTask, TaskFileError
+    from hm3jax.objectives.taskfiles import FileTask, TaskFileError
 
-        try:  # every record is read and checked before any work
+    for name, f in t.files.items():  # every record is read and checked before any work
+        try:
             FileTask(name, f.search, f.heldout, f.scorer)
         except TaskFileError as e:
             raise RunConfigError(str(e)) from None

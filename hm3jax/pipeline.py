@@ -350,14 +350,23 @@ def generated_scores(ctx: Context, lower: dict, merged: list[dict], stop_after=N
             rows.append(ctx.tokenizer.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True))
         return rows
 
+    bar = None
+
     def grade(run):  # run(tokens, mask) -> generated tokens; [K] scores
         out = []
         for task in ctx.suite:
             recs, tokens, mask = prompts(task)
             out.append(generated_score(task.scorer, texts(run(tokens, mask)), recs))
+            if bar is not None:
+                bar.update(1)
         return out
 
     def compute():
+        nonlocal bar
+        if ctx.cfg.log.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=(1 + K + len(ctx.prefs)) * K, desc="generated", unit="task")
         kw = {"max_new_tokens": t.max_new_tokens, "eos_token_id": eos, "pad_token_id": pad}
         refs = [grade(lambda x, m, p=p: generate(ctx.model_cfg, p, x, m, **kw)) for p in [ctx.base] + ctx.experts]
         hm3 = []
@@ -365,6 +374,8 @@ def generated_scores(ctx: Context, lower: dict, merged: list[dict], stop_after=N
             path = describe_path(ctx, lower["path"][i], MERGE)
             if "align" in lower and switches_models(path, MERGE):
                 hm3.append([float("nan")] * K)
+                if bar is not None:
+                    bar.update(K)
                 continue
             pool = build_pool(ctx.experts + [merged[i]])
             glob = np.asarray(lower["global_path"][i])
@@ -372,6 +383,8 @@ def generated_scores(ctx: Context, lower: dict, merged: list[dict], stop_after=N
             shell = shell_of(merged[i])
             hm3.append(grade(lambda x, m, shell=shell, pool=pool, local=local:
                              generate_path(ctx.model_cfg, shell, pool, local, x, m, **kw)))
+        if bar is not None:
+            bar.close()
         return {"references": np.asarray(refs, np.float32), "hm3": np.asarray(hm3, np.float32)}
 
     return _stage(ctx, "generated", compute, lambda o: "task scorers on generated held-out answers: base "

@@ -60,7 +60,14 @@ def small_zoo_loaded(small_zoo):
 _ZOO_FIXTURES = {"small_zoo", "small_zoo_loaded"}
 
 
+# The longest test files run first, so that under pytest-xdist (one file per worker) the last file to
+# start is a short one.
+_FIRST = ("test_train.py", "test_train_tasks.py", "test_zoo.py", "test_sharding.py")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if _ZOO_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(_FIRST)))  # stable: file order otherwise kept
