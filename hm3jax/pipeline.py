@@ -387,8 +387,12 @@ def generated_scores(ctx: Context, lower: dict, merged: list[dict], stop_after=N
             bar.close()
         return {"references": np.asarray(refs, np.float32), "hm3": np.asarray(hm3, np.float32)}
 
-    return _stage(ctx, "generated", compute, lambda o: "task scorers on generated held-out answers: base "
-                  f"{_fmt(o['references'][0])}, HM3 mean {_fmt(np.nanmean(o['hm3'], axis=0))}", stop_after)
+    def summary(o):
+        graded = o["hm3"][~np.isnan(o["hm3"]).any(axis=1)]
+        hm3 = f"HM3 mean {_fmt(graded.mean(axis=0))}" if len(graded) else "no HM3 path graded (all aligned)"
+        return f"task scorers on generated held-out answers: base {_fmt(o['references'][0])}, {hm3}"
+
+    return _stage(ctx, "generated", compute, summary, stop_after)
 
 
 # ---------------------------------------------------------------------------------- solutions
