@@ -59,6 +59,8 @@ def load_context(cfg: RunConfig):
                       for t in tasks)
     pl.check_models(tasks, models)
     search, heldout = pl.load_batches(suite, tokenizer)
+    if cfg.tasks.kind == "files":
+        _check_lengths(cfg, model_cfg, suite, tokenizer, max(search.tokens.shape[1], heldout.tokens.shape[1]))
     mesh = _search_mesh(cfg)
     if mesh is not None:  # every model FSDP-sharded (if not loaded so): the merges and scorers follow
         import jax
@@ -69,6 +71,23 @@ def load_context(cfg: RunConfig):
     return pl.Context(cfg, model_cfg, tasks, models[pl.BASE], [models[t] for t in tasks], tokenizer,
                       search, heldout, preference_matrix(cfg), pl.StageStore(cfg.output_dir),
                       pl.metrics_logger(cfg.output_dir, cfg.log.tensorboard), {}, mesh, tuple(suite))
+
+
+def _check_lengths(cfg: RunConfig, model_cfg, suite, tokenizer, scored_len: int) -> None:
+    """Task files whose rows the model cannot hold are a config error before any search: the longest
+    prompt + answer, and the longest graded prompt + tasks.max_new_tokens."""
+    limit = model_cfg.max_position_embeddings
+    if scored_len > limit:
+        raise RunConfigError(f"tasks.files: the longest prompt + answer takes {scored_len} tokens (padded), "
+                             f"more than the model's max_position_embeddings {limit}")
+    rows = cfg.tasks.generate_rows
+    for task in suite if rows else ():
+        ids = tokenizer([r["prompt"] for r in task.records("heldout")[:rows]], add_special_tokens=True)["input_ids"]
+        need = max(len(x) for x in ids) + cfg.tasks.max_new_tokens
+        if need > limit:
+            raise RunConfigError(f"tasks.max_new_tokens {cfg.tasks.max_new_tokens}: the longest graded prompt of "
+                                 f"tasks.files.{task.name}.heldout plus the answer takes {need} positions, "
+                                 f"more than the model's max_position_embeddings {limit}")
 
 
 def run(cfg: RunConfig, stop_after: str | None = None) -> dict:

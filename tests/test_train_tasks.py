@@ -109,3 +109,8 @@ def test_a_bad_task_file_is_an_error_naming_file_and_line(small_zoo, tmp_path):
     assert res.returncode == 2, res.stdout + res.stderr
     assert "tasks.files.math.search" in res.stderr and "math-search.jsonl line 3" in res.stderr, res.stderr
     assert "'answer'" in res.stderr and not out.exists()
+    # answers longer than the model can hold are refused before any search
+    res = _train(_files_config(tmp_path, small_zoo[0]), out, "--tasks.max_new_tokens", "100000")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "tasks.max_new_tokens 100000" in res.stderr and "max_position_embeddings" in res.stderr, res.stderr
+    assert not (out / "checkpoints" / "stages").exists()
