@@ -61,8 +61,8 @@ _ZOO_FIXTURES = {"small_zoo", "small_zoo_loaded"}
 
 
 # The longest test files run first, so that under pytest-xdist (one file per worker) the last file to
-# start is a short one.
-_FIRST = ("test_train.py", "test_train_tasks.py", "test_zoo.py", "test_sharding.py")
+# start is a short one; the second needs no zoo, so its worker does not wait while the first builds it.
+_FIRST = ("test_train.py", "test_sharding.py", "test_train_tasks.py", "test_zoo.py")
 
 
 def pytest_collection_modifyitems(config, items):
