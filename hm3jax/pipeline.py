@@ -329,34 +329,19 @@ def generated_scores(ctx: Context, lower: dict, merged: list[dict], stop_after=N
     from hm3jax.models import build_pool, generate, generate_path
     from hm3jax.models.pool import shell_of
     from hm3jax.objectives.batch import _special_ids
-    from hm3jax.objectives.taskfiles import generated_score
+    from hm3jax.objectives.taskfiles import decode_answers, generated_score, graded_prompts
 
     eos, pad = _special_ids(ctx.tokenizer)
     K, L = len(ctx.tasks), ctx.model_cfg.num_hidden_layers
-
-    def prompts(task):
-        recs = task.records("heldout")[:t.generate_rows]
-        ids = ctx.tokenizer([r["prompt"] for r in recs], add_special_tokens=True)["input_ids"]
-        width = max(len(x) for x in ids)
-        tokens = np.full((len(ids), width), pad, np.int32)
-        mask = np.zeros((len(ids), width), np.int32)
-        for i, x in enumerate(ids):  # left padding: every row ends in its last prompt token
-            tokens[i, width - len(x):], mask[i, width - len(x):] = x, 1
-        return recs, jnp.asarray(tokens), jnp.asarray(mask)
-
-    def texts(out):
-        rows = []
-        for row in np.asarray(out).tolist():
-            rows.append(ctx.tokenizer.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True))
-        return rows
 
     bar = None
 
     def grade(run):  # run(tokens, mask) -> generated tokens; [K] scores
         out = []
         for task in ctx.suite:
-            recs, tokens, mask = prompts(task)
-            out.append(generated_score(task.scorer, texts(run(tokens, mask)), recs))
+            recs, tokens, mask = graded_prompts(task, ctx.tokenizer, t.generate_rows, pad)
+            answers = decode_answers(ctx.tokenizer, np.asarray(run(jnp.asarray(tokens), jnp.asarray(mask))), eos)
+            out.append(generated_score(task.scorer, answers, recs))
             if bar is not None:
                 bar.update(1)
         return out

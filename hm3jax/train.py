@@ -80,10 +80,12 @@ def _check_lengths(cfg: RunConfig, model_cfg, suite, tokenizer, scored_len: int)
     if scored_len > limit:
         raise RunConfigError(f"tasks.files: the longest prompt + answer takes {scored_len} tokens (padded), "
                              f"more than the model's max_position_embeddings {limit}")
-    rows = cfg.tasks.generate_rows
+    from hm3jax.objectives.batch import _special_ids
+    from hm3jax.objectives.taskfiles import graded_prompts
+
+    rows, pad = cfg.tasks.generate_rows, _special_ids(tokenizer)[1]
     for task in suite if rows else ():
-        ids = tokenizer([r["prompt"] for r in task.records("heldout")[:rows]], add_special_tokens=True)["input_ids"]
-        need = max(len(x) for x in ids) + cfg.tasks.max_new_tokens
+        need = graded_prompts(task, tokenizer, rows, pad)[1].shape[1] + cfg.tasks.max_new_tokens
         if need > limit:
             raise RunConfigError(f"tasks.max_new_tokens {cfg.tasks.max_new_tokens}: the longest graded prompt of "
                                  f"tasks.files.{task.name}.heldout plus the answer takes {need} positions, "

@@ -59,3 +59,24 @@ def test_generated_scores_by_scorer():
     assert generated_score("chrf", ["die Katze"], tr) < 0.5
     code = [{"prompt": "def f():", "answer": "    return 1", "test": "assert f() == 1"}] * 2
     assert generated_score("pass_at_k", ["def f():\n    return 1", "def f():\n    return 2"], code) == 0.5
+
+
+def test_graded_prompts_are_left_padded_and_answers_end_at_eos(tmp_path):
+    import numpy as np
+
+    from hm3jax.objectives.taskfiles import decode_answers, graded_prompts
+    from hm3jax.objectives.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    recs = [{"prompt": "M 1+2=", "answer": "3"}, {"prompt": "M 10+20=", "answer": "30"}, {"prompt": "x", "answer": "y"}]
+    path = _write(tmp_path / "h.jsonl", [json.dumps(r) for r in recs])
+    task = FileTask("math", str(path), str(path), "gsm8k")
+    got, tokens, mask = graded_prompts(task, tok, 2, pad_id=0)
+    assert got == recs[:2] and (mask[:, -1] == 1).all()
+    for row, m, r in zip(tokens, mask, got):
+        ids = tok([r["prompt"]], add_special_tokens=True)["input_ids"][0]
+        assert row[m == 1].tolist() == ids and (row[m == 0] == 0).all()
+    eos = tok.eos_token_id
+    out = np.asarray([tok("12", add_special_tokens=False)["input_ids"] + [eos, 5],
+                      tok("70", add_special_tokens=False)["input_ids"] + [eos, eos]])
+    assert decode_answers(tok, out, eos) == ["12", "70"]

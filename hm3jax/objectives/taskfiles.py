@@ -82,6 +82,29 @@ class FileTask:
         return [(r["prompt"], r["answer"]) for r in self.records(split)]
 
 
+def graded_prompts(task: FileTask, tokenizer, rows: int, pad_id: int):
+    """The task's first `rows` held-out records and their prompts as a left-padded batch (every row
+    ends in its last prompt token, as generation needs): (records, tokens int32 [B, P], mask [B, P])."""
+    import numpy as np
+
+    recs = task.records("heldout")[:rows]
+    ids = tokenizer([r["prompt"] for r in recs], add_special_tokens=True)["input_ids"]
+    width = max(len(x) for x in ids)
+    tokens = np.full((len(ids), width), pad_id, np.int32)
+    mask = np.zeros((len(ids), width), np.int32)
+    for i, x in enumerate(ids):
+        tokens[i, width - len(x):], mask[i, width - len(x):] = x, 1
+    return recs, tokens, mask
+
+
+def decode_answers(tokenizer, generated, eos_id: int) -> list[str]:
+    """Text of each row of generated tokens [B, N], up to (without) its first EOS."""
+    rows = []
+    for row in generated.tolist():
+        rows.append(tokenizer.decode(row[:row.index(eos_id)] if eos_id in row else row, skip_special_tokens=True))
+    return rows
+
+
 def generated_score(scorer: str, texts: Sequence[str], records: Sequence[dict], timeout_s: float = 5.0) -> float:
     """Score in [0, 1] of generated `texts` for `records` (one per record) by the task's scorer."""
     answers = [r["answer"] for r in records]
