@@ -86,6 +86,31 @@ def test_random_drop_statistics():
     assert set(np.unique(np.asarray(z[z != 0] / x[z != 0]))) == {1.0}  # no rescale by default
 
 
+def test_uniform_hash_is_uniform_independent_and_keyed():
+    """The keep-masks' source: uniform, no structure along rows or columns, a new draw per key."""
+    key = jax.random.PRNGKey(5)
+    u = np.asarray(sp.uniform_hash(key, (512, 1024)))
+    assert u.dtype == np.float32 and u.min() >= 0.0 and u.max() < 1.0
+    counts = np.histogram(u, bins=64, range=(0, 1))[0]
+    expected = u.size / 64
+    assert ((counts - expected) ** 2 / expected).sum() < 120  # chi-square, 63 dof: p ~ 1e-5
+    m = u < 0.3
+    for a, b in ((m[:, :-1], m[:, 1:]), (m[:-1], m[1:])):  # neighbours along each axis
+        assert abs((a & b).mean() - 0.09) < 0.003
+    for other in (jax.random.PRNGKey(6), jax.random.split(key)[0]):
+        m2 = np.asarray(sp.uniform_hash(other, (512, 1024))) < 0.3
+        assert abs((m & m2).mean() - 0.09) < 0.003
+    # A typed key and its raw words, jit and vmap over keys all give the same values.
+    np.testing.assert_array_equal(np.asarray(sp.uniform_hash(jax.random.wrap_key_data(key), (512, 1024))), u)
+    keys = jax.random.split(key, 3)
+    batched = jax.jit(jax.vmap(lambda k: sp.uniform_hash(k, (7, 9))))(keys)
+    for i in range(3):
+        np.testing.assert_array_equal(np.asarray(batched[i]), np.asarray(sp.uniform_hash(keys[i], (7, 9))))
+    assert sp.uniform_hash(key, (0, 4)).shape == (0, 4)
+    with pytest.raises(ValueError, match="2\\^32"):
+        sp.uniform_hash(key, (2**16, 2**16))
+
+
 def test_della_statistics_follow_ranks():
     x = jax.random.normal(jax.random.PRNGKey(0), (64, 4096))
     keys = jax.random.split(jax.random.PRNGKey(2), 8)

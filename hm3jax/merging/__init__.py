@@ -19,6 +19,7 @@ from hm3jax.merging.sparsify import (
     random_drop,
     rescale_masked,
     topk_mask,
+    uniform_hash,
 )
 
 linear = METHODS["linear"].merge
@@ -92,4 +93,5 @@ __all__ = [
     "tensor_key",
     "ties",
     "topk_mask",
+    "uniform_hash",
 ]
