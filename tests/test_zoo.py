@@ -82,6 +82,30 @@ def test_config_validation_and_roundtrip():
         ZooConfig(n_train=(5, 5, 5), base_mixture=(1, 9, 1))
     with pytest.raises(ValueError, match="num_hidden_layers=2"):
         ZooConfig(num_hidden_layers=2)
+    with pytest.raises(ValueError, match=r"base_hard_near_miss\[translation\]=1.5: must be in \[0, 1\]"):
+        ZooConfig(base_hard_near_miss=(0.5, 0.5, 1.5))
+
+
+def test_base_hard_rows_carry_the_configured_share_of_near_misses():
+    from hm3jax.objectives.synthetic import is_hard
+    from hm3jax.zoo.data import base_rows, near_miss
+
+    assert near_miss("ka gu mo bi") == "ka gu bi mo" and near_miss("4 1 3") == "4 3 1"
+    assert near_miss("579") == "570" and near_miss("7") == "8"
+    zc = dataclasses.replace(SMALL, base_hard_rows=(400, 400, 200), base_hard_near_miss=(0.6, 0.0, 1.0))
+    for k, name in enumerate(TASK_NAMES):
+        truth = dict(zc.suite()[k].examples("train"))
+        rows = base_rows(zc, k)
+        hard = [(p, a) for p, a in rows if is_hard(name, p)]
+        assert len(hard) == zc.base_hard_rows[k] and len(rows) == zc.base_mixture[k] + len(hard)
+        assert all(a == truth[p] for p, a in rows if not is_hard(name, p))  # easy rows stay clean
+        missed = [a == near_miss(truth[p]) != truth[p] for p, a in hard]
+        assert all(a in (truth[p], near_miss(truth[p])) for p, a in hard)
+        share = zc.base_hard_near_miss[k]
+        # a hash of the prompt picks the rows: the share holds up to sampling noise (and rows whose
+        # near miss equals the answer, e.g. a list ending in two equal digits)
+        assert share - 0.1 <= np.mean(missed) <= share + 0.02, (name, np.mean(missed))
+        assert rows == base_rows(zc, k)  # deterministic
 
 
 def test_load_zoo_errors_on_missing_manifest(tmp_path):

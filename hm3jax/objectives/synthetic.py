@@ -12,8 +12,9 @@ a tiny character-level model can learn it.
 Each task has an easy half and a hard half (`is_hard`): numbers below 100 vs three-digit numbers;
 the per-element list programs (max, min, inc) vs those that reorder or combine the whole list (rev,
 sort, sum); sentences without vs with an adjective (whose translation follows its noun). The
-embedded zoo "pretrains" its base on the easy halves only, so the base has partial skill on every
-task and each expert adds the hard half of its task: the skill a merge has to carry over.
+embedded zoo "pretrains" its base on the easy halves (and, for code and translation, on hard rows
+whose answers are mostly near misses), so the base has partial skill on every task and each expert
+adds the hard half of its task: the skill a merge has to carry over.
 
 Splits: the first `n_eval` unique examples are the evaluation set, cut 70/30 into "search" (scored
 during the path search) and "heldout" (reported only). A further `n_train` unique examples, disjoint

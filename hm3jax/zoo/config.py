@@ -11,7 +11,7 @@ from hm3jax.objectives.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 from hm3jax.zoo.train import OptimConfig
 
 # Fields holding one value per task, in TASK_NAMES order.
-_PER_TASK = ("n_train", "base_mixture", "base_hard_rows", "expert_steps")
+_PER_TASK = ("n_train", "base_mixture", "base_hard_rows", "base_hard_near_miss", "expert_steps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,14 @@ class ZooConfig:
         training length, and each expert adds its task's hard half.
       base_hard_rows: rows of each task's hard half added to the base's mixture (a glimpse of the
         hard half, so the experts' moves from the base are smaller).
+      base_hard_near_miss: share of those hard rows, per task, whose answer is a systematic near
+        miss (hm3jax.zoo.data.near_miss: last two words swapped, or last digit off by one). With a
+        share above one half the base learns the hard half's computation but prefers the wrong
+        answer, like a pretrained model with a known bias; an expert's clean fine-tune only has to
+        tip that preference, a small move that still tips it when a merge scales it down. The
+        default gives code and translation such rows (75% / 60% near misses); math gets none, since
+        within the build budget the base does not learn three-digit addition, with or without them
+        (benchmarks/README.md).
       base_steps, base_batch_size, base_learning_rate: base training on the mixture.
       expert_steps: fine-tuning steps per task, in TASK_NAMES order.
       expert_batch_size, expert_learning_rate: expert fine-tuning (answer + EOS loss only).
@@ -72,7 +80,8 @@ class ZooConfig:
     n_train: tuple[int, ...] = (8000, 8000, 4000)
     base_mixture: tuple[int, ...] = (3000, 3000, 390)
     base_easy_only: bool = True
-    base_hard_rows: tuple[int, ...] = (0, 0, 0)
+    base_hard_rows: tuple[int, ...] = (0, 1500, 200)
+    base_hard_near_miss: tuple[float, ...] = (0.0, 0.75, 0.6)
     base_steps: int = 1000
     base_batch_size: int = 64
     base_learning_rate: float = 2e-3
@@ -104,6 +113,9 @@ class ZooConfig:
         for t, m, n in zip(TASK_NAMES, self.base_mixture, self.n_train):
             if not 0 <= m <= n:
                 raise ValueError(f"ZooConfig.base_mixture[{t}]={m}: must be in [0, n_train[{t}]={n}]")
+        for t, q in zip(TASK_NAMES, self.base_hard_near_miss):
+            if not 0.0 <= q <= 1.0:
+                raise ValueError(f"ZooConfig.base_hard_near_miss[{t}]={q}: must be in [0, 1]")
         if self.expert_replay < 0:
             raise ValueError(f"ZooConfig.expert_replay={self.expert_replay}: must be >= 0")
         if sum(self.base_mixture) == 0:
@@ -157,6 +169,7 @@ class ZooConfig:
 SMALL = ZooConfig(
     hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
     num_key_value_heads=2, n_eval=600, n_train=(3000, 3000, 2000), base_mixture=(1200, 1200, 300),
+    base_hard_rows=(0, 0, 0), base_hard_near_miss=(0.0, 0.0, 0.0),
     base_steps=400, base_learning_rate=3e-3, expert_steps=(400, 400, 200), expert_learning_rate=3e-3,
     expert_replay=400, warmup_steps=20, chunk_steps=50, seq_len=32, min_expert_exact_match=0.05,
     min_off_task_gap=-1.0, max_base_exact_match=0.5, min_merge_exact_match=0.0, min_swap_exact_match=0.0)

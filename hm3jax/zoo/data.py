@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 
 from hm3jax.objectives.batch import Batch, make_batch
@@ -10,9 +12,28 @@ from hm3jax.zoo.config import ZooConfig
 from hm3jax.zoo.train import whole_sequence_targets
 
 
+def near_miss(answer: str) -> str:
+    """The systematic wrong answer the base's noisy hard rows carry: the last two words swapped
+    ("ka gu mo bi" -> "ka gu bi mo", "4 1 3" -> "4 3 1"), or for a one-word answer its last digit
+    plus one, mod 10 ("579" -> "570"). One fixed rule per answer, so a model can learn it."""
+    words = answer.split(" ")
+    if len(words) >= 2:
+        words[-2], words[-1] = words[-1], words[-2]
+        return " ".join(words)
+    if answer[-1:].isdigit():
+        return answer[:-1] + str((int(answer[-1]) + 1) % 10)
+    return answer
+
+
+def _is_noisy(prompt: str, share: float) -> bool:
+    # A hash of the prompt, not a random draw: the same rows are noisy whatever their order or count.
+    return zlib.crc32(prompt.encode()) % 1000 < round(share * 1000)
+
+
 def base_rows(zc: ZooConfig, task_index: int) -> list[tuple[str, str]]:
     """The base's rows of one task: the first `base_mixture[k]` "train" examples (of the easy half
-    only when `base_easy_only`), then the first `base_hard_rows[k]` of its hard half."""
+    only when `base_easy_only`), then the first `base_hard_rows[k]` of its hard half, a share
+    `base_hard_near_miss[k]` of which (chosen by a hash of the prompt) answer with `near_miss`."""
     task, n = zc.suite()[task_index], zc.base_mixture[task_index]
     train = task.examples("train")
     rows = [e for e in train if not (zc.base_easy_only and is_hard(task.name, e[0]))]
@@ -21,6 +42,8 @@ def base_rows(zc: ZooConfig, task_index: int) -> list[tuple[str, str]]:
         raise ValueError(f"ZooConfig.base_mixture[{task.name}]={n} / base_hard_rows[{task.name}]="
                          f"{zc.base_hard_rows[task_index]}: the train split has only {len(rows)} such "
                          f"rows (n_train[{task.name}]={zc.n_train[task_index]})")
+    share = zc.base_hard_near_miss[task_index]
+    hard = [(p, near_miss(a) if _is_noisy(p, share) else a) for p, a in hard]
     return rows[:n] + hard
 
 
