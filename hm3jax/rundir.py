@@ -79,3 +79,18 @@ def prepare_run_dir(cfg: RunConfig) -> bool:
             os.remove(tmp)
         raise
     return False
+
+
+def discard_new_run_dir(cfg: RunConfig, existed: bool) -> None:
+    """Undo `prepare_run_dir` for a new run that failed before it wrote anything else: remove its
+    config.yaml, and the directory too when this run created it. A directory holding anything more
+    (a stage checkpoint, metrics) is left alone, to be resumed."""
+    out = cfg.output_dir
+    try:
+        if sorted(os.listdir(out)) != [CONFIG_FILE]:
+            return
+        os.remove(os.path.join(out, CONFIG_FILE))
+        if not existed:
+            os.rmdir(out)
+    except OSError:
+        pass  # best effort: the run's own error is the one to report

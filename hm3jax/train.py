@@ -22,7 +22,7 @@ from hm3jax.config import (
     task_names,
     validate,
 )
-from hm3jax.rundir import prepare_run_dir
+from hm3jax.rundir import discard_new_run_dir, prepare_run_dir
 
 
 def load_context(cfg: RunConfig):
@@ -32,11 +32,14 @@ def load_context(cfg: RunConfig):
 
     tasks = task_names(cfg)
     if cfg.models.zoo is not None:
-        from hm3jax.zoo import CONFIGS, build_zoo, load_zoo
+        from hm3jax.zoo import CONFIGS, ZooError, build_zoo, load_zoo
 
         zc = CONFIGS[cfg.models.zoo.config]
-        build_zoo(cfg.models.zoo.dir, zc, seed=cfg.models.zoo.seed, progress=cfg.log.progress)
-        model_cfg, models, tokenizer = load_zoo(cfg.models.zoo.dir)
+        try:
+            build_zoo(cfg.models.zoo.dir, zc, seed=cfg.models.zoo.seed, progress=cfg.log.progress)
+            model_cfg, models, tokenizer = load_zoo(cfg.models.zoo.dir)
+        except ZooError as e:
+            raise RunConfigError(_zoo_problem(cfg, e)) from None
         suite = zc.suite()
     else:
         from hm3jax.objectives.synthetic import tasks as embedded_suite
@@ -71,6 +74,26 @@ def load_context(cfg: RunConfig):
     return pl.Context(cfg, model_cfg, tasks, models[pl.BASE], [models[t] for t in tasks], tokenizer,
                       search, heldout, preference_matrix(cfg), pl.StageStore(cfg.output_dir),
                       pl.metrics_logger(cfg.output_dir, cfg.log.tensorboard), {}, mesh, tuple(suite))
+
+
+def _zoo_problem(cfg: RunConfig, e: Exception) -> str:
+    """The error for a models.zoo.dir that cannot be used, with the command that rebuilds it."""
+    z = cfg.models.zoo
+    return (f"models.zoo.dir: {e}. To rebuild it for this run: python -m hm3jax.zoo {z.dir} --config "
+            f"{z.config} --seed {z.seed} --force")
+
+
+def check_zoo(cfg: RunConfig) -> None:
+    """Before any run directory is made: the zoo directory must be missing, empty, or a complete zoo
+    of the run's zoo config and seed (what build_zoo reuses). Raises RunConfigError otherwise."""
+    if cfg.models.zoo is None:
+        return
+    from hm3jax.zoo import CONFIGS, ZooError, check_zoo_dir
+
+    try:
+        check_zoo_dir(cfg.models.zoo.dir, CONFIGS[cfg.models.zoo.config], cfg.models.zoo.seed)
+    except ZooError as e:
+        raise RunConfigError(_zoo_problem(cfg, e)) from None
 
 
 def _check_lengths(cfg: RunConfig, model_cfg, suite, tokenizer, scored_len: int) -> None:
@@ -190,7 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cfg = validate(parse_run_config(argv))
+        check_zoo(cfg)
         mesh = _mesh(cfg)
+        existed = os.path.lexists(cfg.output_dir)
         resumed = prepare_run_dir(cfg)
     except RunConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -205,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # HM3JAX_STOP_AFTER (a stage name, or "lower:C"): stop there, as a kill would (tests of resuming)
         front = run(cfg, stop_after=os.environ.get("HM3JAX_STOP_AFTER") or None)
     except RunConfigError as e:
+        if not resumed:
+            discard_new_run_dir(cfg, existed)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except pl.StopRun as e:

@@ -219,3 +219,43 @@ def test_default_yaml_is_the_dataclass_defaults():
     # `python -m hm3jax.train` without arguments runs RunConfig(): keep configs/default.yaml equal
     assert validate(parse_run_config(["--config_path", os.path.join(CONFIGS, "default.yaml")])) == \
         validate(RunConfig())
+
+
+def test_unusable_zoo_dir_is_an_error_before_the_run_dir_exists(tmp_path, capsys, monkeypatch):
+    """A zoo directory of another config (e.g. left by an older version), or one the tool did not
+    write: exit 2 naming models.zoo.dir and the rebuild command; no run directory, the zoo untouched."""
+    import json
+
+    from hm3jax import train
+
+    stale = tmp_path / "zoo"
+    stale.mkdir()
+    manifest = {"format": 2, "config": {"hidden_size": 64}, "seed": 0, "models": {"base": "base"}}
+    (stale / "zoo.json").write_text(json.dumps(manifest))
+    run = tmp_path / "run"
+    argv = ["--models.zoo.dir", str(stale), "--output_dir", str(run), "--log.progress", "false"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "models.zoo.dir" in err and "another config" in err
+    assert f"python -m hm3jax.zoo {stale} --config default --seed 0 --force" in err
+    assert not run.exists() and sorted(os.listdir(stale)) == ["zoo.json"]
+    # a user's directory that holds no zoo: refused, its file kept
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert train.main(["--models.zoo.dir", str(mine), "--output_dir", str(run)]) == 2
+    assert "no zoo.json" in capsys.readouterr().err and not run.exists()
+    assert (mine / "notes.txt").read_text() == "keep"
+
+    # A config error found after the run directory was made (here: raised by the run itself) removes
+    # what the new run wrote: the directory it created, or its config.yaml in a directory that existed.
+    def fails(cfg, stop_after=None):
+        raise RunConfigError("tasks.files.math.search: broken")
+
+    monkeypatch.setattr(train, "run", fails)
+    empty_zoo = ["--models.zoo.dir", str(tmp_path / "nozoo"), "--log.progress", "false"]
+    assert train.main(empty_zoo + ["--output_dir", str(run)]) == 2
+    assert "tasks.files.math.search: broken" in capsys.readouterr().err and not run.exists()
+    (tmp_path / "existing").mkdir()
+    assert train.main(empty_zoo + ["--output_dir", str(tmp_path / "existing")]) == 2
+    assert os.listdir(tmp_path / "existing") == []

@@ -151,3 +151,27 @@ def test_module_entry_point(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["scores"]["heldout"] == [0.2, 0.2, 0.9]
+
+
+@pytest.mark.parametrize("content, words", [
+    (None, "holds no zoo"),
+    ('{"format": 2, "config": {"hidden_size": 8}, "seed": 0, "models": {"base": "base"}}', "another config"),
+    ("{not json", "not a readable JSON manifest"),
+])
+def test_export_refuses_a_zoo_that_is_not_the_runs(tmp_path, content, words):
+    """--export rebuilds the merge from the run's zoo: a missing, rebuilt (other config) or corrupt zoo
+    is a RecommendError naming models.zoo.dir, never a traceback or another zoo's weights."""
+    from hm3jax.config import ZooSource, to_yaml
+    from hm3jax.recommend import source_checkpoints
+
+    zoo = tmp_path / "zoo"
+    if content is not None:
+        zoo.mkdir()
+        (zoo / "zoo.json").write_text(content)
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = RunConfig(output_dir=str(run), models=ModelsConfig(zoo=ZooSource(dir=str(zoo))))
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    with pytest.raises(RecommendError, match="models.zoo.dir") as e:
+        source_checkpoints(run)
+    assert words in str(e.value)

@@ -5,7 +5,16 @@ how well its experts merge (parameter-level merges and layer swaps).
     python -m hm3jax.zoo OUT_DIR [--config default|small] [--seed N] [--force]
 """
 
-from hm3jax.zoo.build import BASE, MANIFEST, MODEL_NAMES, ZooError, build_zoo, load_zoo, read_manifest
+from hm3jax.zoo.build import (
+    BASE,
+    MANIFEST,
+    MODEL_NAMES,
+    ZooError,
+    build_zoo,
+    check_zoo_dir,
+    load_zoo,
+    read_manifest,
+)
 from hm3jax.zoo.config import CONFIGS, DEFAULT, SMALL, ZooConfig
 from hm3jax.zoo.probe import format_report, probe_mergeability, targets
 
@@ -19,6 +28,7 @@ __all__ = [
     "ZooConfig",
     "ZooError",
     "build_zoo",
+    "check_zoo_dir",
     "format_report",
     "load_zoo",
     "probe_mergeability",
