@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from hm3jax.models.config import ModelConfig
-from hm3jax.models.decoder import forward
+from hm3jax.models.decoder import forward, forward_path
 from hm3jax.models.pool import build_pool, shell_of
 from hm3jax.objectives.batch import Batch, make_suite_batch
-from hm3jax.objectives.scoring import exact_match, make_path_scorer, task_means
+from hm3jax.objectives.scoring import exact_match, task_means
 from hm3jax.objectives.synthetic import TASK_NAMES
 from hm3jax.zoo.config import ZooConfig
 
@@ -80,13 +80,21 @@ def probe_mergeability(cfg: ModelConfig, models: dict[str, dict], zc: ZooConfig,
     pool = build_pool(experts + [centre], names=donors)
     n_layers = zc.num_hidden_layers
     mid = n_layers // 2
+
+    # One program for every expert's swaps: the shell, pool and paths are arguments.
+    @jax.jit
+    def swap_scores(shell, pool, paths, batch):
+        def one(path):
+            logits = forward_path(cfg, shell, pool, path, batch.tokens, attention_mask=batch.attention_mask)
+            return task_means(exact_match(logits, batch), batch, k)
+        return jax.vmap(one)(paths)
+
     swaps = {}
     for i, name in enumerate(TASK_NAMES):
         own = [pool.lookup(i, layer) for layer in range(n_layers)]
         others = [d for d in donors if d != name]
         paths = np.asarray([own[:mid] + [pool.lookup(d, mid)] + own[mid + 1:] for d in others], np.int32)
-        scorer = make_path_scorer(cfg, shell_of(experts[i]), pool, batch, num_tasks=k)
-        em, _ = jax.vmap(scorer)(jnp.asarray(paths))
+        em = swap_scores(shell_of(experts[i]), pool, jnp.asarray(paths), batch)
         swaps[name] = {d: float(v) for d, v in zip(others, np.asarray(em)[:, i])}
     return {"merges": merges, "preferences": {p: w.tolist() for p, w in prefs.items()},
             "best_centre_method": best, "swap_layer": mid, "swaps": swaps}
