@@ -122,20 +122,19 @@ def source_checkpoints(run_dir: str | os.PathLike) -> tuple[object, dict[str, st
     if cfg.models.checkpoints is not None:
         return cfg, {"base": cfg.models.checkpoints.base, **cfg.models.checkpoints.experts}
     from hm3jax.config import ZooSource
-    from hm3jax.zoo import CONFIGS, ZooError, check_zoo_dir, read_manifest
+    from hm3jax.zoo import CONFIGS, ZooError, check_zoo_dir
 
     zoo = cfg.models.zoo or ZooSource()
     if zoo.config not in CONFIGS:
         raise RecommendError(f"{path}: models.zoo.config {zoo.config!r} is not one of {sorted(CONFIGS)}")
     try:
         # The zoo must still be the one the run used (same zoo config and seed), not a rebuilt one.
-        usable = check_zoo_dir(zoo.dir, CONFIGS[zoo.config], zoo.seed)
+        manifest = check_zoo_dir(zoo.dir, CONFIGS[zoo.config], zoo.seed)
     except ZooError as e:
         raise RecommendError(f"{path}: models.zoo.dir: {e}") from None
-    if not usable:
+    if manifest is None:
         raise RecommendError(f"{path}: models.zoo.dir {zoo.dir} holds no zoo (no zoo.json); run recommend "
                              "from the directory the run was started in, or rebuild the zoo")
-    manifest = read_manifest(zoo.dir)
     return cfg, {n: os.path.join(zoo.dir, sub) for n, sub in manifest["models"].items()}
 
 

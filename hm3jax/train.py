@@ -213,8 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cfg = validate(parse_run_config(argv))
-        check_zoo(cfg)
         mesh = _mesh(cfg)
+        check_zoo(cfg)
         existed = os.path.lexists(cfg.output_dir)
         resumed = prepare_run_dir(cfg)
     except RunConfigError as e:

@@ -222,15 +222,15 @@ def _check_target(out_dir: str, config: ZooConfig, seed: int, force: bool) -> di
     return None
 
 
-def check_zoo_dir(out_dir: str | os.PathLike, config: ZooConfig | None = None, seed: int = 0) -> bool:
-    """Whether `build_zoo(out_dir, config, seed)` would reuse `out_dir` (True) or build into it
-    (False: missing or empty), without training or writing anything.
+def check_zoo_dir(out_dir: str | os.PathLike, config: ZooConfig | None = None, seed: int = 0) -> dict | None:
+    """The manifest `build_zoo(out_dir, config, seed)` would reuse, or None when it would build into
+    `out_dir` (missing or empty), without training or writing anything.
 
     Raises:
       ZooError: it would refuse `out_dir` (not a directory, not a zoo, a zoo of another config, seed
         or format, or an incomplete or corrupt one); the message says why.
     """
-    return _check_target(os.fspath(out_dir), config or ZooConfig(), seed, force=False) is not None
+    return _check_target(os.fspath(out_dir), config or ZooConfig(), seed, force=False)
 
 
 def build_zoo(out_dir: str | os.PathLike, config: ZooConfig | None = None, seed: int = 0,
