@@ -247,3 +247,29 @@ def test_old_module_path_warns_and_still_works():
             "try:\n    import hm3jax.objectives.zoo\nexcept DeprecationWarning as e:\n    print('warned:', e)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "warned: hm3jax.objectives.zoo moved to hm3jax.zoo" in res.stdout, res.stderr
+
+
+def test_fit_pads_datasets_without_changing_the_run_and_shares_one_program():
+    import jax
+
+    from hm3jax.models.decoder import init_params
+    from hm3jax.zoo.train import device_batch, fit, init_state, make_schedule, train_chunk
+
+    cfg = dataclasses.replace(SMALL.model_config(), num_hidden_layers=1, hidden_size=16, intermediate_size=16)
+    opt = SMALL.optim_config()
+    params = init_params(cfg, jax.random.key(0))
+    examples = [task.examples("train")[i] for task in SMALL.suite() for i in range(4)]  # 12 rows
+    data = make_batch(examples[:5], build_tokenizer(), seq_len=32)
+    key = jax.random.key(1)
+    settings = dict(steps=4, batch_size=3, learning_rate=1e-2, warmup_steps=1, chunk_steps=2, progress=False)
+    before = train_chunk._cache_size()
+    got, _ = fit(cfg, opt, params, data, key, **settings)
+    # the same run by hand on the unpadded rows: padding is never drawn, so it changes nothing
+    state, schedule = init_state(params, opt), make_schedule(1e-2, 1, 4)
+    for _ in range(2):
+        state, _ = train_chunk(cfg, opt, 3, 2, state, key, device_batch(data), jnp.int32(5), schedule)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, state.params)
+    # 5 and 7 rows pad to the same 8: a second dataset of another size reuses the padded program
+    after_first = train_chunk._cache_size()
+    fit(cfg, opt, params, make_batch(examples[5:12], build_tokenizer(), seq_len=32), key, **settings)
+    assert train_chunk._cache_size() == after_first == before + 2  # padded (5->8) and unpadded (5)

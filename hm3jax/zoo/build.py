@@ -20,7 +20,6 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -29,13 +28,12 @@ import numpy as np
 from hm3jax.io.atomic import write_json_atomic
 from hm3jax.models.config import ModelConfig
 from hm3jax.models.decoder import init_params
-from hm3jax.objectives.batch import make_suite_batch
-from hm3jax.objectives.synthetic import TASK_NAMES, Task
+from hm3jax.objectives.synthetic import TASK_NAMES
 from hm3jax.objectives.tokenizer import build_tokenizer, save_tokenizer
 from hm3jax.zoo.config import ZooConfig
 from hm3jax.zoo.data import base_training_set, expert_training_set
-from hm3jax.zoo.probe import probe_mergeability, targets
-from hm3jax.zoo.train import evaluate_exact_match, fit
+from hm3jax.zoo.probe import score_zoo, targets
+from hm3jax.zoo.train import fit
 
 MANIFEST = "zoo.json"
 BASE = "base"
@@ -128,15 +126,6 @@ def train_zoo(zc: ZooConfig, seed: int, progress: bool = True,
     for k, name in enumerate(TASK_NAMES):
         models[name], stats[name] = results[k]
     return zc.model_config(), models, stats
-
-
-def heldout_exact_match(cfg: ModelConfig, models: dict[str, dict], suite: Sequence[Task],
-                        tokenizer) -> dict[str, dict[str, float]]:
-    """{model name: {task name: teacher-forced exact match on the task's "heldout" split}}."""
-    batch = make_suite_batch(suite, "heldout", tokenizer)
-    return {name: dict(zip((t.name for t in suite),
-                           map(float, evaluate_exact_match(cfg, params, batch, len(suite)))))
-            for name, params in models.items()}
 
 
 # ------------------------------------------------------------------------------------- disk (edges)
@@ -268,8 +257,7 @@ def build_zoo(out_dir: str | os.PathLike, config: ZooConfig | None = None, seed:
     start = time.perf_counter()
     cfg, models, stats = train_zoo(config, seed, progress=progress, workers=workers)
     tokenizer = build_tokenizer()
-    scores = heldout_exact_match(cfg, models, config.suite(), tokenizer)
-    probe = probe_mergeability(cfg, models, config, tokenizer, jax.random.key(seed))
+    scores, probe = score_zoo(cfg, models, config, tokenizer, jax.random.key(seed))
     met = targets(scores, probe, config)
 
     os.makedirs(out_dir, exist_ok=True)

@@ -6,7 +6,9 @@ probe measures both on the held-out split, and `targets` checks them against the
 - each method of hm3jax.search.upper (task arithmetic, TIES, DARE-TIES) merged at the centre
   preference and at one preference leaning to each task (`probe_lean` on it, the rest shared);
 - each expert with its middle layer swapped for the same layer of every other expert and of the
-  best centre merge, scored on the expert's own task (one `forward_path` per swap, no copy made).
+  best centre merge, scored on the expert's own task.
+All of them are scored by one compiled program, vmapped over a stack of their params (the zoo's
+models are small, so the stack is too); each method's merges take a small program of their own.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hm3jax.models.config import ModelConfig
-from hm3jax.models.decoder import forward, forward_path
-from hm3jax.models.pool import build_pool, shell_of
+from hm3jax.models.decoder import forward
 from hm3jax.objectives.batch import Batch, make_suite_batch
 from hm3jax.objectives.scoring import exact_match, task_means
 from hm3jax.objectives.synthetic import TASK_NAMES
@@ -39,7 +40,19 @@ def probe_preferences(zc: ZooConfig) -> dict[str, np.ndarray]:
 
 def probe_mergeability(cfg: ModelConfig, models: dict[str, dict], zc: ZooConfig, tokenizer,
                        key: jax.Array) -> dict:
-    """Held-out exact match of the zoo's merges and layer swaps.
+    """Held-out exact match of the zoo's merges and layer swaps (the probe of `score_zoo`).
+
+    Returns:
+      {"merges": {method: {preference name: {task: exact match}}}, "preferences": {name: weights},
+       "best_centre_method": the method whose centre merge has the highest worst-task score,
+       "swap_layer": the swapped layer, "swaps": {expert: {donor: exact match on its own task}}}.
+    """
+    return score_zoo(cfg, models, zc, tokenizer, key)[1]
+
+
+def score_zoo(cfg: ModelConfig, models: dict[str, dict], zc: ZooConfig, tokenizer,
+              key: jax.Array) -> tuple[dict[str, dict[str, float]], dict]:
+    """Held-out exact match of the zoo's models, and its mergeability probe, in one compiled program.
 
     Args:
       cfg: the zoo's architecture; models: {"base" | task name: params}.
@@ -47,56 +60,67 @@ def probe_mergeability(cfg: ModelConfig, models: dict[str, dict], zc: ZooConfig,
       key: PRNG key of DARE's drop masks.
 
     Returns:
-      {"merges": {method: {preference name: {task: exact match}}}, "preferences": {name: weights},
-       "best_centre_method": the method whose centre merge has the highest worst-task score,
-       "swap_layer": the swapped layer, "swaps": {expert: {donor: exact match on its own task}}}.
+      ({model name: {task: exact match}}, the probe: see `probe_mergeability`).
     """
     from hm3jax.search.upper import UPPER_METHODS, merge_for_preference
 
-    k = len(TASK_NAMES)
+    k, n_layers = len(TASK_NAMES), zc.num_hidden_layers
+    mid = n_layers // 2
     batch = Batch(*(jnp.asarray(np.asarray(x)) for x in make_suite_batch(zc.suite(), "heldout", tokenizer)))
     base, experts = models["base"], [models[t] for t in TASK_NAMES]
-
-    def score(params, batch):
-        logits = forward(cfg, params, batch.tokens, batch.attention_mask)
-        return task_means(exact_match(logits, batch), batch, k)
-
     prefs = probe_preferences(zc)
-    stacked = jnp.asarray(np.stack(list(prefs.values())))
-    merges = {}
+    lams = jnp.asarray(np.stack(list(prefs.values())))
+
+    # Each method's merges for every preference, stacked on a leading axis (a small program per
+    # method, no forward pass in it); models are arguments, not closed-over constants, so XLA does
+    # not fold them.
+    merged = {}
     for method in UPPER_METHODS:
-        # models and batch are arguments, not closed-over constants, so XLA does not fold them
         @jax.jit
-        def merged_scores(lams, base, experts, batch, method=method):
-            return jax.vmap(lambda lam: score(merge_for_preference(
-                method, base, experts, lam, key, zc.probe_density, zc.probe_scale), batch))(lams)
-        rows = np.asarray(merged_scores(stacked, base, experts, batch))
-        merges[method] = {p: dict(zip(TASK_NAMES, map(float, row))) for p, row in zip(prefs, rows)}
-    best = max(UPPER_METHODS, key=lambda m: min(merges[m]["centre"].values()))
+        def merge_all(lams, base, experts, method=method):
+            return jax.vmap(lambda lam: merge_for_preference(
+                method, base, experts, lam, key, zc.probe_density, zc.probe_scale))(lams)
+        merged[method] = merge_all(lams, base, experts)
 
-    centre = merge_for_preference(best, base, experts, jnp.asarray(prefs["centre"]), key,
-                                  zc.probe_density, zc.probe_scale)
-    donors = list(TASK_NAMES) + [MERGED]
-    pool = build_pool(experts + [centre], names=donors)
-    n_layers = zc.num_hidden_layers
-    mid = n_layers // 2
+    # Every expert with its middle layer swapped for each other expert's and each centre merge's.
+    def swapped(expert, donor):
+        layers = jax.tree.map(lambda e, d: e.at[mid].set(d[mid]), expert["layers"], donor["layers"])
+        return {**expert, "layers": layers}
 
-    # One program for every expert's swaps: the shell, pool and paths are arguments.
-    @jax.jit
-    def swap_scores(shell, pool, paths, batch):
-        def one(path):
-            logits = forward_path(cfg, shell, pool, path, batch.tokens, attention_mask=batch.attention_mask)
-            return task_means(exact_match(logits, batch), batch, k)
-        return jax.vmap(one)(paths)
-
-    swaps = {}
+    centre = {m: jax.tree.map(lambda x: x[0], merged[m]) for m in UPPER_METHODS}  # "centre" is first
+    swap_keys, swap_params = [], []
     for i, name in enumerate(TASK_NAMES):
-        own = [pool.lookup(i, layer) for layer in range(n_layers)]
-        others = [d for d in donors if d != name]
-        paths = np.asarray([own[:mid] + [pool.lookup(d, mid)] + own[mid + 1:] for d in others], np.int32)
-        em = swap_scores(shell_of(experts[i]), pool, jnp.asarray(paths), batch)
-        swaps[name] = {d: float(v) for d, v in zip(others, np.asarray(em)[:, i])}
-    return {"merges": merges, "preferences": {p: w.tolist() for p, w in prefs.items()},
+        donors = [(t, models[t]) for t in TASK_NAMES if t != name] + [(m, centre[m]) for m in UPPER_METHODS]
+        for donor, params in donors:
+            swap_keys.append((i, donor))
+            swap_params.append(swapped(experts[i], params))
+
+    # One compiled program scores all of them: the models, the merges and the swaps in one stack.
+    @jax.jit
+    def score_all(stack, batch):
+        def one(params):
+            logits = forward(cfg, params, batch.tokens, batch.attention_mask)
+            return task_means(exact_match(logits, batch), batch, k)
+        return jax.vmap(one)(stack)
+
+    names = list(models)
+    stack = jax.tree.map(lambda *xs: jnp.concatenate(xs),
+                         jax.tree.map(lambda *xs: jnp.stack(xs), *(models[n] for n in names)),
+                         *[merged[m] for m in UPPER_METHODS],
+                         jax.tree.map(lambda *xs: jnp.stack(xs), *swap_params))
+    rows = np.asarray(score_all(stack, batch))
+    scores = {n: dict(zip(TASK_NAMES, map(float, row))) for n, row in zip(names, rows)}
+    rows = rows[len(names):]
+    n_prefs = len(prefs)
+    merges = {m: {p: dict(zip(TASK_NAMES, map(float, rows[j * n_prefs + q]))) for q, p in enumerate(prefs)}
+              for j, m in enumerate(UPPER_METHODS)}
+    best = max(UPPER_METHODS, key=lambda m: min(merges[m]["centre"].values()))
+    swap_rows = rows[len(UPPER_METHODS) * n_prefs:]
+    swaps: dict[str, dict[str, float]] = {name: {} for name in TASK_NAMES}
+    for (i, donor), row in zip(swap_keys, swap_rows):
+        if donor in TASK_NAMES or donor == best:
+            swaps[TASK_NAMES[i]][MERGED if donor == best else donor] = float(row[i])
+    return scores, {"merges": merges, "preferences": {p: w.tolist() for p, w in prefs.items()},
             "best_centre_method": best, "swap_layer": mid, "swaps": swaps}
 
 

@@ -1,13 +1,15 @@
 """Next-token training of a decoder on padded task batches (how the zoo's models are trained).
 
-`train_chunk(cfg, opt, batch_size, n_steps, state, key, data, schedule)` is one jitted `lax.scan`
-over `n_steps` optimizer steps; each step samples rows of an on-device dataset, computes the masked
-cross-entropy and applies AdamW. `fit` loops over chunks with a progress bar (the only side effect,
+`train_chunk(cfg, opt, batch_size, n_steps, state, key, data, n_rows, schedule)` is one jitted
+`lax.scan` over `n_steps` optimizer steps; each step samples rows of an on-device dataset, computes
+the masked cross-entropy and applies AdamW. `fit` loops over chunks with a progress bar (the only side effect,
 kept outside the compiled program).
 
 Only shapes and static settings are compiled in: the learning-rate schedule is an argument of
-traced scalars and the loss positions come with the data (`Batch.target_mask`), so runs that differ
-only in data, step counts or learning rate (the base and the experts of the zoo) share one program.
+traced scalars, the loss positions come with the data (`Batch.target_mask`), and `fit` pads each
+dataset to a power-of-two row count with its true count an argument, so runs that differ only in
+data, dataset size (within a factor of two), step counts or learning rate share one program (the
+experts of the zoo do).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import optax
 from hm3jax.models.config import ModelConfig
 from hm3jax.models.decoder import forward
 from hm3jax.objectives.batch import Batch
-from hm3jax.objectives.scoring import exact_match, task_means
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,10 +135,11 @@ def init_state(params: dict, opt: OptimConfig) -> TrainState:
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=4)
 def train_chunk(cfg: ModelConfig, opt: OptimConfig, batch_size: int, n_steps: int, state: TrainState,
-                key: jax.Array, data: Batch, schedule: Schedule) -> tuple[TrainState, jax.Array]:
+                key: jax.Array, data: Batch, n_rows: jax.Array,
+                schedule: Schedule) -> tuple[TrainState, jax.Array]:
     """Apply `n_steps` AdamW updates; return (new state, losses float32 [n_steps]).
 
-    Each step draws `batch_size` rows of `data` uniformly with replacement, from
+    Each step draws `batch_size` of the first `n_rows` rows of `data` uniformly with replacement, from
     `fold_in(key, state.step)`: the sample sequence depends on the key and the global step only,
     not on how the steps are split into chunks. `state` is donated (do not reuse it).
 
@@ -146,10 +148,10 @@ def train_chunk(cfg: ModelConfig, opt: OptimConfig, batch_size: int, n_steps: in
       state: TrainState.
       key: PRNG key of this run.
       data: the training set, Batch of [N, S] arrays; target_mask selects the loss positions
-        (see whole_sequence_targets).
+        (see whole_sequence_targets). Rows from `n_rows` on are padding, never drawn.
+      n_rows: int32 scalar, the number of real rows (1 <= n_rows <= N).
       schedule: learning-rate Schedule.
     """
-    n_rows = data.tokens.shape[0]
     tx = optimizer(opt)
 
     def step(state: TrainState, _):
@@ -190,11 +192,13 @@ def fit(cfg: ModelConfig, opt: OptimConfig, params: dict, data: Batch, key: jax.
     wall, cpu = time.perf_counter(), time.process_time()
     state = init_state(params, opt)
     schedule = make_schedule(learning_rate, warmup_steps, steps)
-    data = device_batch(data)
+    n_rows = jnp.int32(data.tokens.shape[0])
+    data = device_batch(_pad_rows(data, _bucket(data.tokens.shape[0])))
     loss = float("nan")
     with tqdm(total=steps, desc=f"{desc:<11}", unit="step", position=position, disable=not progress) as bar:
         for _ in range(steps // chunk_steps):
-            state, losses = train_chunk(cfg, opt, batch_size, chunk_steps, state, key, data, schedule)
+            state, losses = train_chunk(cfg, opt, batch_size, chunk_steps, state, key, data, n_rows,
+                                        schedule)
             loss = float(losses.mean())
             bar.update(chunk_steps)
             bar.set_postfix(loss=f"{loss:.3f}")
@@ -202,19 +206,22 @@ def fit(cfg: ModelConfig, opt: OptimConfig, params: dict, data: Batch, key: jax.
                           "cpu_seconds": time.process_time() - cpu}
 
 
+def _bucket(n: int) -> int:
+    """The padded row count of an n-row dataset: the next power of two (n >= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _pad_rows(batch: Batch, rows: int) -> Batch:
+    """`batch` with zero rows appended up to `rows` rows (empty batches are left for device_batch)."""
+    n = np.asarray(batch.tokens).shape[0]
+    if n == 0 or n == rows:
+        return batch
+    return Batch(*(np.concatenate([np.asarray(x), np.zeros((rows - n, *np.shape(x)[1:]), np.asarray(x).dtype)])
+                   for x in batch))
+
+
 def device_batch(batch: Batch) -> Batch:
     """The batch's arrays as jax arrays (do it once per dataset, not per chunk)."""
     if batch.tokens.shape[0] == 0:
         raise ValueError("empty dataset: the Batch has no rows")
     return Batch(*(jnp.asarray(np.asarray(x)) for x in batch))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _task_exact_match(cfg: ModelConfig, params: dict, batch: Batch, num_tasks: int) -> jax.Array:
-    logits = forward(cfg, params, batch.tokens, attention_mask=batch.attention_mask)
-    return task_means(exact_match(logits, batch), batch, num_tasks)
-
-
-def evaluate_exact_match(cfg: ModelConfig, params: dict, batch: Batch, num_tasks: int) -> np.ndarray:
-    """Teacher-forced exact match per task: float [num_tasks] for a suite batch (rows tagged by task)."""
-    return np.asarray(_task_exact_match(cfg, params, device_batch(batch), num_tasks))
