@@ -1,6 +1,6 @@
 """Fixtures shared across test files.
 
-The reduced model zoo (hm3jax.zoo.SMALL, seed 0) takes a minute or more to train on CPU, so it
+The reduced model zoo (hm3jax.zoo.SMALL, seed 0) takes about 50 s to train on CPU, so it
 is built once per test run and shared by every test file that needs it: under pytest-xdist the
 workers share one build (the first to get the lock builds it, the others reuse it from its
 zoo.json). Compiled XLA programs are cached on disk for the whole run, in-process and in the
