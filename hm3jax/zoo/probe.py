@@ -25,6 +25,7 @@ from hm3jax.objectives.synthetic import TASK_NAMES
 from hm3jax.zoo.config import ZooConfig
 
 MERGED = "merge"  # name of the centre merge among the swap donors
+_SCORE_CHUNK = 8  # models scored at once
 
 
 def probe_preferences(zc: ZooConfig) -> dict[str, np.ndarray]:
@@ -95,13 +96,15 @@ def score_zoo(cfg: ModelConfig, models: dict[str, dict], zc: ZooConfig, tokenize
             swap_keys.append((i, donor))
             swap_params.append(swapped(experts[i], params))
 
-    # One compiled program scores all of them: the models, the merges and the swaps in one stack.
+    # One compiled program scores all of them: the models, the merges and the swaps in one stack,
+    # `_SCORE_CHUNK` models at a time (vmapped), which bounds the activations a larger zoo config
+    # would hold at once.
     @jax.jit
     def score_all(stack, batch):
         def one(params):
             logits = forward(cfg, params, batch.tokens, batch.attention_mask)
             return task_means(exact_match(logits, batch), batch, k)
-        return jax.vmap(one)(stack)
+        return jax.lax.map(one, stack, batch_size=_SCORE_CHUNK)
 
     names = list(models)
     stack = jax.tree.map(lambda *xs: jnp.concatenate(xs),
