@@ -84,6 +84,42 @@ def test_config_validation_and_roundtrip():
         ZooConfig(num_hidden_layers=2)
     with pytest.raises(ValueError, match=r"base_hard_near_miss\[translation\]=1.5: must be in \[0, 1\]"):
         ZooConfig(base_hard_near_miss=(0.5, 0.5, 1.5))
+    with pytest.raises(ValueError, match=r"base_prompt_loss\[math\]=1: must be true or false"):
+        ZooConfig(base_prompt_loss=(1, True, True))
+
+
+def test_base_prompt_loss_picks_each_tasks_target_tokens():
+    from hm3jax.zoo.data import base_rows, base_training_set
+
+    zc = dataclasses.replace(SMALL, base_mixture=(30, 20, 10), base_prompt_loss=(False, True, False))
+    tok = build_tokenizer()
+    batch = base_training_set(zc, tok)
+    ids = np.asarray(batch.task_id)
+    assert np.bincount(ids).tolist() == [30, 20, 10]
+    for k in range(3):
+        rows = base_rows(zc, k)[:3]
+        plain = np.asarray(make_batch(rows, tok, seq_len=zc.seq_len, pad_multiple=4).target_mask)
+        got = np.asarray(batch.target_mask)[ids == k][:3]
+        answer_tokens = np.asarray([len(a) + 1 for _, a in rows])  # answer characters + EOS
+        assert (plain.sum(1) == answer_tokens).all()
+        if zc.base_prompt_loss[k]:  # the prompt's tokens too: more targets, the answer's among them
+            assert (got.sum(1) > answer_tokens).all() and (got >= plain).all()
+        else:
+            assert (got == plain).all()
+
+
+def test_expert_replay_spans_the_base_mixture_hard_rows_included():
+    from hm3jax.objectives.synthetic import is_hard
+    from hm3jax.zoo.data import base_rows, expert_training_set, replay_rows
+
+    zc = dataclasses.replace(SMALL, base_mixture=(600, 600, 300), base_hard_rows=(600, 200, 0), expert_replay=300)
+    for k, name in enumerate(TASK_NAMES):
+        mixture, replay = base_rows(zc, k), replay_rows(zc, k)
+        assert len(replay) == 300 and set(replay) <= set(mixture)
+        share = np.mean([is_hard(name, p) for p, _ in mixture])
+        assert abs(np.mean([is_hard(name, p) for p, _ in replay]) - share) < 0.01, name
+    batch = expert_training_set(zc, 0, build_tokenizer())  # math's own rows + 300 code + 300 translation
+    assert np.bincount(np.asarray(batch.task_id)).tolist() == [3000, 300, 300]
 
 
 def test_base_hard_rows_carry_the_configured_share_of_near_misses():
@@ -124,6 +160,19 @@ def test_loaded_zoo_matches_manifest_scores(small_zoo, small_zoo_loaded):
         scores = np.asarray(task_means(em, batch, len(TASK_NAMES)))
         expected = [manifest["heldout_exact_match"][name][t] for t in TASK_NAMES]
         np.testing.assert_allclose(scores, expected, atol=1e-6, err_msg=name)
+
+
+def test_probe_of_numpy_params_matches_the_manifest(small_zoo, small_zoo_loaded):
+    # experts trained in worker processes reach the probe as numpy arrays, not jax arrays
+    import jax
+
+    from hm3jax.zoo import probe_mergeability
+
+    _, manifest, _ = small_zoo
+    cfg, models, tokenizer = small_zoo_loaded
+    as_numpy = {name: jax.tree.map(np.asarray, params) for name, params in models.items()}
+    probe = probe_mergeability(cfg, as_numpy, SMALL, tokenizer, jax.random.key(0))
+    assert json.loads(json.dumps(probe)) == manifest["probe"]
 
 
 def _heldout(n=N_PER_TASK):

@@ -11,15 +11,16 @@ from hm3jax.objectives.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 from hm3jax.zoo.train import OptimConfig
 
 # Fields holding one value per task, in TASK_NAMES order.
-_PER_TASK = ("n_train", "base_mixture", "base_hard_rows", "base_hard_near_miss", "expert_steps")
+_PER_TASK = ("n_train", "base_mixture", "base_hard_rows", "base_hard_near_miss", "base_prompt_loss",
+             "expert_steps")
 
 
 @dataclasses.dataclass(frozen=True)
 class ZooConfig:
     """Every hyperparameter of a zoo build (static; recorded in zoo.json).
 
-    The base is "pretrained" on a mixture of the three tasks (loss on every token) until it has
-    partial skill; each expert is then a gentle fine-tune of it on one task (low learning rate,
+    The base is "pretrained" on a mixture of the three tasks (loss on every token, or on the
+    answers only for math) until it has partial skill; each expert is then a gentle fine-tune of it on one task (low learning rate,
     loss on the answer and EOS only), so the experts stay close to the base and their task vectors
     combine under parameter-level merging.
 
@@ -43,14 +44,21 @@ class ZooConfig:
         share above one half the base learns the hard half's computation but prefers the wrong
         answer, like a pretrained model with a known bias; an expert's clean fine-tune only has to
         tip that preference, a small move that still tips it when a merge scales it down. The
-        default gives code and translation such rows (75% / 60% near misses); math gets none, since
-        within the build budget the base does not learn three-digit addition, with or without them
-        (benchmarks/README.md).
+        default gives every task such rows: math 3400 (60% near misses), code 1500 (75%),
+        translation 200 (60%). Math's three-digit half is learnt late (a sharp transition, near
+        1200 steps at the default settings; benchmarks/README.md), so the base needs its answer-only
+        math loss, 1200 steps and the higher learning rate to hold that computation.
+      base_prompt_loss: per task, whether the base's loss on its rows covers every token after BOS
+        (the prompt's language as well as the answer) or the answer and EOS only. Math's prompts are
+        two uniformly random numbers: their tokens hold nothing to learn, and their loss is noise
+        that slows the base's learning of the sums (easy math 70% -> 91% at 1000 steps when it is
+        left out), so the default leaves it out for math.
       base_steps, base_batch_size, base_learning_rate: base training on the mixture.
       expert_steps: fine-tuning steps per task, in TASK_NAMES order.
       expert_batch_size, expert_learning_rate: expert fine-tuning (answer + EOS loss only).
       expert_replay: rows of each other task's base mixture mixed into an expert's fine-tuning set
-        (loss on every token), which anchors the expert near the base on those tasks.
+        (loss on every token), evenly spaced over the mixture so its hard rows are replayed too
+        (hm3jax.zoo.data.replay_rows); this anchors the expert near the base on those tasks.
       warmup_steps, weight_decay, grad_clip: AdamW settings shared by all runs.
       chunk_steps: steps per jitted chunk (one progress-bar update); divides every step count.
       seq_len: padded length of every training set (one compiled train step for all runs); None
@@ -78,14 +86,15 @@ class ZooConfig:
     task_seed: int = 0
     n_eval: int = 1000
     n_train: tuple[int, ...] = (8000, 8000, 4000)
-    base_mixture: tuple[int, ...] = (3000, 3000, 390)
+    base_mixture: tuple[int, ...] = (3400, 3000, 390)
     base_easy_only: bool = True
-    base_hard_rows: tuple[int, ...] = (0, 1500, 200)
-    base_hard_near_miss: tuple[float, ...] = (0.0, 0.75, 0.6)
-    base_steps: int = 1000
+    base_hard_rows: tuple[int, ...] = (3400, 1500, 200)
+    base_hard_near_miss: tuple[float, ...] = (0.6, 0.75, 0.6)
+    base_prompt_loss: tuple[bool, ...] = (False, True, True)
+    base_steps: int = 1200
     base_batch_size: int = 64
-    base_learning_rate: float = 2e-3
-    expert_steps: tuple[int, ...] = (1000, 1000, 300)
+    base_learning_rate: float = 3e-3
+    expert_steps: tuple[int, ...] = (1000, 1000, 500)
     expert_batch_size: int = 32
     expert_learning_rate: float = 1e-3
     expert_replay: int = 1000
@@ -113,6 +122,9 @@ class ZooConfig:
         for t, m, n in zip(TASK_NAMES, self.base_mixture, self.n_train):
             if not 0 <= m <= n:
                 raise ValueError(f"ZooConfig.base_mixture[{t}]={m}: must be in [0, n_train[{t}]={n}]")
+        for t, b in zip(TASK_NAMES, self.base_prompt_loss):
+            if not isinstance(b, bool):
+                raise ValueError(f"ZooConfig.base_prompt_loss[{t}]={b!r}: must be true or false")
         for t, q in zip(TASK_NAMES, self.base_hard_near_miss):
             if not 0.0 <= q <= 1.0:
                 raise ValueError(f"ZooConfig.base_hard_near_miss[{t}]={q}: must be in [0, 1]")
@@ -169,7 +181,7 @@ class ZooConfig:
 SMALL = ZooConfig(
     hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
     num_key_value_heads=2, n_eval=600, n_train=(3000, 3000, 2000), base_mixture=(1200, 1200, 300),
-    base_hard_rows=(0, 0, 0), base_hard_near_miss=(0.0, 0.0, 0.0),
+    base_hard_rows=(0, 0, 0), base_hard_near_miss=(0.0, 0.0, 0.0), base_prompt_loss=(True, True, True),
     base_steps=400, base_learning_rate=3e-3, expert_steps=(400, 400, 200), expert_learning_rate=3e-3,
     expert_replay=400, warmup_steps=20, chunk_steps=50, seq_len=32, min_expert_exact_match=0.05,
     min_off_task_gap=-1.0, max_base_exact_match=0.5, min_merge_exact_match=0.0, min_swap_exact_match=0.0)

@@ -48,8 +48,9 @@ def base_rows(zc: ZooConfig, task_index: int) -> list[tuple[str, str]]:
 
 
 def base_training_set(zc: ZooConfig, tokenizer) -> Batch:
-    """The base's rows of every task as one Batch, every token after BOS a target (the base learns
-    the prompts' language as well as the answers)."""
+    """The base's rows of every task as one Batch. On the rows of a task with
+    `base_prompt_loss[k]`, every token after BOS is a target (the base learns the prompts' language
+    as well as the answers); on the others, the answer and EOS only."""
     rows: list[tuple[str, str]] = []
     ids: list[int] = []
     for k in range(len(zc.suite())):
@@ -57,20 +58,33 @@ def base_training_set(zc: ZooConfig, tokenizer) -> Batch:
         rows += ex
         ids += [k] * len(ex)
     batch = make_batch(rows, tokenizer, seq_len=zc.seq_len, pad_multiple=4, task_ids=ids)
-    return whole_sequence_targets(batch)
+    whole = np.asarray(whole_sequence_targets(batch).target_mask)
+    prompt_loss = np.asarray(zc.base_prompt_loss, bool)[np.asarray(ids, np.int64)][:, None]
+    return batch._replace(target_mask=np.where(prompt_loss, whole, np.asarray(batch.target_mask)))
+
+
+def replay_rows(zc: ZooConfig, task_index: int) -> list[tuple[str, str]]:
+    """`expert_replay` rows of one task's base mixture, evenly spaced over all of it (easy and hard
+    rows alike, in proportion), or all of it when it is smaller."""
+    rows = base_rows(zc, task_index)
+    n = min(zc.expert_replay, len(rows))
+    if n == 0:
+        return []
+    return [rows[i] for i in np.linspace(0, len(rows) - 1, n).round().astype(np.int64)]
 
 
 def expert_training_set(zc: ZooConfig, task_index: int, tokenizer) -> Batch:
-    """Every "train" example of one task (loss on the answer and EOS only), plus `expert_replay`
-    rows of each other task's base mixture with loss on every token: an anchor that keeps the
-    expert near the base on the tasks it is not tuned for, so the experts' task vectors interfere
-    less when merged."""
+    """Every "train" example of one task (loss on the answer and EOS only), plus `replay_rows` of
+    each other task's base mixture with loss on every token: an anchor that keeps the expert near
+    the base on the tasks it is not tuned for, so the experts' task vectors interfere less when
+    merged. The replay spans each mixture's hard rows too: replaying only its first (easy) rows lets
+    an expert forget the base's hard-half skills, and a merge then loses them as well."""
     rows = list(zc.suite()[task_index].examples("train"))
     ids = [task_index] * len(rows)
     n_own = len(rows)
     for k in range(len(zc.suite())):
         if k != task_index and zc.expert_replay:
-            replay = base_rows(zc, k)[:zc.expert_replay]
+            replay = replay_rows(zc, k)
             rows += replay
             ids += [k] * len(replay)
     batch = make_batch(rows, tokenizer, seq_len=zc.seq_len, pad_multiple=4, task_ids=ids)
