@@ -86,6 +86,8 @@ def test_config_validation_and_roundtrip():
         ZooConfig(base_hard_near_miss=(0.5, 0.5, 1.5))
     with pytest.raises(ValueError, match=r"base_prompt_loss\[math\]=1: must be true or false"):
         ZooConfig(base_prompt_loss=(1, True, True))
+    with pytest.raises(ValueError, match="expert_replay_spread=1: must be true or false"):
+        ZooConfig(expert_replay_spread=1)
 
 
 def test_base_prompt_loss_picks_each_tasks_target_tokens():
@@ -112,12 +114,15 @@ def test_expert_replay_spans_the_base_mixture_hard_rows_included():
     from hm3jax.objectives.synthetic import is_hard
     from hm3jax.zoo.data import base_rows, expert_training_set, replay_rows
 
-    zc = dataclasses.replace(SMALL, base_mixture=(600, 600, 300), base_hard_rows=(600, 200, 0), expert_replay=300)
+    zc = dataclasses.replace(SMALL, base_mixture=(600, 600, 300), base_hard_rows=(600, 200, 0), expert_replay=300,
+                             expert_replay_spread=True)
     for k, name in enumerate(TASK_NAMES):
         mixture, replay = base_rows(zc, k), replay_rows(zc, k)
         assert len(replay) == 300 and set(replay) <= set(mixture)
         share = np.mean([is_hard(name, p) for p, _ in mixture])
         assert abs(np.mean([is_hard(name, p) for p, _ in replay]) - share) < 0.01, name
+        first = replay_rows(dataclasses.replace(zc, expert_replay_spread=False), k)
+        assert first == mixture[:300]  # the mixture's first rows: easy ones only
     batch = expert_training_set(zc, 0, build_tokenizer())  # math's own rows + 300 code + 300 translation
     assert np.bincount(np.asarray(batch.task_id)).tolist() == [3000, 300, 300]
 

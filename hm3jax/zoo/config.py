@@ -59,6 +59,10 @@ class ZooConfig:
       expert_replay: rows of each other task's base mixture mixed into an expert's fine-tuning set
         (loss on every token), evenly spaced over the mixture so its hard rows are replayed too
         (hm3jax.zoo.data.replay_rows); this anchors the expert near the base on those tasks.
+      expert_replay_spread: replay rows evenly spaced over each mixture (its hard rows in
+        proportion), or its first rows (all easy: the base's skill on the hard rows is then not
+        anchored, and the other experts forget it; the small test config, whose mixtures have no
+        hard rows, keeps the first rows).
       warmup_steps, weight_decay, grad_clip: AdamW settings shared by all runs.
       chunk_steps: steps per jitted chunk (one progress-bar update); divides every step count.
       seq_len: padded length of every training set (one compiled train step for all runs); None
@@ -98,6 +102,7 @@ class ZooConfig:
     expert_batch_size: int = 32
     expert_learning_rate: float = 1e-3
     expert_replay: int = 1000
+    expert_replay_spread: bool = True
     warmup_steps: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -128,6 +133,8 @@ class ZooConfig:
         for t, q in zip(TASK_NAMES, self.base_hard_near_miss):
             if not 0.0 <= q <= 1.0:
                 raise ValueError(f"ZooConfig.base_hard_near_miss[{t}]={q}: must be in [0, 1]")
+        if not isinstance(self.expert_replay_spread, bool):
+            raise ValueError(f"ZooConfig.expert_replay_spread={self.expert_replay_spread!r}: must be true or false")
         if self.expert_replay < 0:
             raise ValueError(f"ZooConfig.expert_replay={self.expert_replay}: must be >= 0")
         if sum(self.base_mixture) == 0:
@@ -183,7 +190,7 @@ SMALL = ZooConfig(
     num_key_value_heads=2, n_eval=600, n_train=(3000, 3000, 2000), base_mixture=(1200, 1200, 300),
     base_hard_rows=(0, 0, 0), base_hard_near_miss=(0.0, 0.0, 0.0), base_prompt_loss=(True, True, True),
     base_steps=400, base_learning_rate=3e-3, expert_steps=(400, 400, 200), expert_learning_rate=3e-3,
-    expert_replay=400, warmup_steps=20, chunk_steps=50, seq_len=32, min_expert_exact_match=0.05,
+    expert_replay=400, expert_replay_spread=False, warmup_steps=20, chunk_steps=50, seq_len=32, min_expert_exact_match=0.05,
     min_off_task_gap=-1.0, max_base_exact_match=0.5, min_merge_exact_match=0.0, min_swap_exact_match=0.0)
 DEFAULT = ZooConfig()
 CONFIGS = {"small": SMALL, "default": DEFAULT}

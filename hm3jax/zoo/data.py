@@ -65,11 +65,12 @@ def base_training_set(zc: ZooConfig, tokenizer) -> Batch:
 
 def replay_rows(zc: ZooConfig, task_index: int) -> list[tuple[str, str]]:
     """`expert_replay` rows of one task's base mixture, evenly spaced over all of it (easy and hard
-    rows alike, in proportion), or all of it when it is smaller."""
+    rows alike, in proportion) with `expert_replay_spread`, else its first rows; all of it when it
+    is smaller."""
     rows = base_rows(zc, task_index)
     n = min(zc.expert_replay, len(rows))
-    if n == 0:
-        return []
+    if n == 0 or not zc.expert_replay_spread:
+        return rows[:n]
     return [rows[i] for i in np.linspace(0, len(rows) - 1, n).round().astype(np.int64)]
 
 
