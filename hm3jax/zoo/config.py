@@ -20,9 +20,9 @@ class ZooConfig:
     """Every hyperparameter of a zoo build (static; recorded in zoo.json).
 
     The base is "pretrained" on a mixture of the three tasks (loss on every token, or on the
-    answers only for math) until it has partial skill; each expert is then a gentle fine-tune of it on one task (low learning rate,
-    loss on the answer and EOS only), so the experts stay close to the base and their task vectors
-    combine under parameter-level merging.
+    answers only for math) until it has partial skill; each expert is then a gentle fine-tune of
+    it on one task (low learning rate, loss on the answer and EOS only), so the experts stay close
+    to the base and their task vectors combine under parameter-level merging.
 
     Attributes:
       hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
@@ -134,7 +134,8 @@ class ZooConfig:
             if not 0.0 <= q <= 1.0:
                 raise ValueError(f"ZooConfig.base_hard_near_miss[{t}]={q}: must be in [0, 1]")
         if not isinstance(self.expert_replay_spread, bool):
-            raise ValueError(f"ZooConfig.expert_replay_spread={self.expert_replay_spread!r}: must be true or false")
+            raise ValueError(f"ZooConfig.expert_replay_spread={self.expert_replay_spread!r}: "
+                             "must be true or false")
         if self.expert_replay < 0:
             raise ValueError(f"ZooConfig.expert_replay={self.expert_replay}: must be >= 0")
         if sum(self.base_mixture) == 0:
@@ -190,7 +191,7 @@ SMALL = ZooConfig(
     num_key_value_heads=2, n_eval=600, n_train=(3000, 3000, 2000), base_mixture=(1200, 1200, 300),
     base_hard_rows=(0, 0, 0), base_hard_near_miss=(0.0, 0.0, 0.0), base_prompt_loss=(True, True, True),
     base_steps=400, base_learning_rate=3e-3, expert_steps=(400, 400, 200), expert_learning_rate=3e-3,
-    expert_replay=400, expert_replay_spread=False, warmup_steps=20, chunk_steps=50, seq_len=32, min_expert_exact_match=0.05,
-    min_off_task_gap=-1.0, max_base_exact_match=0.5, min_merge_exact_match=0.0, min_swap_exact_match=0.0)
+    expert_replay=400, expert_replay_spread=False, warmup_steps=20, chunk_steps=50, seq_len=32,
+    min_expert_exact_match=0.05, min_off_task_gap=-1.0, max_base_exact_match=0.5, min_merge_exact_match=0.0, min_swap_exact_match=0.0)
 DEFAULT = ZooConfig()
 CONFIGS = {"small": SMALL, "default": DEFAULT}

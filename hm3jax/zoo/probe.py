@@ -86,7 +86,8 @@ def score_zoo(cfg: ModelConfig, models: dict[str, dict], zc: ZooConfig, tokenize
     # Every expert with its middle layer swapped for each other expert's and each centre merge's.
     def swapped(expert, donor):
         # jnp.asarray: experts trained in worker processes come back as numpy arrays
-        layers = jax.tree.map(lambda e, d: jnp.asarray(e).at[mid].set(d[mid]), expert["layers"], donor["layers"])
+        layers = jax.tree.map(lambda e, d: jnp.asarray(e).at[mid].set(d[mid]),
+                              expert["layers"], donor["layers"])
         return {**expert, "layers": layers}
 
     centre = {m: jax.tree.map(lambda x: x[0], merged[m]) for m in UPPER_METHODS}  # "centre" is first
