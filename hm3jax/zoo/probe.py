@@ -18,9 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hm3jax.models.config import ModelConfig
-from hm3jax.models.decoder import forward
-from hm3jax.objectives.batch import Batch, make_suite_batch
-from hm3jax.objectives.scoring import exact_match, task_means
+from hm3jax.objectives.batch import make_suite_batch
+from hm3jax.objectives.scoring import make_params_scorer
 from hm3jax.objectives.synthetic import TASK_NAMES
 from hm3jax.zoo.config import ZooConfig
 
@@ -67,7 +66,7 @@ def score_zoo(cfg: ModelConfig, models: dict[str, dict], zc: ZooConfig, tokenize
 
     k, n_layers = len(TASK_NAMES), zc.num_hidden_layers
     mid = n_layers // 2
-    batch = Batch(*(jnp.asarray(np.asarray(x)) for x in make_suite_batch(zc.suite(), "heldout", tokenizer)))
+    batch = make_suite_batch(zc.suite(), "heldout", tokenizer)
     base, experts = models["base"], [models[t] for t in TASK_NAMES]
     prefs = probe_preferences(zc)
     lams = jnp.asarray(np.stack(list(prefs.values())))
@@ -101,19 +100,15 @@ def score_zoo(cfg: ModelConfig, models: dict[str, dict], zc: ZooConfig, tokenize
     # One compiled program scores all of them: the models, the merges and the swaps in one stack,
     # `_SCORE_CHUNK` models at a time (vmapped), which bounds the activations a larger zoo config
     # would hold at once.
-    @jax.jit
-    def score_all(stack, batch):
-        def one(params):
-            logits = forward(cfg, params, batch.tokens, batch.attention_mask)
-            return task_means(exact_match(logits, batch), batch, k)
-        return jax.lax.map(one, stack, batch_size=_SCORE_CHUNK)
+    score = make_params_scorer(cfg, batch, k)
+    score_all = jax.jit(lambda stack: jax.lax.map(score, stack, batch_size=_SCORE_CHUNK))
 
     names = list(models)
     stack = jax.tree.map(lambda *xs: jnp.concatenate(xs),
                          jax.tree.map(lambda *xs: jnp.stack(xs), *(models[n] for n in names)),
                          *[merged[m] for m in UPPER_METHODS],
                          jax.tree.map(lambda *xs: jnp.stack(xs), *swap_params))
-    rows = np.asarray(score_all(stack, batch))
+    rows = np.asarray(score_all(stack))
     scores = {n: dict(zip(TASK_NAMES, map(float, row))) for n, row in zip(names, rows)}
     rows = rows[len(names):]
     n_prefs = len(prefs)

@@ -2,8 +2,8 @@
 
 `train_chunk(cfg, opt, batch_size, n_steps, state, key, data, n_rows, schedule)` is one jitted
 `lax.scan` over `n_steps` optimizer steps; each step samples rows of an on-device dataset, computes
-the masked cross-entropy and applies AdamW. `fit` loops over chunks with a progress bar (the only side effect,
-kept outside the compiled program).
+the masked cross-entropy and applies AdamW. `fit` loops over chunks with a progress bar (the only
+side effect, kept outside the compiled program).
 
 Only shapes and static settings are compiled in: the learning-rate schedule is an argument of
 traced scalars, the loss positions come with the data (`Batch.target_mask`), and `fit` pads each
@@ -213,11 +213,11 @@ def _bucket(n: int) -> int:
 
 def _pad_rows(batch: Batch, rows: int) -> Batch:
     """`batch` with zero rows appended up to `rows` rows (empty batches are left for device_batch)."""
-    n = np.asarray(batch.tokens).shape[0]
+    n = np.shape(batch.tokens)[0]
     if n == 0 or n == rows:
         return batch
-    return Batch(*(np.concatenate([np.asarray(x), np.zeros((rows - n, *np.shape(x)[1:]), np.asarray(x).dtype)])
-                   for x in batch))
+    arrays = [np.asarray(x) for x in batch]
+    return Batch(*(np.concatenate([x, np.zeros((rows - n, *x.shape[1:]), x.dtype)]) for x in arrays))
 
 
 def device_batch(batch: Batch) -> Batch:
