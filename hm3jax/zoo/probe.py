@@ -83,6 +83,8 @@ def score_zoo(cfg: ModelConfig, models: dict[str, dict], zc: ZooConfig, tokenize
         merged[method] = merge_all(lams, base, experts)
 
     # Every expert with its middle layer swapped for each other expert's and each centre merge's.
+    # Only the best centre merge's swaps are reported; the other two merges' are scored and dropped,
+    # which costs less than compiling a second program once the best method is known.
     def swapped(expert, donor):
         # jnp.asarray: experts trained in worker processes come back as numpy arrays
         layers = jax.tree.map(lambda e, d: jnp.asarray(e).at[mid].set(d[mid]),
