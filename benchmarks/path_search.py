@@ -1,20 +1,26 @@
-"""Lower-level benchmark: path-scoring throughput and best Tchebycheff value vs paths scored.
+"""Lower-level benchmark: HM3's path search vs evolution vs random at equal DISTINCT scored paths.
 
-    python benchmarks/path_search.py ZOO_DIR [--out benchmarks] [--iterations 48] [--envs 16]
-        [--align] [--identity-prob P] [--methods SUBSTRINGS] [--tag SUFFIX]
+    python benchmarks/path_search.py ZOO_DIR [--seeds 0,1,2] [--budget 1024] [--per-it 16] [--rows 48]
+        [--actions edit|free] [--methods "hm3 conditioned,hm3 per-λ,evolution,random"] [--regimes a,b]
+        [--train-prefs 16] [--train-budget 256] [--tag SUFFIX] [--throughput]
 
-Part 1 (throughput): N=8 preferences, per-preference PPO agents vmapped in one jitted chunk, against
-the same jitted single-preference program (N=1) called 8 times in a Python loop; paths scored per
-second after compilation, and the share of a chunk's wall time outside rollout + scoring (the PPO
-update: GAE, epochs, minibatches), measured as 1 - (rollout + scoring alone) / (whole chunk).
+Every method scores candidates on the same fixed search rows (`--rows`, stratified over the tasks),
+keeps every distinct path it scored in a path cache (a path drawn again costs nothing) and scores at
+most `--per-it` new distinct paths per iteration; the budget is the count of distinct paths. The
+upper level picks its method per preference ("auto"); the reward is -Tchebycheff, no length penalty.
+A method's answer after b paths is its 2 best (search-row reward) among its first b distinct paths,
+re-scored on the whole search split; the table gives that value (lower is better), and the JSON
+holds the held-out value of the same path (never seen by any search).
 
-Part 2 (search quality): 3 preference vectors, the upper level's DARE-TIES merge (λ as weights) as
-each preference's merged model, Tchebycheff reward (no length penalty) on teacher-forced exact match
-or, with --objective loglik, the mean answer log-likelihood (ideal point = the best expert per task
-on the search split). PPO (categorical and Wolpertinger heads, per-λ and
-λ-conditioned), random search and evolutionary search, each with the same number of scored paths;
-after every chunk the best path's Tchebycheff value on the whole search split. Writes
-path_search.png (curves) and path_search.json, prints a Markdown table (with held-out values).
+Regime (a), per preference: 3 preferences, budgets 64 / 256 / 1024; HM3 (the λ-conditioned agent
+trained on the 3 at once, and per-λ agents), evolutionary and random path search; 3 seeds (the
+seed sets the DARE masks, the search keys), mean and spread over seeds.
+Regime (b), amortised: one conditioned agent trained on `--train-prefs` Dirichlet preferences
+(`--train-budget` distinct paths each), then asked 8 unseen preferences with 0 extra paths (its most
+likely path), 16 and 64 (continued training on them), against evolution started fresh on the
+unseen preferences with the same 16 and 64 paths.
+`--throughput` also times N=8 vmapped preferences against the same single-preference program in a
+loop. Writes path_search{tag}.json and prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from hm3jax.moo import dirichlet, tchebycheff
 from hm3jax.objectives import TASK_NAMES, make_suite_batch, pad_rows
 from hm3jax.search import env as en
 from hm3jax.search.agent import AgentConfig
-from hm3jax.search.align import AlignConfig, fit_alignment
+from hm3jax.search.align import fit_alignment
 from hm3jax.search.baselines import make_scorer
 from hm3jax.search.env import EnvConfig
 from hm3jax.search.lower import (
@@ -139,136 +145,234 @@ def throughput(cfg, models, batch, args):
             "ppo_update_share": max(0.0, 1.0 - (t_roll + t_rescore) / t_vmap)}
 
 
-def quality(cfg, models, batch, heldout, args):
-    # no length penalty: the measure is the Tchebycheff value alone
-    env = EnvConfig(reward="tchebycheff", search_minibatch=args.minibatch, t_max=args.t_max,
-                    length_penalty=0.0)
-    ppo = {"num_envs": args.envs, "minibatches": 2, "iterations": args.iterations,
-           "chunk_iterations": args.chunk}
-    align = AlignConfig(enabled=args.align)
-    base_cfg = LowerConfig(env=env, ppo=PPOConfig(**ppo), objective=args.objective, align=align)
-    data, problems, layout, up, expert_scores = setup(cfg, models, batch, PREFS3, base_cfg, jax.random.key(0))
-    scorer = make_model_scorer(cfg, len(TASK_NAMES), base_cfg)
-    methods = {}
-    for head in ("categorical", "wolpertinger"):
-        for mode in ("per_preference", "conditioned"):
-            lc = LowerConfig(env=env, agent=AgentConfig(head=head, identity_prob=args.identity_prob),
-                             ppo=PPOConfig(mode=mode, **ppo),
-                             objective=args.objective, align=align)
-            methods[f"PPO {head} {'per-λ' if mode == 'per_preference' else 'λ-conditioned'}"] = \
-                make_lower_train(lc, layout, scorer)
-    for m in ("random", "evolution"):
-        sc = PathSearchConfig(method=m, population=args.envs, iterations=args.iterations,
-                              chunk_iterations=args.chunk)
-        methods[f"{m} search"] = make_path_search(sc, env, layout, scorer)
-    if args.methods:
-        methods = {k: v for k, v in methods.items() if any(m in k for m in args.methods.split(","))}
-    curves, final, seconds = {}, {}, {}
-    chunks = args.iterations // args.chunk
-    for name, tr in methods.items():
-        t = time.perf_counter()
-        points = []
-        state = tr.init(jax.random.key(2), problems)
-        for _ in range(chunks):
-            state, m = tr.chunk(state, problems, data)
-            points.append(np.asarray(tr.best(state).tcheby))
-        jax.block_until_ready(state)
-        seconds[name] = time.perf_counter() - t
-        best = jax.tree.map(np.asarray, tr.best(state))
-        curves[name] = np.stack(points)
-        final[name] = best
-        print(f"{name}: {seconds[name]:.1f} s, best Tchebycheff {np.round(best.tcheby, 4)}", flush=True)
-    # held-out Tchebycheff of each method's final best path and of the identity path (never seen by
-    # the search): the same scorer on the held-out split, one compiled program for every row
-    held_data = data._replace(batch=jax.tree.map(jnp.asarray, pad_rows(heldout, base_cfg.score_chunk)))
+# ------------------------------------------------------------------------------- the fair protocol
+BUDGETS = (64, 256, 1024)
+
+
+def search_setup(cfg, models, batch, heldout, prefs, lower_cfg, key):
+    """(SearchData on the search split, SearchData on the held-out split, problems, layout, upper
+    result) for `prefs`, the upper level picking its method per preference ("auto")."""
+    experts = [models[t] for t in TASK_NAMES]
+    score = jax.jit(make_scorer(cfg, batch, len(experts), lower_cfg.objective))
+    ideal = np.stack([np.asarray(score(e)) for e in experts]).max(0)
+    up = run_upper_many(UpperConfig(method="auto"), models["base"], experts, prefs, ideal, score, key)
+    merged = [jax.tree.map(lambda x, i=i: x[i], up.params) for i in range(len(prefs))]
+    data, problems, layout = build_search(cfg, experts, merged, batch, prefs, ideal, lower_cfg, base=models["base"])
+    held = data._replace(batch=jax.tree.map(jnp.asarray, pad_rows(heldout, lower_cfg.score_chunk)))
+    return data, held, problems, layout, up
+
+
+def searchers(layout, scorer, env, budget, per_it, chunk, names, local_share=0.5):
+    """name -> (Trainer, chunks) of every method compared, each scoring `per_it` new distinct paths
+    per iteration up to `budget` per preference."""
+    iters = budget // per_it
+    ppo = dict(num_envs=4 * per_it, new_paths=per_it, iterations=iters, chunk_iterations=chunk, minibatches=2,
+               baseline="pomo", sil_coef=0.5, explore=4 * per_it, local_share=local_share, lr=3e-3,
+               critic_lr=3e-3)
+    agent = AgentConfig(identity_prob=0.7)
+    out = {}
+    for name in names:
+        if name.startswith("hm3"):
+            mode = "conditioned" if "conditioned" in name else "per_preference"
+            lc = LowerConfig(env=env, agent=agent, ppo=PPOConfig(mode=mode, **ppo))
+            out[name] = make_lower_train(lc, layout, scorer)
+        else:
+            method = "evolution" if name.startswith("evolution") else "random"
+            sc = PathSearchConfig(method=method, population=per_it, candidates=4 * per_it, iterations=iters,
+                                  chunk_iterations=chunk)
+            out[name] = make_path_search(sc, env, layout, scorer)
+    return out
+
+
+def best_at(state, budgets, layout, n_rescore=2):
+    """Per budget b: the local paths [N, T] the search would report after b distinct paths (its
+    n_rescore best by search-row reward among the first b it scored, and the identity path, as
+    every search's `finish` does), as candidates [N, n + 1, T]."""
+    cache = state.cache
+    ident = np.asarray(en.decode(layout, layout.identity_gene(jnp.arange(layout.t_max)).astype(jnp.int32)))
+    reward = np.asarray(cache.reward).reshape(-1, cache.reward.shape[-1])
+    paths = np.asarray(cache.paths).reshape(-1, *cache.paths.shape[-2:])
+    out = {}
+    for b in budgets:
+        r = np.where(np.arange(reward.shape[1]) < b, reward, -np.inf)
+        idx = np.argsort(-r, axis=1, kind="stable")[:, :n_rescore]
+        out[b] = np.stack([np.concatenate([paths[i, idx[i]], ident[None]]) for i in range(len(paths))])
+    return out
+
+
+def full_tcheby(scorer, layout, data, problems, cands, env):
+    """(Tchebycheff [N] on the whole split of each preference's best candidate by full-split reward,
+    chosen candidate index [N]) for candidates [N, n, T]; also returns the scores [N, K]."""
     full = jax.jit(scorer.full)
-    ideal = np.asarray(problems.ideal[0])
-    names = list(final)
-    held, ident_held = {n: [] for n in names}, []
-    for i in range(len(PREFS3)):
-        local = [jnp.asarray(final[n].path[i]) for n in names]
-        local.append(layout.identity_action(jnp.arange(layout.t_max)).astype(jnp.int32))
-        g = en.to_global(layout, jnp.stack(local), i)
-        em = np.asarray(full(held_data, g, jnp.asarray(i, jnp.int32)))  # per-task scores
-        t = np.asarray(tchebycheff(em, PREFS3[i], ideal))
-        for n, v in zip(names, t[:-1]):
-            held[n].append(float(v))
-        ident_held.append(float(t[-1]))
-    return {"paths_per_chunk": args.envs * args.chunk, "curves": {k: v.tolist() for k, v in curves.items()},
-            "final": {k: v.tcheby.tolist() for k, v in final.items()},
-            "paths": {k: [[str(s) for s in v.path[i].tolist()] for i in range(len(PREFS3))] for k, v in final.items()},
-            "heldout": held, "seconds": seconds, "upper_tcheby": np.asarray(up.tcheby).tolist(),
-            "upper_heldout": ident_held, "expert_scores": expert_scores.tolist(),
-            "ideal": ideal.tolist(), "t_max": layout.t_max, "num_layers": layout.num_layers}
+    t, s, pick = [], [], []
+    for i in range(cands.shape[0]):
+        g = en.to_global(layout, jnp.asarray(cands[i]), i)
+        sc = np.asarray(full(data, g, jnp.asarray(i, jnp.int32)))
+        p = jax.tree.map(lambda x, i=i: x[i], problems)
+        rew = np.asarray(en.terminal_reward(env, jnp.asarray(sc), p, en.path_length(layout, jnp.asarray(cands[i]))))
+        j = int(np.argmax(rew))
+        pick.append(j)
+        s.append(sc[j])
+        t.append(float(tchebycheff(sc[j], p.preference, p.ideal)))
+    return np.asarray(t), np.asarray(s), pick
 
 
-def _fmt(p) -> str:
-    return "(" + ", ".join(f"{x:.1f}" for x in p) + ")"
+def per_preference(cfg, models, batch, heldout, args, seed):
+    """Regime (a): each method searches the 3 preferences with `args.budget` distinct paths each;
+    the best path after 64 / 256 / 1024 paths, re-scored on the whole search split (and held out)."""
+    env = EnvConfig(actions=args.actions, reward="tchebycheff", search_minibatch=args.rows, length_penalty=0.0)
+    lc = LowerConfig(env=env)
+    data, held, problems, layout, up = search_setup(cfg, models, batch, heldout, PREFS3, lc, jax.random.key(seed))
+    scorer = make_model_scorer(cfg, len(TASK_NAMES), lc)
+    budgets = [b for b in BUDGETS if b <= args.budget]
+    res = {"upper_tcheby": np.asarray(up.tcheby).tolist(), "upper_method": np.asarray(up.method).tolist()}
+    for name, tr in searchers(layout, scorer, env, args.budget, args.per_it, args.chunk, args.methods,
+                              args.local_share).items():
+        t0 = time.perf_counter()
+        state = tr.init(jax.random.key(100 + seed), problems)
+        for _ in range(args.budget // args.per_it // args.chunk):
+            state, m = tr.chunk(state, problems, data)
+        jax.block_until_ready(state)
+        secs = time.perf_counter() - t0
+        row = {"seconds": secs, "distinct": np.asarray(m.paths_scored[-1]).tolist()}
+        for b, cands in best_at(state, budgets, layout).items():
+            ts, _, pick = full_tcheby(scorer, layout, data, problems, cands, env)
+            chosen = np.stack([cands[i, j] for i, j in enumerate(pick)])
+            th, _, _ = full_tcheby(scorer, layout, held, problems, chosen[:, None], env)
+            row[str(b)] = {"search": ts.tolist(), "heldout": th.tolist(), "paths": chosen.tolist()}
+        res[name] = row
+        print(f"  seed {seed} {name}: {secs:.0f} s; " + "; ".join(
+            f"{b}: {np.round(row[str(b)]['search'], 4).tolist()}" for b in budgets), flush=True)
+    return res
 
 
-def plot(q, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def amortised(cfg, models, batch, heldout, args, seed):
+    """Regime (b): one conditioned agent trained on `args.train_prefs` sampled preferences
+    (args.train_budget distinct paths each), then asked 8 unseen preferences with 0, 16 and 64 extra
+    distinct paths each (continued training on those alone), against evolution started fresh on
+    them with the same extra paths."""
+    K = len(TASK_NAMES)
+    train_p = np.asarray(dirichlet(args.train_prefs, K, 1000 + seed), np.float32)
+    test_p = np.asarray(dirichlet(8, K, 2000 + seed), np.float32)
+    env = EnvConfig(actions=args.actions, reward="tchebycheff", search_minibatch=args.rows, length_penalty=0.0)
+    lc = LowerConfig(env=env)
+    prefs = np.concatenate([train_p, test_p])
+    data, held, problems, layout, up = search_setup(cfg, models, batch, heldout, prefs, lc, jax.random.key(seed))
+    scorer = make_model_scorer(cfg, K, lc)
+    n_tr = len(train_p)
+    sub = lambda tree, lo, hi: jax.tree.map(lambda x: x[lo:hi], tree)
+    train_probs, test_probs = sub(problems, 0, n_tr), sub(problems, n_tr, len(prefs))
+    per_it = args.per_it
+    agent = AgentConfig(identity_prob=0.7)
+    ppo = dict(mode="conditioned", num_envs=4 * per_it, new_paths=per_it, minibatches=2, baseline="pomo",
+               sil_coef=0.5, explore=4 * per_it, local_share=args.local_share, lr=3e-3, critic_lr=3e-3)
+    t0 = time.perf_counter()
+    tr = make_lower_train(LowerConfig(env=env, agent=agent, ppo=PPOConfig(
+        iterations=args.train_budget // per_it, chunk_iterations=args.train_budget // per_it, **ppo)), layout, scorer)
+    state, _ = tr.chunk(tr.init(jax.random.key(300 + seed), train_probs), train_probs, data)
+    train_s = time.perf_counter() - t0
+    out = {"train_prefs": train_p.tolist(), "test_prefs": test_p.tolist(), "train_seconds": train_s,
+           "train_paths": args.train_budget * n_tr, "upper_tcheby_test": np.asarray(up.tcheby[n_tr:]).tolist()}
+    # zero-shot: the agent's most likely path for each unseen preference, no path scored to choose it
+    genes = tr.greedy(state.params, test_probs)
+    zero = np.asarray(en.decode(layout, genes))
+    ts, _, _ = full_tcheby(scorer, layout, data, test_probs, zero[:, None], env)
+    th, _, _ = full_tcheby(scorer, layout, held, test_probs, zero[:, None], env)
+    out["hm3 0"] = {"search": ts.tolist(), "heldout": th.tolist()}
+    for extra in (16, 64):
+        its = extra // per_it
+        ft = make_lower_train(LowerConfig(env=env, agent=agent, ppo=PPOConfig(
+            iterations=its, chunk_iterations=its, **ppo)), layout, scorer)
+        s1 = ft.init(jax.random.key(400 + seed), test_probs)._replace(params=state.params, opt_state=state.opt_state)
+        s1, _ = ft.chunk(s1, test_probs, data)
+        # the zero-shot path counts as a candidate too (it is the agent's answer before the search)
+        cands = np.concatenate([best_at(s1, [extra], layout)[extra], zero[:, None]], axis=1)
+        ts, _, pick = full_tcheby(scorer, layout, data, test_probs, cands, env)
+        chosen = np.stack([cands[i, j] for i, j in enumerate(pick)])
+        th, _, _ = full_tcheby(scorer, layout, held, test_probs, chosen[:, None], env)
+        out[f"hm3 {extra}"] = {"search": ts.tolist(), "heldout": th.tolist()}
+        sc = PathSearchConfig(method="evolution", population=per_it, candidates=4 * per_it, iterations=its,
+                              chunk_iterations=its)
+        ev = make_path_search(sc, env, layout, scorer)
+        s2, _ = ev.chunk(ev.init(jax.random.key(500 + seed), test_probs), test_probs, data)
+        cands = best_at(s2, [extra], layout)[extra]
+        ts, _, pick = full_tcheby(scorer, layout, data, test_probs, cands, env)
+        chosen = np.stack([cands[i, j] for i, j in enumerate(pick)])
+        th, _, _ = full_tcheby(scorer, layout, held, test_probs, chosen[:, None], env)
+        out[f"evolution {extra}"] = {"search": ts.tolist(), "heldout": th.tolist()}
+    print(f"  seed {seed} amortised: train {train_s:.0f} s; " + "; ".join(
+        f"{k}: {np.mean(v['search']):.4f}" for k, v in out.items() if isinstance(v, dict)), flush=True)
+    return out
 
-    fig, axes = plt.subplots(1, len(PREFS3), figsize=(5 * len(PREFS3), 4), sharey=False)
-    for i, ax in enumerate(axes):
-        for name, c in q["curves"].items():
-            c = np.asarray(c)
-            x = q["paths_per_chunk"] * np.arange(1, len(c) + 1)
-            ax.plot(x, c[:, i], marker="o", ms=3, label=name)
-        ax.axhline(q["upper_tcheby"][i], color="k", ls="--", lw=1, label="upper level only (identity path)")
-        ax.set_title(f"λ = {_fmt(PREFS3[i])}")
-        ax.set_xlabel("paths scored (per preference)")
-        ax.set_ylabel("best Tchebycheff (search split, lower is better)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+
+def summarise(runs, key, budgets):
+    """Mean and spread (min, max) over seeds of each method's mean Tchebycheff value at each budget."""
+    lines = []
+    names = [k for k in runs[0][key] if isinstance(runs[0][key][k], dict) and "seconds" in runs[0][key][k]]
+    for name in names:
+        cells = []
+        for b in budgets:
+            vals = np.asarray([r[key][name][str(b)]["search"] for r in runs])  # [seeds, prefs]
+            per_pref = vals.mean(0)
+            cells.append(f"{vals.mean():.4f} [{vals.mean(1).min():.4f}, {vals.mean(1).max():.4f}] ("
+                         + "/".join(f"{x:.3f}" for x in per_pref) + ")")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("zoo_dir")
     ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
-    ap.add_argument("--iterations", type=int, default=48)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--budget", type=int, default=1024, help="distinct paths per preference, regime (a)")
+    ap.add_argument("--per-it", type=int, default=16, help="new distinct paths scored per iteration")
     ap.add_argument("--chunk", type=int, default=8)
+    ap.add_argument("--rows", type=int, default=48, help="search rows scoring every path (fixed)")
+    ap.add_argument("--actions", choices=("free", "edit"), default="edit")
+    ap.add_argument("--methods", default="hm3 conditioned,hm3 per-λ,evolution,random")
+    ap.add_argument("--local-share", type=float, default=0.5, help="HM3's lower.ppo.local_share")
+    ap.add_argument("--train-prefs", type=int, default=16)
+    ap.add_argument("--train-budget", type=int, default=256)
+    ap.add_argument("--regimes", default="a,b")
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--throughput", action="store_true", help="also run the vmapped-vs-loop throughput part")
+    ap.add_argument("--minibatch", type=int, default=48)
     ap.add_argument("--envs", type=int, default=16)
-    ap.add_argument("--minibatch", type=int, default=96)
     ap.add_argument("--t-max", type=int, default=None)
-    ap.add_argument("--objective", choices=("exact_match", "loglik"), default="exact_match",
-                    help="per-task score: exact match, or mean answer log-likelihood (smooth; for "
-                         "zoos whose experts have low exact match)")
-    ap.add_argument("--align", action="store_true",
-                    help="fit lower.align's switch maps first and score every path with them")
-    ap.add_argument("--methods", default="",
-                    help="comma-separated substrings of the method names to run (default: all)")
-    ap.add_argument("--identity-prob", type=float, default=AgentConfig().identity_prob,
-                    help="lower.agent.identity_prob of the PPO agents")
-    ap.add_argument("--tag", default="", help="suffix of the output files (path_search{tag}.json/.png)")
-    ap.add_argument("--skip-throughput", action="store_true")
-    ap.add_argument("--skip-quality", action="store_true")
     args = ap.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     cfg, models, tok, suite = load(args.zoo_dir)
     batch = make_suite_batch(suite, "search", tok)
     heldout = make_suite_batch(suite, "heldout", tok)
     out = {"zoo": os.path.abspath(args.zoo_dir), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
            "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "search_rows": int(batch.tokens.shape[0]),
-           "args": vars(args)}
-    if not args.skip_throughput:
+           "args": vars(args), "runs": []}
+    if args.throughput:
         out["throughput"] = throughput(cfg, models, batch, args)
         print(json.dumps(out["throughput"], indent=1), flush=True)
-    if not args.skip_quality:
-        q = quality(cfg, models, batch, heldout, args)
-        out["quality"] = q
-        plot(q, os.path.join(args.out, f"path_search{args.tag}.png"))
-        print("| method | " + " | ".join(f"λ = {_fmt(p)} search / held-out" for p in PREFS3) + " |")
-        print("|---|" + "---|" * len(PREFS3))
-        print("| upper level only (identity path) | " + " | ".join(
-            f"{a:.4f} / {b:.4f}" for a, b in zip(q["upper_tcheby"], q["upper_heldout"])) + " |")
-        for name in q["final"]:
-            print(f"| {name} | " + " | ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(q["final"][name], q["heldout"][name])) + " |")
-    with open(os.path.join(args.out, f"path_search{args.tag}.json"), "w") as f:
-        json.dump(out, f, indent=1)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    path = os.path.join(args.out, f"path_search{args.tag}.json")
+    for seed in seeds:
+        run = {"seed": seed}
+        if "a" in args.regimes:
+            run["a"] = per_preference(cfg, models, batch, heldout, args, seed)
+        if "b" in args.regimes:
+            run["b"] = amortised(cfg, models, batch, heldout, args, seed)
+        out["runs"].append(run)
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+    budgets = [b for b in BUDGETS if b <= args.budget]
+    if "a" in args.regimes:
+        print("| method | " + " | ".join(f"{b} paths" for b in budgets) + " |")
+        print("|---|" + "---|" * len(budgets))
+        print("\n".join(summarise(out["runs"], "a", budgets)))
+    if "b" in args.regimes:
+        for k in out["runs"][0]["b"]:
+            if isinstance(out["runs"][0]["b"][k], dict):
+                v = np.asarray([r["b"][k]["search"] for r in out["runs"]])
+                h = np.asarray([r["b"][k]["heldout"] for r in out["runs"]])
+                print(f"| {k} | {v.mean():.4f} [{v.mean(1).min():.4f}, {v.mean(1).max():.4f}] | {h.mean():.4f} |")
     return 0
 
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import draccus
 import numpy as np
 
+from hm3jax.search.agent import AgentConfig
 from hm3jax.search.env import EnvConfig
 from hm3jax.search.lower import LowerConfig
 from hm3jax.search.ppo import PPOConfig
@@ -37,9 +38,19 @@ SIMPLEX_TOL = 1e-6
 
 
 # The default run's search, sized so `python -m hm3jax.train` finishes in minutes on a 2-core CPU:
-# 16 paths per preference per iteration, 24 iterations, each batch scored on 48 search rows.
-DEFAULT_LOWER = LowerConfig(env=EnvConfig(search_minibatch=48),
-                            ppo=PPOConfig(num_envs=16, iterations=24, chunk_iterations=8, minibatches=2))
+# edit actions around the upper level's merge; one λ-conditioned agent for every preference; 64
+# rollouts per preference per iteration of which at most 16 new distinct paths are scored (half of
+# them offered to neighbours of the best paths first), 24 iterations: 384 distinct paths per
+# preference, each scored on the same 48 search rows; reward -Tchebycheff (the value the upper level
+# minimises and the report compares); POMO baseline and self-imitation of the best.
+DEFAULT_LOWER = LowerConfig(
+    env=EnvConfig(actions="edit", reward="tchebycheff", search_minibatch=48),
+    agent=AgentConfig(identity_prob=0.8),
+    ppo=PPOConfig(mode="conditioned", num_envs=64, new_paths=16, iterations=24, chunk_iterations=8,
+                  minibatches=2, baseline="pomo", sil_coef=0.5, explore=64, local_share=0.5, lr=3e-3,
+                  critic_lr=3e-3))
+# The default upper level picks TA / TIES / DARE-TIES per preference on the search split.
+DEFAULT_UPPER = UpperConfig(method="auto")
 
 
 class RunConfigError(ValueError):
@@ -174,7 +185,7 @@ class RunConfig:
     """The tasks (one per expert)."""
     preferences: PreferencesConfig = dataclasses.field(default_factory=PreferencesConfig)
     """The preference vectors."""
-    upper: UpperConfig = dataclasses.field(default_factory=UpperConfig)
+    upper: UpperConfig = dataclasses.field(default_factory=lambda: DEFAULT_UPPER)
     """Upper level: parameter-space merge per preference (hm3jax.search.upper.UpperConfig)."""
     lower: LowerConfig = dataclasses.field(default_factory=lambda: DEFAULT_LOWER)
     """Lower level: the layer-path search (hm3jax.search.lower.LowerConfig: env, agent, ppo); the

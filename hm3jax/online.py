@@ -4,8 +4,9 @@ HM3's promise: one agent, trained offline over sampled preference vectors, answe
 has not seen without retraining. For a run whose lower level trained one shared agent
 (`lower.ppo.mode: conditioned`), `search_preference` takes that agent from the run's checkpoint
 (RUN_DIR/checkpoints/lower), merges the upper level for the new λ (as the run merged its own
-preferences, with the run's density and scale), and either samples one batch of paths from the agent
-as it is (`iterations=0`) or continues PPO for `iterations` iterations on this λ alone. The best path
+preferences, with the run's density and scale, and the method "auto" would pick for this λ), and either
+takes the agent's most likely path as it is (`iterations=0`: zero-shot, no path scored to choose
+it) or continues PPO for `iterations` iterations on this λ alone. The best path
 is re-scored on the whole search split (the training signal) and then on the held-out split, and
 returned as a front.json solution record, so recommend can print it and export it.
 
@@ -54,7 +55,7 @@ def search_preference(run_dir: str | os.PathLike, preference: Sequence[float], i
       run_dir: a finished run of a config with lower.ppo.mode: conditioned.
       preference: [K] λ on the simplex (recommend normalises it).
       iterations: PPO iterations on this λ (rounded up to whole chunks of lower.ppo.chunk_iterations);
-        0 samples one batch of lower.ppo.num_envs paths from the agent as trained.
+        0 takes the agent's most likely path for λ as trained (no search budget spent).
       seed: seeds the sampling and the continued training (the upper-level merge uses the run's seed).
     Returns the solution record (preference, upper, path, shell, scores, cost, dominated False).
     """
@@ -63,9 +64,10 @@ def search_preference(run_dir: str | os.PathLike, preference: Sequence[float], i
 
     from hm3jax import pipeline as pl
     from hm3jax.cost import path_cost
+    from hm3jax.moo import tchebycheff
     from hm3jax.report import make_solution
     from hm3jax.search.lower import build_search, make_lower_train, propose, run_lower
-    from hm3jax.search.upper import merge_for_preference
+    from hm3jax.search.upper import AUTO, UPPER_METHODS, merge_for_preference
     from hm3jax.train import load_context
 
     if iterations < 0:
@@ -83,7 +85,7 @@ def search_preference(run_dir: str | os.PathLike, preference: Sequence[float], i
         ideal = pl.references(ctx)["ideal"]
         up = pl.upper(ctx, ideal)
         # The run's agent: restore the finished lower level's state (no chunk left to run).
-        merged = pl.merged_models(ctx, up["density"], up["scale"])
+        merged = pl.merged_models(ctx, up["density"], up["scale"], pl.upper_methods(ctx, up))
         data, problems, layout = build_search(ctx.model_cfg, ctx.experts, merged, ctx.search, ctx.prefs, ideal,
                                               cfg.lower, ctx.base)
         scorer = pl._model_scorer(ctx)
@@ -98,7 +100,15 @@ def search_preference(run_dir: str | os.PathLike, preference: Sequence[float], i
         # preference's when the run tuned them per preference), a key of its own.
         density, scale = float(np.mean(up["density"])), float(np.mean(up["scale"]))
         key = jax.random.fold_in(pl.upper_key(ctx), 10_000 + seed)
-        new = merge_for_preference(cfg.upper.method, ctx.base, ctx.experts, jnp.asarray(lam), key,
+        method = cfg.upper.method
+        if method == AUTO:  # the method whose merge for this λ scores best on the search split
+            score = jax.jit(pl._params_scorer(ctx, ctx.search))
+            merge = jax.jit(merge_for_preference, static_argnums=0)
+            values = [float(tchebycheff(score(merge(m, ctx.base, ctx.experts, jnp.asarray(lam), key,
+                                                     jnp.float32(density), jnp.float32(scale))),
+                                        jnp.asarray(lam), jnp.asarray(ideal))) for m in UPPER_METHODS]
+            method = UPPER_METHODS[int(np.argmin(values))]
+        new = merge_for_preference(method, ctx.base, ctx.experts, jnp.asarray(lam), key,
                                    jnp.float32(density), jnp.float32(scale))
         data1, problems1, layout1 = build_search(ctx.model_cfg, ctx.experts, [new], ctx.search, lam[None], ideal,
                                                  cfg.lower, ctx.base)
@@ -111,11 +121,11 @@ def search_preference(run_dir: str | os.PathLike, preference: Sequence[float], i
             state = trainer1.init(k_run, problems1)._replace(params=params, opt_state=opt_state)
             for _ in range(math.ceil(iterations / ppo.chunk_iterations)):
                 state, _ = trainer1.chunk(state, problems1, data1)
+            state = trainer1.finish(state, problems1, data1)
             best = jax.tree.map(lambda x: np.asarray(x)[0], trainer1.best(state))
         else:
             one = jax.tree.map(lambda x: x[0], problems1)
-            best = jax.tree.map(np.asarray, propose(trainer1, layout1, cfg.lower.env, scorer, params, one, data1,
-                                                    k_run))
+            best = jax.tree.map(np.asarray, propose(trainer1, layout1, cfg.lower.env, scorer, params, one, data1))
         # Held-out scores of the best path, as the run scores its own.
         held, _, _ = build_search(ctx.model_cfg, ctx.experts, [new], ctx.heldout, lam[None], ideal, cfg.lower,
                                   ctx.base)
@@ -125,7 +135,7 @@ def search_preference(run_dir: str | os.PathLike, preference: Sequence[float], i
         glob = np.asarray(en.to_global(layout1, jnp.asarray(best.path)[None], jnp.asarray(problems1.block)[:, None]))
         heldout = np.asarray(jax.jit(scorer.full)(held, jnp.asarray(glob[0])[None], jnp.int32(0)))[0]
     path = pl.describe_path(ctx, best.path, pl.MERGE)
-    upper = {"method": cfg.upper.method, "density": density, "scale": scale, "seed": cfg.seed,
+    upper = {"method": method, "density": density, "scale": scale, "seed": cfg.seed,
              "key_data": np.asarray(jax.random.key_data(key)).tolist()}
     return make_solution(lam, upper, path, pl.MERGE, best.scores, heldout,
                          path_cost(ctx.model_cfg, path, cfg.front.cost_seq_len).to_dict(),

@@ -117,16 +117,19 @@ def _params_scorer(ctx: Context, batch: Batch):
                               ctx.cfg.eval.batch_rows)
 
 
-def merged_models(ctx: Context, density, scale) -> list[dict]:
+def upper_methods(ctx: Context, upper_out: dict | None) -> list[str]:
+    """The merge method of each preference's upper level (the pick of upper.method "auto")."""
+    if upper_out is not None and "method" in upper_out:
+        return [UPPER_METHODS[int(i)] for i in np.asarray(upper_out["method"]).reshape(-1)]
+    return [ctx.cfg.upper.method] * len(ctx.prefs)
+
+
+def merged_models(ctx: Context, density, scale, methods: Sequence[str] | None = None) -> list[dict]:
     """The upper level's merged params for each preference (recomputed: merges are deterministic)."""
-    method = ctx.cfg.upper.method
-
-    @jax.jit
-    def merge(pref, key, d, s, base, experts):
-        return merge_for_preference(method, base, experts, pref, key, d, s)
-
-    return [merge(jnp.asarray(p), k, jnp.float32(d), jnp.float32(s), ctx.base, ctx.experts)
-            for p, k, d, s in zip(ctx.prefs, merge_keys(ctx), density, scale)]
+    methods = methods or [ctx.cfg.upper.method] * len(ctx.prefs)
+    merge = jax.jit(merge_for_preference, static_argnums=0)
+    return [merge(m, ctx.base, ctx.experts, jnp.asarray(p), k, jnp.float32(d), jnp.float32(s))
+            for m, p, k, d, s in zip(methods, ctx.prefs, merge_keys(ctx), density, scale)]
 
 
 def upper_key(ctx: Context) -> jax.Array:
@@ -159,10 +162,15 @@ def upper(ctx: Context, ideal, stop_after=None) -> dict:
     def compute():
         res = run_upper_many(ctx.cfg.upper, ctx.base, ctx.experts, ctx.prefs, ideal,
                              _params_scorer(ctx, ctx.search), upper_key(ctx))
-        return {"density": res.density, "scale": res.scale, "search": res.scores, "tcheby": res.tcheby}
+        return {"density": res.density, "scale": res.scale, "search": res.scores, "tcheby": res.tcheby,
+                "method": np.asarray(res.method, np.int32).reshape(-1)}
 
-    return _stage(ctx, "upper", compute, lambda o: f"{ctx.cfg.upper.method} for {len(ctx.prefs)} "
-                  f"preferences; mean Tchebycheff value {float(np.mean(o['tcheby'])):.4f}", stop_after)
+    def summary(o):
+        picked = ", ".join(upper_methods(ctx, o))
+        return (f"{ctx.cfg.upper.method} for {len(ctx.prefs)} preferences ({picked}); mean Tchebycheff "
+                f"value {float(np.mean(o['tcheby'])):.4f}")
+
+    return _stage(ctx, "upper", compute, summary, stop_after)
 
 
 def _path_search(ctx: Context, name: str, merged: list[dict], ideal, make_trainer, num_chunks: int,
@@ -192,15 +200,21 @@ def _path_search(ctx: Context, name: str, merged: list[dict], ideal, make_traine
         if stop_chunk is not None and stop_chunk < num_chunks:
             raise StopRun(stop_after)
         rewards = np.asarray(res.history.reward) if res.history is not None else np.zeros((0, len(ctx.prefs)))
+        scored = (np.asarray(res.history.paths_scored) if res.history is not None
+                  else np.zeros((0, len(ctx.prefs)), np.int32))
         out = {"path": res.best.path, "global_path": res.global_paths, "search": res.best.scores,
-               "tcheby": res.best.tcheby, "reward_curve": rewards.reshape(rewards.shape[0], -1)}
+               "tcheby": res.best.tcheby, "reward_curve": rewards.reshape(rewards.shape[0], -1),
+               "paths_scored": scored.reshape(scored.shape[0], -1)[-1:].reshape(-1) if len(scored)
+               else np.zeros((len(ctx.prefs),), np.int32)}
         if fitted is not None:  # held-out scoring runs the paths with the same maps
             out["align"] = fitted.alignment.params
             out["align_gap"] = np.asarray([fitted.gap_before, fitted.gap_after], np.float32)
         return out
 
     return _stage(ctx, name, compute, lambda o: f"best paths' mean Tchebycheff value "
-                  f"{float(np.mean(o['tcheby'])):.4f} (search split)", stop_after)
+                  f"{float(np.mean(o['tcheby'])):.4f} (search split), "
+                  f"{int(np.mean(o['paths_scored'])) if 'paths_scored' in o else '?'} distinct paths scored "
+                  "per preference", stop_after)
 
 
 def alignment(ctx: Context, merged: list[dict]):
@@ -245,12 +259,15 @@ def lower_stage(ctx: Context, name: str, merged: list[dict], ideal, stop_after=N
 
 
 def baseline_search(ctx: Context, name: str, method: str, merged: list[dict], ideal, stop_after=None) -> dict:
+    """Random or evolutionary path search at HM3's budget of distinct scored paths (or
+    eval.path_search_budget), scoring as many new paths per iteration as PPO and drawing as many
+    candidates as PPO rolls out."""
     ppo = ctx.cfg.lower.ppo
-    budget = ctx.cfg.eval.path_search_budget or ppo.iterations * ppo.num_envs
-    iterations = max(ppo.chunk_iterations, budget // ppo.num_envs // ppo.chunk_iterations * ppo.chunk_iterations)
-    pcfg = PathSearchConfig(method=method, population=ppo.num_envs, iterations=iterations,
-                            chunk_iterations=ppo.chunk_iterations,
-                            elite=min(4, ppo.num_envs - 1))
+    per_it = ppo.paths_per_iteration
+    budget = ctx.cfg.eval.path_search_budget or ppo.budget
+    iterations = max(ppo.chunk_iterations, budget // per_it // ppo.chunk_iterations * ppo.chunk_iterations)
+    pcfg = PathSearchConfig(method=method, population=per_it, candidates=max(ppo.num_envs, per_it),
+                            iterations=iterations, chunk_iterations=ppo.chunk_iterations)
     key = jax.random.fold_in(jax.random.key(ctx.cfg.seed), 2 + STAGES.index(name))
     return _path_search(ctx, name, merged, ideal,
                         lambda layout, scorer: make_path_search(pcfg, ctx.cfg.lower.env, layout, scorer),
@@ -398,12 +415,13 @@ def solutions(ctx: Context, stage: dict, heldout: np.ndarray, merged_name: str, 
     recs = []
     seq = ctx.cfg.front.cost_seq_len
     keys = merge_keys(ctx)
+    methods = upper_methods(ctx, upper_out)
     for i, pref in enumerate(ctx.prefs):
         path = describe_path(ctx, stage["path"][i], merged_name)
         up = None
         if with_upper and upper_out is not None:
             k = keys[i]
-            up = {"method": ctx.cfg.upper.method, "density": float(upper_out["density"][i]),
+            up = {"method": methods[i], "density": float(upper_out["density"][i]),
                   "scale": float(upper_out["scale"][i]), "seed": ctx.cfg.seed,
                   "key_data": np.asarray(jax.random.key_data(k)).tolist()}
         recs.append(make_solution(pref, up, path, merged_name, stage["search"][i], heldout[i],
@@ -430,8 +448,9 @@ def identity_solutions(ctx: Context, search: np.ndarray, heldout: np.ndarray, up
     L, seq = ctx.model_cfg.num_hidden_layers, ctx.cfg.front.cost_seq_len
     path = [(MERGE, layer) for layer in range(L)]
     recs = []
+    methods = upper_methods(ctx, upper_out) if upper_out is not None else [method] * len(ctx.prefs)
     for i, pref in enumerate(ctx.prefs):
-        up = {"method": method, "density": float(upper_out["density"][i]) if upper_out else ctx.cfg.upper.density,
+        up = {"method": methods[i], "density": float(upper_out["density"][i]) if upper_out else ctx.cfg.upper.density,
               "scale": float(upper_out["scale"][i]) if upper_out else ctx.cfg.upper.scale, "seed": ctx.cfg.seed}
         recs.append(make_solution(pref, up, path, MERGE, search[i], heldout[i],
                                   path_cost(ctx.model_cfg, path, seq).to_dict()))

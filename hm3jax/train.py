@@ -134,7 +134,7 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> dict:
     ref = pl.references(ctx, stop_after)
     ideal = ref["ideal"]
     up = pl.upper(ctx, ideal, stop_after)
-    merged = pl.merged_models(ctx, up["density"], up["scale"])
+    merged = pl.merged_models(ctx, up["density"], up["scale"], pl.upper_methods(ctx, up))
     base_blocks = [ctx.base] * len(ctx.prefs)  # "no parameter level": the base in the merged block
     searches = {"lower": (pl.lower_stage(ctx, "lower", merged, ideal, stop_after), merged)}
     if cfg.eval.baselines:

@@ -120,7 +120,8 @@ def test_vmap_over_preferences_equals_separate_runs():
     for i in range(4):
         p = jax.tree.map(lambda x, i=i: x[i:i + 1], problems())
         alone, m = chunk(jax.jit(tr.group_init)(keys[i], p), p, None)
-        np.testing.assert_array_equal(np.asarray(alone.best.path[0]), np.asarray(state.best.path[i, 0]))
+        np.testing.assert_array_equal(np.asarray(alone.cache.paths[0]), np.asarray(state.cache.paths[i, 0]))
+        np.testing.assert_array_equal(np.asarray(alone.cache.count[0]), np.asarray(state.cache.count[i, 0]))
         np.testing.assert_allclose(np.asarray(m.reward[:, 0]), np.asarray(metrics.reward[:, i]), atol=1e-5)
         for a, b in zip(jax.tree.leaves(alone.params), jax.tree.leaves(state.params)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b[i]), atol=1e-4)
@@ -133,10 +134,16 @@ def test_checkpoint_resume_equals_unbroken_run(categorical_run, tmp_path):
                       stop_after=2)
     assert first.history.reward.shape[0] == 2 * PPO.chunk_iterations
     resumed = run_lower(tr, LAYOUT, problems(), None, jax.random.key(0), CHUNKS, checkpoint_dir=tmp_path)
-    assert resumed.history.reward.shape[0] == (CHUNKS - 2) * PPO.chunk_iterations
+    # the history of the restored chunks comes back from the checkpoint with the state
+    assert resumed.history.reward.shape[0] == CHUNKS * PPO.chunk_iterations
     for a, b in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(unbroken.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    np.testing.assert_array_equal(resumed.history.reward, unbroken.history.reward[2 * PPO.chunk_iterations:])
+    for a, b in zip(jax.tree.leaves(resumed.history), jax.tree.leaves(unbroken.history)):
+        np.testing.assert_array_equal(a, b)
+    # killed after the last chunk was saved: the same call restores everything, runs nothing
+    again = run_lower(tr, LAYOUT, problems(), None, jax.random.key(0), CHUNKS, checkpoint_dir=tmp_path)
+    np.testing.assert_array_equal(again.history.reward, unbroken.history.reward)
+    np.testing.assert_array_equal(again.best.path, unbroken.best.path)
 
 
 @pytest.mark.parametrize("method", ["random", "evolution"])
@@ -149,7 +156,12 @@ def test_path_baselines_on_the_synthetic_reward(method):
         np.testing.assert_array_equal(res.best.path, OPTIMUM)
     else:  # 512 uniform draws from 9 ** 3 paths: at least two of the three steps right
         assert np.all(res.best.reward >= 2 / 3 * BEST_REWARD - 1e-6), res.best.reward
-    assert res.history.paths_scored[-1].tolist() == [cfg.iterations * cfg.population] * 4
+    scored = res.history.paths_scored
+    if method == "random":  # uniform draws rarely repeat: the whole budget is spent
+        assert scored[-1].tolist() == [cfg.budget] * 4
+    else:  # a converged population re-draws scored paths, which cost nothing
+        assert np.all(scored[-1] <= cfg.budget) and np.all(scored[0] == cfg.population)
+    assert np.all(np.diff(scored, axis=0) >= 0)
 
 
 def test_canonical_paths_end_at_stop():
@@ -173,8 +185,12 @@ def test_canonical_paths_end_at_stop():
     (lambda: PPOConfig(lr=0.0), "lower.ppo.lr", "> 0"),
     (lambda: PPOConfig(mode="shared"), "lower.ppo.mode", "one of per_preference, conditioned"),
     (lambda: LowerConfig(objective="bleu"), "lower.objective", "one of exact_match, loglik"),
-    (lambda: PathSearchConfig(elite=32, population=32), "lower.baseline.elite",
-     r"an integer in \[0, population=32\)"),
+    (lambda: PathSearchConfig(candidates=8, population=32), "lower.baseline.candidates",
+     r"None or an integer >= population=32"),
+    (lambda: PPOConfig(new_paths=64, num_envs=32), "lower.ppo.new_paths", r"None or an integer in \[1, num_envs=32\]"),
+    (lambda: PPOConfig(baseline="mean"), "lower.ppo.baseline", "one of critic, pomo"),
+    (lambda: EnvConfig(actions="tree"), "lower.env.actions", "one of free, edit"),
+    (lambda: EnvConfig(actions="edit", t_max=4), "lower.env.t_max", "None with lower.env.actions edit"),
     (lambda: PathSearchConfig(mutation_rate=2.0), "lower.baseline.mutation_rate", r"in \[0, 1\]"),
 ])
 def test_config_errors_name_the_field(make, field, match):
@@ -185,3 +201,125 @@ def test_config_errors_name_the_field(make, field, match):
 def test_conditioned_mode_needs_a_conditioned_agent():
     with pytest.raises(ValueError, match="lower.agent.condition must be True"):
         make_train(ENV, AgentConfig(condition=False), PPOConfig(mode="conditioned"), LAYOUT, SCORER)
+
+
+# ---------------------------------------------------------------------------------------------
+# The edit action space, the path cache and the budget in distinct paths.
+# K = 3 experts of L = 6 layers; objective k's target is the merge's identity path with expert k's
+# layer at two positions, so the optimum of a preference leaning to k is a small edit of the merge.
+EK, EL = 3, 6
+EDIT_ENV = EnvConfig(actions="edit", length_penalty=0.0)
+EDIT = PathLayout.make(EDIT_ENV, EK, EL)
+_MERGED = EK * EL + np.arange(EL)
+_SWAPS = {0: (1, 4), 1: (0, 3), 2: (2, 5)}
+EDIT_TARGETS = jnp.asarray(np.stack([np.where(np.isin(np.arange(EL), _SWAPS[k]), k * EL + np.arange(EL), _MERGED)
+                                     for k in range(EK)]))
+EDIT_PREFS = jnp.asarray([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
+
+
+def _edit_match(data, paths, block, key=None):
+    return jnp.mean(paths[:, None, :] == EDIT_TARGETS[None], axis=-1).astype(jnp.float32)
+
+
+EDIT_SCORER = Scorer(lambda d, p, b, k: _edit_match(d, p, b), lambda d, p, b: _edit_match(d, p, b))
+EDIT_PPO = PPOConfig(num_envs=64, new_paths=16, iterations=16, chunk_iterations=8, minibatches=2,
+                     baseline="pomo", sil_coef=0.5, explore=64, lr=3e-3, critic_lr=3e-3)
+
+
+def edit_problems(prefs=EDIT_PREFS):
+    n = prefs.shape[0]
+    return PathProblem(prefs, jnp.ones((n, EK)), jnp.zeros((n,), jnp.int32),
+                       jax.random.normal(jax.random.key(5), (n, (EK + 1) * EL, 4)))
+
+
+_EDIT_TRAINERS = {}
+
+
+def edit_trainer(mode):
+    if mode not in _EDIT_TRAINERS:
+        agent = AgentConfig(hidden_dim=32, mlp_dim=32, embed_dim=16, identity_prob=0.7)
+        _EDIT_TRAINERS[mode] = make_train(EDIT_ENV, agent, PPOConfig(**{**EDIT_PPO.__dict__, "mode": mode}),
+                                          EDIT, EDIT_SCORER)
+    return _EDIT_TRAINERS[mode]
+
+
+def test_edit_genes_decode_to_the_merge_and_its_edits():
+    keep, skip, repeat = EDIT.keep_gene, EDIT.skip_gene, EDIT.repeat_gene
+    genes = jnp.asarray([[keep] * EL,
+                         [keep, 2, keep, skip, repeat, keep],     # expert 1's layer 1; skip; repeat layer 2
+                         [skip, repeat, 3, keep, keep, keep]])    # a repeat before any layer runs nothing
+    m = EK * EL
+    assert en_decode(genes).tolist() == [
+        [m, m + 1, m + 2, m + 3, m + 4, m + 5],
+        [m, EL + 1, m + 2, m + 2, m + 5, -1],
+        [2 * EL + 2, m + 3, m + 4, m + 5, -1, -1]]
+
+
+def en_decode(genes):
+    from hm3jax.search import env as en
+
+    return en.decode(EDIT, genes)
+
+
+def test_path_cache_scores_each_distinct_path_once():
+    from hm3jax.search import cache as pc
+    from hm3jax.search.ppo import evaluate_batch
+
+    calls = []
+
+    def counting(d, p, b, k):
+        calls.append(p.shape[0])
+        return _edit_match(d, p, b)
+
+    scorer = Scorer(counting, lambda d, p, b: _edit_match(d, p, b))
+    prob = jax.tree.map(lambda x: x[0], edit_problems())
+    cache = pc.empty(8, EL, EK)
+    ident = jnp.zeros((EL,), jnp.int32)
+    other = ident.at[1].set(1)
+    skip_first = ident.at[0].set(EDIT.skip_gene)
+    # a path sampled twice in a batch is scored once; new_paths=2 leaves the fifth unscored
+    genes = jnp.stack([ident, other, ident, other, skip_first])
+    cache, scored, scores, _, _ = evaluate_batch(EDIT_ENV, EDIT, scorer, None, prob, cache, genes, 2)
+    assert int(cache.count) == 2 and scored.tolist() == [True, True, True, True, False]
+    np.testing.assert_array_equal(scores[0], scores[2])
+    cache, scored, scores2, _, _ = evaluate_batch(EDIT_ENV, EDIT, scorer, None, prob, cache, genes, 2)
+    assert int(cache.count) == 3 and scored.all()  # only the new path was scored
+    np.testing.assert_array_equal(scores2[:4], scores[:4])  # a re-sampled path keeps its score
+    want = _edit_match(None, en_decode(genes), 0)
+    np.testing.assert_allclose(scores2, want)
+
+
+@pytest.mark.slow  # ~40 s: two agents and the random search
+@pytest.mark.parametrize("mode", ["per_preference", "conditioned"])
+def test_agent_finds_the_edit_optimum_where_random_search_does_not(mode):
+    res = run_lower(edit_trainer(mode), EDIT, edit_problems(), None, jax.random.key(0), EDIT_PPO.num_chunks)
+    assert res.history.paths_scored[-1].tolist() == [EDIT_PPO.budget] * 3  # 256 distinct paths each
+    np.testing.assert_array_equal(res.best.path, np.asarray(EDIT_TARGETS))
+    rnd = PathSearchConfig(method="random", population=16, candidates=64, iterations=16, chunk_iterations=8)
+    base = run_lower(make_path_search(rnd, EDIT_ENV, EDIT, EDIT_SCORER), EDIT, edit_problems(), None,
+                     jax.random.key(0), rnd.num_chunks)
+    assert base.history.paths_scored[-1].tolist() == [rnd.budget] * 3
+    assert np.all(base.best.reward < res.best.reward - 0.05), (base.best.reward, res.best.reward)
+
+
+@pytest.mark.slow
+def test_conditioned_edit_agent_answers_an_unseen_preference():
+    tr = edit_trainer("conditioned")
+    res = run_lower(tr, EDIT, edit_problems(), None, jax.random.key(0), EDIT_PPO.num_chunks)
+    p = jax.tree.map(lambda x: x[0], edit_problems(jnp.asarray([[0.7, 0.2, 0.1]])))
+    got = propose(tr, EDIT, EDIT_ENV, EDIT_SCORER, res.state.params, p, None)
+    assert got.path.tolist() == np.asarray(EDIT_TARGETS[0]).tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["per_preference", "conditioned"])
+def test_edit_resume_equals_unbroken_run(mode, tmp_path):
+    tr = edit_trainer(mode)
+    unbroken = run_lower(tr, EDIT, edit_problems(), None, jax.random.key(1), EDIT_PPO.num_chunks)
+    run_lower(tr, EDIT, edit_problems(), None, jax.random.key(1), EDIT_PPO.num_chunks, checkpoint_dir=tmp_path,
+              stop_after=1)
+    resumed = run_lower(tr, EDIT, edit_problems(), None, jax.random.key(1), EDIT_PPO.num_chunks,
+                        checkpoint_dir=tmp_path)
+    for a, b in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(unbroken.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(resumed.history.reward, unbroken.history.reward)

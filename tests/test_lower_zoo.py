@@ -64,3 +64,41 @@ def test_agents_learn_and_best_scores_are_fresh_forward_scores(zoo_run):
         length = int((res.global_paths[i] >= 0).sum())
         want = float(PREFS[i] @ np.asarray(loglik)) - CFG.env.length_penalty * length
         np.testing.assert_allclose(res.best.reward[i], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # ~1 min: a short conditioned run in the edit action space
+def test_conditioned_agent_answers_an_unseen_preference_with_a_fresh_forward_score(small_zoo_loaded):
+    """One λ-conditioned agent (edit actions, POMO, self-imitation, neighbour search) trained on two
+    preferences answers a third it never trained on: a valid path of the new preference's pool
+    whose recorded scores are a fresh forward pass's on the whole search split."""
+    from hm3jax.search import env as en
+    from hm3jax.search.lower import propose
+
+    cfg, models, tokenizer = small_zoo_loaded
+    batch = make_suite_batch(SMALL.suite(), "search", tokenizer)
+    experts = [models[t] for t in TASK_NAMES]
+    prefs = np.concatenate([PREFS, np.asarray([[0.3, 0.5, 0.2]], np.float32)])
+    merged = [merge_for_preference("task_arithmetic", models[BASE], experts, p, jax.random.key(0)) for p in prefs]
+    lc = LowerConfig(env=EnvConfig(actions="edit", search_minibatch=48),
+                     agent=AgentConfig(embed_dim=16, hidden_dim=32, mlp_dim=32, identity_prob=0.8),
+                     ppo=PPOConfig(mode="conditioned", num_envs=16, new_paths=8, minibatches=2, iterations=8,
+                                   chunk_iterations=4, baseline="pomo", sil_coef=0.5, explore=16,
+                                   local_share=0.5, lr=3e-3, critic_lr=3e-3),
+                     objective="loglik")
+    data, problems, layout = build_search(cfg, experts, merged, batch, prefs, np.zeros(3), lc, base=models[BASE])
+    scorer = make_model_scorer(cfg, len(TASK_NAMES), lc)
+    trainer = make_lower_train(lc, layout, scorer)
+    seen = jax.tree.map(lambda x: x[:2], problems)
+    res = run_lower(trainer, layout, seen, data, jax.random.key(0), lc.ppo.num_chunks)
+    assert res.history.paths_scored[-1].tolist() == [lc.ppo.budget] * 2
+    new = jax.tree.map(lambda x: x[2], problems)
+    got = jax.tree.map(np.asarray, propose(trainer, layout, lc.env, scorer, res.state.params, new, data))
+    path = got.path
+    layers = path[path >= 0]
+    assert len(layers) >= 1 and np.all(layers < layout.num_layer_actions) and np.all(path[len(layers):] == -1)
+    glob = np.asarray(en.to_global(layout, jnp.asarray(path), jnp.asarray(2)))
+    shell = jax.tree.map(lambda x: x[2], data.shells)
+    score = make_path_scorer(cfg, shell, LayerPool(data.layers, (), ()), batch, len(TASK_NAMES),
+                             chunk_size=lc.score_chunk)
+    _, loglik = score(jnp.asarray(glob))
+    np.testing.assert_allclose(np.asarray(loglik), got.scores, rtol=1e-5, atol=1e-6)

@@ -87,6 +87,35 @@ def test_run_upper_many_is_run_upper_vmapped(toy_zoo):
                                        atol=1e-6)
 
 
+def test_auto_picks_each_preferences_best_method(toy_zoo):
+    """upper.method auto: per preference, the merge of whichever of TA / TIES / DARE-TIES has the
+    lowest Tchebycheff value, equal to that method's own merge (vmapped and not)."""
+    from hm3jax.search.upper import UPPER_METHODS
+
+    base, experts = toy_zoo
+    # a score that prefers sparse merges for the first preference and dense ones for the second
+    def score(params):
+        d = closeness(experts)(params)
+        dense = jnp.mean(jnp.abs(params["layers"]["mlp"]["up_proj"]["weight"] - base["layers"]["mlp"]["up_proj"]["weight"]))
+        return d + jnp.where(d[0] > d[2], 1.0, -1.0) * 1e5 * dense
+
+    prefs = jnp.asarray([[0.7, 0.2, 0.1], [0.1, 0.2, 0.7], [0.3, 0.4, 0.3]])
+    ideal = jnp.full(3, 1e4)  # above every score: the Tchebycheff value falls as a score rises
+    key = jax.random.key(7)
+    many = run_upper_many(UpperConfig(method="auto"), base, experts, prefs, ideal, score, key)
+    for i, k in enumerate(jax.random.split(key, 3)):
+        each = {m: run_upper(UpperConfig(method=m), base, experts, prefs[i], ideal, score, k) for m in UPPER_METHODS}
+        best = min(UPPER_METHODS, key=lambda m: each[m].tcheby)
+        assert UPPER_METHODS[int(many.method[i])] == best
+        np.testing.assert_allclose(many.tcheby[i], each[best].tcheby, rtol=1e-5)
+        assert many.tcheby[i] <= min(r.tcheby for r in each.values()) + 1e-6
+        np.testing.assert_allclose(np.asarray(many.params["layers"]["mlp"]["up_proj"]["weight"][i]),
+                                   np.asarray(each[best].params["layers"]["mlp"]["up_proj"]["weight"]), atol=1e-6)
+        one = run_upper(UpperConfig(method="auto"), base, experts, prefs[i], ideal, score, k)
+        assert UPPER_METHODS[one.method] == best
+    assert len(set(np.asarray(many.method).tolist())) > 1  # the pick differs between preferences
+
+
 # The ES test runs on the embedded zoo (conftest.small_zoo, built once per session): base + the
 # math/code/translation experts, scored on the first rows of each task's "search" split.
 SEARCH_ROWS_PER_TASK = 100

@@ -6,9 +6,10 @@ path so far. With `condition` the preference λ sets the GRU's initial state and
 critic heads, so one agent serves many preferences.
 
 Policy heads:
-- "categorical": logits over every local action. A fixed additive prior on the identity action
-  (the merged model's next layer, then STOP) makes the upper level's answer likely at the start; the
-  network's last layer starts at ~0, so the prior is the initial policy.
+- "categorical": logits over every action of the layout's action space (free: every local action;
+  edit: keep / expert k / skip / repeat). A fixed additive prior on the identity action (free: the
+  merged model's next layer, then STOP; edit: keep) makes the upper level's answer likely at the
+  start; the network's last layer starts at ~0, so the prior is the initial policy.
 - "wolpertinger" (the paper's): a Gaussian proto-action in a fixed action-embedding space (model
   one-hot, layer position, weight summary); the M' nearest actions are looked up and the Q head
   (dueling: Q = V + A) picks the best with probability 1 - ε, otherwise one of them at random. PPO
@@ -25,6 +26,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from hm3jax.search import env as en
 from hm3jax.search.env import PathLayout, PathProblem, _require
 
 HEADS = ("categorical", "wolpertinger")
@@ -119,7 +121,7 @@ def init_agent(cfg: AgentConfig, layout: PathLayout, summary_dim: int, num_objec
     if cfg.condition:
         params["embed"]["pref"] = _dense(ks[8], K, H, 1.0)["w"]
     if cfg.head == "categorical":
-        params["actor"] = _mlp_init(ks[9], head_in, M, layout.num_actions, 0.01)
+        params["actor"] = _mlp_init(ks[9], head_in, M, layout.num_genes, 0.01)
     else:
         D = action_dim(layout, summary_dim)
         k_a, k_q = jax.random.split(ks[9])
@@ -147,6 +149,8 @@ def _input(layout: PathLayout, params: dict, problem: PathProblem, prev: jax.Arr
     e = params["embed"]
     a = jnp.clip(prev, 0, layout.num_layer_actions - 1)
     x = e["model"][layout.model_of(a)] + e["layer"][layout.layer_of(a)] + problem.summary[a] @ e["summary"]
+    # STOP (free actions) and a skip (edit actions: STOP's index) read STOP's model embedding alone
+    x = jnp.where(prev >= layout.num_layer_actions, e["model"][layout.num_experts + 1], x)
     x = jnp.where(prev < 0, e["start"], x)
     return x + e["pos"][jnp.minimum(t, layout.t_max - 1)]
 
@@ -160,6 +164,26 @@ def _gru(params: dict, h: jax.Array, x: jax.Array) -> jax.Array:
     return (1.0 - z) * n + z * h
 
 
+def step_input(layout: PathLayout, gene: jax.Array, t: jax.Array, last: jax.Array):
+    """(what the encoder reads after `gene` at step t, new last layer): the gene itself (free
+    actions), or the local layer it took, STOP's index for a skip (edit actions)."""
+    if not layout.edit:
+        return gene.astype(jnp.int32), last
+    local, last = en.edit_step(layout, gene, t, last)
+    return jnp.where(local < 0, layout.num_layer_actions, local).astype(jnp.int32), last
+
+
+def step_inputs(layout: PathLayout, actions: jax.Array) -> jax.Array:
+    """[T] encoder inputs of a recorded episode's actions (see step_input)."""
+    def step(last, x):
+        a, t = x
+        inp, last = step_input(layout, a, t, last)
+        return last, inp
+
+    _, inputs = jax.lax.scan(step, jnp.asarray(-1, jnp.int32), (actions, jnp.arange(actions.shape[0])))
+    return inputs
+
+
 def encoder_step(layout, params, problem, h, prev, t):
     """Hidden state after reading the previous action `prev` (-1 at the start) at step t."""
     return _gru(params, h, _input(layout, params, problem, prev, t))
@@ -168,7 +192,7 @@ def encoder_step(layout, params, problem, h, prev, t):
 def encode_path(cfg: AgentConfig, layout: PathLayout, params: dict, problem: PathProblem,
                 actions: jax.Array) -> jax.Array:
     """[T, H] hidden states h_t, h_t having read actions[:t] (teacher forcing, as in the rollout)."""
-    prev = jnp.concatenate([jnp.full((1,), -1, actions.dtype), actions[:-1]])
+    prev = jnp.concatenate([jnp.full((1,), -1, jnp.int32), step_inputs(layout, actions)[:-1]])
 
     def step(h, xs):
         p, t = xs
@@ -205,7 +229,9 @@ def q_values(cfg: AgentConfig, params: dict, problem: PathProblem, h: jax.Array,
 
 def _allowed(layout: PathLayout, t):
     """bool [A]: STOP is not offered at step 0 (a path has at least one layer)."""
-    a = jnp.arange(layout.num_actions)
+    a = jnp.arange(layout.num_genes)
+    if layout.edit:
+        return jnp.ones(a.shape, bool)
     return ~((a == layout.stop_action) & (t == 0))
 
 
@@ -213,13 +239,13 @@ def identity_bias(cfg: AgentConfig, layout: PathLayout) -> float:
     """Logit bonus giving the identity action probability identity_prob against the others."""
     if cfg.identity_prob == 0.0:
         return 0.0
-    return math.log(cfg.identity_prob * (layout.num_actions - 1) / (1.0 - cfg.identity_prob))
+    return math.log(cfg.identity_prob * (layout.num_genes - 1) / (1.0 - cfg.identity_prob))
 
 
 def logits(cfg, layout, params, problem, h, t):
     """Categorical head: masked logits [A] at step t."""
     out = _mlp(params["actor"], _head_input(cfg, problem, h))
-    out = out + identity_bias(cfg, layout) * jax.nn.one_hot(layout.identity_action(t), layout.num_actions)
+    out = out + identity_bias(cfg, layout) * jax.nn.one_hot(layout.identity_gene(t), layout.num_genes)
     return jnp.where(_allowed(layout, t), out, _NEG)
 
 
@@ -234,24 +260,28 @@ def _gauss_logp(x, mean, log_std):
     return jnp.sum(-0.5 * z * z - log_std - 0.5 * math.log(2 * math.pi), -1)
 
 
-def act(cfg: AgentConfig, layout: PathLayout, params: dict, problem: PathProblem, h, t, key):
-    """Sample one step: (action [], proto [D] (zeros for categorical), log-prob [])."""
+def act(cfg: AgentConfig, layout: PathLayout, params: dict, problem: PathProblem, h, t, key,
+        greedy: bool = False):
+    """Sample one step: (action [], proto [D] (zeros for categorical), log-prob []); `greedy` takes
+    the most likely action (categorical) or the Q-best neighbour of the mean proto-action."""
     if cfg.head == "categorical":
         lg = logits(cfg, layout, params, problem, h, t)
-        a = jax.random.categorical(key, lg)
+        a = jnp.argmax(lg) if greedy else jax.random.categorical(key, lg)
         return a.astype(jnp.int32), jnp.zeros((1,), jnp.float32), jax.nn.log_softmax(lg)[a]
     k_proto, k_eps, k_pick = jax.random.split(key, 3)
     mean, log_std = proto_mean(cfg, layout, params, problem, h, t), params["log_std"]
-    proto = mean + jnp.exp(log_std) * jax.random.normal(k_proto, mean.shape)
+    noise = 0.0 if greedy else jnp.exp(log_std) * jax.random.normal(k_proto, mean.shape)
+    proto = mean + noise
     emb = action_space(layout, problem)
     d = jnp.sum((emb - proto) ** 2, -1)
     d = jnp.where(_allowed(layout, t), d, jnp.inf)
     m = min(cfg.knn, layout.num_actions)
     _, cand = jax.lax.top_k(-d, m)  # nearest first; the Q head starts flat, so argmax takes cand[0]
     q = q_values(cfg, params, problem, h, emb[cand])
-    greedy = cand[jnp.argmax(q)]
+    best = cand[jnp.argmax(q)]
     rand = cand[jax.random.randint(k_pick, (), 0, m)]
-    a = jnp.where(jax.random.uniform(k_eps) < cfg.epsilon, rand, greedy)
+    explore = (jax.random.uniform(k_eps) < cfg.epsilon) & (not greedy)
+    a = jnp.where(explore, rand, best)
     return a.astype(jnp.int32), proto, _gauss_logp(proto, mean, log_std)
 
 

@@ -1,11 +1,19 @@
 """The lower level's MDP (HM3's layer-path search) as pure functions.
 
-For one preference λ the *local* action set is every layer of the K experts, then every layer of that
-preference's merged model, then (optionally) STOP:
+For one preference λ the *local* layer actions are every layer of the K experts, then every layer of
+that preference's merged model; a scored path is a sequence of them (SKIP after its end):
 
     local a in [0, K·L)          expert a // L, layer a % L
     local a in [K·L, (K+1)·L)    the merged model's layer a - K·L
-    local a == (K+1)·L           STOP (only when EnvConfig.stop)
+    local a == (K+1)·L           STOP (only when EnvConfig.stop, free actions)
+
+The searchers act in one of two action spaces (EnvConfig.actions), their actions ("genes") decoded
+into a local path by `decode`:
+- "free" (the paper's construction): each step picks any local layer action or STOP;
+- "edit" (relative to the upper level's answer): one step per position t of the merged model, each
+  picking `keep` (the merge's layer t), `expert k` (expert k's layer t), `skip` (no layer) or
+  `repeat` (the layer taken last, once more). The all-keep path is the merge itself, and the
+  (K+3)^L edit paths are the small changes of it that pay on a family of fine-tunes of one base.
 
 The *global* pool that scores paths holds the K·L expert layers once and then one block of L merged
 layers per preference (block i of N), so preferences share the expert layers; `to_global` maps a
@@ -31,6 +39,7 @@ from hm3jax.moo import tchebycheff
 
 REWARDS = ("weighted_sum", "tchebycheff")
 REWARD_TIMINGS = ("spread", "end")
+ACTIONS = ("free", "edit")
 
 
 def _require(ok: bool, field: str, allowed: str, value) -> None:
@@ -44,18 +53,24 @@ class EnvConfig:
     """The path MDP (config keys under `lower.env.`).
 
     Attributes:
+      actions: "free" (any pool layer or STOP at each step, the paper's) or "edit" (per position of
+        the merged model: keep its layer, take an expert's layer there, skip, repeat the last one).
       t_max: most steps per path; None = the depth L of one model (the identity path fits exactly).
-      stop: offer a STOP action (the paper has none: its paths always run T_max steps).
+        Free actions only (an edit path has one step per position).
+      stop: offer a STOP action (the paper has none: its paths always run T_max steps); free actions.
       reward: "weighted_sum" (the paper's Σ_k λ_k f_k) or "tchebycheff" (-max_k λ_k |f_k - z*_k|).
       reward_timing: "spread" (the paper: R / T on each of the T steps) or "end" (R on the last step).
       length_penalty: β1, subtracted per layer in the path (R = scalarised score - β1·T). The default
         0.002 lets a layer stay only if it gains a fifth of a point of weighted exact match.
-      search_minibatch: rows of the search split scoring each rollout batch, split evenly over the
-        tasks (a fresh random draw per batch); best paths are re-scored on the whole split.
-      rescore_top: per preference and chunk of iterations, how many of the best paths (by minibatch
-        reward) are re-scored on the whole search split to update the best path found.
+      search_minibatch: rows of the search split that score every candidate path, split evenly over
+        the tasks: one fixed stratified draw for the whole search, so a path's score never changes
+        and a path sampled again is read from the search's cache (search.cache) instead of scored.
+      rescore_top: per preference, how many of the best paths found (by their search-row reward)
+        are re-scored on the whole search split at the end of a search, with the upper level's own
+        answer (the identity path); the best of them there is the search's answer.
     """
 
+    actions: str = "free"
     t_max: int | None = None
     stop: bool = True
     reward: str = "weighted_sum"
@@ -65,6 +80,9 @@ class EnvConfig:
     rescore_top: int = 2
 
     def __post_init__(self):
+        _require(self.actions in ACTIONS, "lower.env.actions", f"one of {', '.join(ACTIONS)}", self.actions)
+        _require(self.actions == "free" or self.t_max is None, "lower.env.t_max",
+                 "None with lower.env.actions edit (one step per layer of the merged model)", self.t_max)
         _require(self.t_max is None or (isinstance(self.t_max, int) and self.t_max >= 1),
                  "lower.env.t_max", "None or an integer >= 1", self.t_max)
         _require(self.reward in REWARDS, "lower.env.reward", f"one of {', '.join(REWARDS)}", self.reward)
@@ -79,16 +97,42 @@ class EnvConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PathLayout:
-    """Static shape of the action set: K experts of L layers each, T_max steps, STOP or not."""
+    """Static shape of the action set: K experts of L layers each, T_max steps, STOP or not, and the
+    searchers' action space ("free" or "edit", see the module docstring)."""
 
     num_experts: int
     num_layers: int
     t_max: int
     stop: bool
+    actions: str = "free"
 
     @classmethod
     def make(cls, cfg: EnvConfig, num_experts: int, num_layers: int) -> PathLayout:
+        if cfg.actions == "edit":
+            return cls(num_experts, num_layers, num_layers, False, "edit")
         return cls(num_experts, num_layers, cfg.t_max or num_layers, cfg.stop)
+
+    @property
+    def edit(self) -> bool:
+        return self.actions == "edit"
+
+    @property
+    def num_genes(self) -> int:
+        """Actions a searcher picks from at each step (free: num_actions; edit: keep, K experts,
+        skip, repeat)."""
+        return self.num_experts + 3 if self.edit else self.num_actions
+
+    @property
+    def keep_gene(self) -> int:
+        return 0
+
+    @property
+    def skip_gene(self) -> int:
+        return self.num_experts + 1
+
+    @property
+    def repeat_gene(self) -> int:
+        return self.num_experts + 2
 
     @property
     def merged_start(self) -> int:
@@ -118,6 +162,16 @@ class PathLayout:
         """The upper level's answer as a path: merged layer t for t < L, then STOP (or layer L-1)."""
         after = self.stop_action if self.stop else self.num_layer_actions - 1
         return jnp.where(t < self.num_layers, self.merged_start + t, after)
+
+    def identity_gene(self, t: jax.Array) -> jax.Array:
+        """The searchers' action building the upper level's answer at step t (edit: keep)."""
+        if self.edit:
+            return jnp.zeros_like(jnp.asarray(t), jnp.int32)
+        return self.identity_action(t)
+
+    def stop_gene(self) -> int:
+        """The gene that ends a path (an index no gene takes in the edit space)."""
+        return -100 if self.edit else self.stop_action
 
 
 class PathProblem(NamedTuple):
@@ -172,6 +226,43 @@ def to_global(layout: PathLayout, path: jax.Array, block: jax.Array) -> jax.Arra
     return jnp.where(layer_mask(layout, path), jnp.where(merged, path + shift, path), SKIP).astype(jnp.int32)
 
 
+def edit_step(layout: PathLayout, gene: jax.Array, t: jax.Array, last: jax.Array):
+    """(local action or SKIP, new last layer) of edit gene `gene` at position t; `last` is the
+    local action of the last layer taken (SKIP before any)."""
+    L, K = layout.num_layers, layout.num_experts
+    layer = jnp.where(gene == layout.keep_gene, layout.merged_start + t, (gene - 1) * L + t)
+    local = jnp.where(gene == layout.skip_gene, SKIP, jnp.where(gene == layout.repeat_gene, last, layer))
+    local = jnp.where((gene >= 0) & (gene <= K + 2), local, SKIP)
+    return local.astype(jnp.int32), jnp.where(local >= 0, local, last).astype(jnp.int32)
+
+
+def compact(path: jax.Array) -> jax.Array:
+    """Layers of `path` [..., T] moved to the front in order, SKIP after them (the same network)."""
+    order = jnp.argsort(path < 0, axis=-1, stable=True)
+    return jnp.take_along_axis(path, order, axis=-1)
+
+
+def decode(layout: PathLayout, genes: jax.Array) -> jax.Array:
+    """Local paths [..., T] (layers first, SKIP after the end) of the searchers' genes [..., T]:
+    free genes end at the first STOP; edit genes are mapped position by position and compacted."""
+    if not layout.edit:
+        stop = layout.stop_action
+        stopped = jnp.cumsum(genes == stop, axis=-1) - (genes == stop)
+        return compact(jnp.where((stopped > 0) | (genes < 0), SKIP, genes).astype(jnp.int32))
+
+    def one(g):
+        def step(last, x):
+            gene, t = x
+            local, last = edit_step(layout, gene, t, last)
+            return last, local
+
+        _, local = jax.lax.scan(step, jnp.asarray(SKIP, jnp.int32), (g, jnp.arange(layout.t_max)))
+        return compact(local)
+
+    flat = genes.reshape(-1, genes.shape[-1])
+    return jax.vmap(one)(flat).reshape(genes.shape)
+
+
 def initial_path(layout: PathLayout) -> jax.Array:
     return jnp.full((layout.t_max,), SKIP, jnp.int32)
 
@@ -179,7 +270,7 @@ def initial_path(layout: PathLayout) -> jax.Array:
 def append(layout: PathLayout, path: jax.Array, t: jax.Array, action: jax.Array, done: jax.Array):
     """One environment step: (path, done) after taking `action` at step t (a no-op once done)."""
     path = jnp.where(done, path, path.at[t].set(action))
-    now_done = done | (action == layout.stop_action) | (t + 1 >= layout.t_max)
+    now_done = done | (action == layout.stop_gene()) | (t + 1 >= layout.t_max)
     return path, now_done
 
 
@@ -210,6 +301,17 @@ def score_paths(cfg: EnvConfig, layout: PathLayout, scorer: Scorer, data, proble
     else:
         scores = scorer.minibatch(data, g, problem.block, key)
     return scores, terminal_reward(cfg, scores, problem, path_length(layout, paths))
+
+
+# The search rows: one fixed stratified draw of the search split for every path a search scores.
+_ROWS_SEED = 0
+
+
+def score_search_rows(cfg: EnvConfig, layout: PathLayout, scorer: Scorer, data, problem: PathProblem,
+                      paths: jax.Array):
+    """(scores [B, K], reward [B]) of local paths [B, T] on the search rows (the same rows for every
+    call and every search, so scores are deterministic and cacheable)."""
+    return score_paths(cfg, layout, scorer, data, problem, paths, jax.random.key(_ROWS_SEED))
 
 
 def empty_best(layout: PathLayout, num_objectives: int) -> BestPaths:

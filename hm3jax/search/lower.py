@@ -186,7 +186,8 @@ class LowerResult(NamedTuple):
     """Outcome of run_lower (host arrays).
 
     best: BestPaths [N] (local paths, whole-search-split scores); global_paths: [N, T] pool indices
-    (SKIP = -1); history: ChunkMetrics [iterations run here, N]; state: the final TrainState.
+    (SKIP = -1); history: ChunkMetrics [iterations run so far (restored ones included), N]; state:
+    the final TrainState.
     """
 
     best: BestPaths
@@ -216,6 +217,10 @@ def run_lower(trainer: Trainer, layout: PathLayout, problems: PathProblem, data,
         over `fsdp` (search.sharded.place_search); None runs where the inputs are.
     """
     state = trainer.init(key, problems)
+    # The metrics of every chunk live in the checkpoint beside the state, so a run killed after its
+    # last chunk was saved (and before its stage result was) resumes with its whole history.
+    shapes = jax.eval_shape(trainer.chunk, state, problems, data)[1]
+    history = jax.tree.map(lambda x: np.zeros((num_chunks,) + x.shape, x.dtype), shapes)
     start, mngr = 0, None
     if checkpoint_dir is not None:
         import orbax.checkpoint as ocp
@@ -224,9 +229,11 @@ def run_lower(trainer: Trainer, layout: PathLayout, problems: PathProblem, data,
                                      options=ocp.CheckpointManagerOptions(max_to_keep=2))
         if mngr.latest_step() is not None:
             start = int(mngr.latest_step())
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+            target = {"state": state, "history": history}
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
             restored = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
-            state = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(restored))
+            restored = jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(restored))
+            state, history = restored["state"], jax.tree.map(np.array, restored["history"])
     if mesh is not None:
         from hm3jax.search.sharded import place_search
 
@@ -237,38 +244,40 @@ def run_lower(trainer: Trainer, layout: PathLayout, problems: PathProblem, data,
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_chunks, initial=start, desc=desc, unit="chunk")
-    history = []
     for c in range(start, end):
         state, metrics = trainer.chunk(state, problems, data)
         metrics = jax.tree.map(np.asarray, metrics)
-        history.append(metrics)
+        for h, m in zip(jax.tree.leaves(history), jax.tree.leaves(metrics)):
+            h[c] = m
         if mngr is not None:
-            mngr.save(c + 1, args=ocp.args.StandardSave(state))
+            mngr.save(c + 1, args=ocp.args.StandardSave({"state": state, "history": history}))
         if log is not None:
             log(c, metrics)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(reward=float(metrics.reward[-1].mean()))
+            bar.set_postfix(reward=float(metrics.reward[-1].mean()), paths=int(np.max(metrics.paths_scored[-1])))
     if mngr is not None:
         mngr.wait_until_finished()
         mngr.close()
     if bar is not None:
         bar.close()
+    if trainer.finish is not None and end == num_chunks:
+        state = trainer.finish(state, problems, data)
     best = jax.tree.map(np.asarray, trainer.best(state))
-    hist = jax.tree.map(lambda *xs: np.concatenate(xs), *history) if history else None
+    done = max(start, end)
+    hist = jax.tree.map(lambda x: x[:done].reshape((-1,) + x.shape[2:]), history) if done else None
     glob = np.asarray(en.to_global(layout, jnp.asarray(best.path), jnp.asarray(problems.block)[:, None]))
     return LowerResult(best, glob, hist, state)
 
 
 def propose(trainer: Trainer, layout: PathLayout, cfg: EnvConfig, scorer: Scorer, params,
-            problem: PathProblem, data, key: jax.Array) -> BestPaths:
-    """Answer a preference with a trained λ-conditioned agent, without training: sample one batch
-    of paths for `problem` (a single PathProblem, its merged block present in `data`), score them
-    on the whole search split and return the best (BestPaths of one preference)."""
+            problem: PathProblem, data, key: jax.Array | None = None) -> BestPaths:
+    """Answer a preference with a trained λ-conditioned agent, without training and without any
+    search budget: the agent's most likely path for `problem` (a single PathProblem, its merged
+    block present in `data`), scored on the whole search split for the record. `key` is unused
+    (kept for callers of the sampling version)."""
     problems = jax.tree.map(lambda x: jnp.asarray(x)[None], problem)
-    traj = trainer.sample(params, problems, key)
-    paths = traj.actions[0]
+    genes = trainer.greedy(params, problems)
+    paths = en.decode(layout, genes)
     scores, reward = en.score_paths(cfg, layout, scorer, data, problem, paths, None)
-    i = jnp.argmax(reward)
-    return BestPaths(paths[i], scores[i], reward[i],
-                     tchebycheff(scores[i], problem.preference, problem.ideal))
+    return BestPaths(paths[0], scores[0], reward[0], tchebycheff(scores[0], problem.preference, problem.ideal))

@@ -1,12 +1,18 @@
-"""Path-search baselines at the same budget of scored paths as PPO: random and evolutionary search.
+"""Path-search baselines at the same budget of DISTINCT scored paths as PPO: random and evolutionary.
 
-Both score `population` paths per iteration on a minibatch of the search split (the same Scorer,
-reward and minibatch size as PPO), keep the best path per preference exactly as PPO does (the
-chunk's best candidates re-scored on the whole search split) and run vmapped over preferences, a
-chunk of iterations per jitted call. The evolutionary search works on index arrays: elitism,
-tournament selection, uniform crossover and per-gene mutation to a random action; its first
-population is the identity path over the merged model (the upper level's answer) and mutants of it.
-Random search draws every step uniformly (never STOP first); its first path is the identity path.
+Both run in the layout's action space (free or edit), score candidates on the same search rows with
+the same reward as PPO, keep every distinct scored path in a path cache (search.cache: a path drawn
+again is not scored again and costs nothing), score at most `population` new distinct paths per
+iteration, keep the best path per preference exactly as PPO does (at the end, the cache's best and
+the identity path re-scored on the whole search split) and run vmapped over preferences, a chunk of iterations per
+jitted call.
+
+- Random search draws `candidates` uniform gene sequences per iteration (never STOP first) and scores
+  the first `population` new ones; its first path is the identity path (the upper level's answer).
+- Evolutionary search is a (mu + lambda) genetic algorithm over the cache: parents are picked by
+  tournament among the `parents` best paths scored so far, children by uniform crossover and per-gene
+  mutation to a random gene; `candidates` children are drawn and the first `population` new ones are
+  scored. Its first generation is the identity path and mutants of it.
 `make_path_search` returns a ppo.Trainer, so `lower.run_lower` drives either (state.params unused).
 """
 
@@ -18,10 +24,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from hm3jax.models.pool import SKIP
+from hm3jax.search import cache as pc
 from hm3jax.search import env as en
 from hm3jax.search.env import PathLayout, Scorer, _require
-from hm3jax.search.ppo import ChunkMetrics, Trainer, _raw, _wrap
+from hm3jax.search.ppo import (
+    ChunkMetrics,
+    Trainer,
+    _raw,
+    _wrap,
+    evaluate_batch,
+    finish_best,
+)
 
 METHODS = ("random", "evolution")
 
@@ -32,9 +45,12 @@ class PathSearchConfig:
 
     Attributes:
       method: "random" or "evolution".
-      population: paths scored per iteration (set it to ppo.num_envs for an equal budget).
+      population: most distinct new paths scored per iteration (set it to PPO's new_paths for an
+        equal budget).
+      candidates: gene sequences drawn per iteration, of which the first `population` new ones are
+        scored (None: 4 x population); duplicates of scored paths cost nothing.
       iterations, chunk_iterations: as in PPOConfig (iterations a multiple of chunk_iterations).
-      elite: best paths carried unchanged into the next generation (evolution).
+      parents: best paths so far that parents are drawn from (evolution; None: population).
       tournament: contestants per parent selection (evolution).
       crossover_rate: probability a child is a uniform crossover of two parents (else a copy).
       mutation_rate: per-step probability of replacing the action by a random one.
@@ -42,9 +58,10 @@ class PathSearchConfig:
 
     method: str = "evolution"
     population: int = 32
+    candidates: int | None = None
     iterations: int = 64
     chunk_iterations: int = 8
-    elite: int = 4
+    parents: int | None = None
     tournament: int = 3
     crossover_rate: float = 0.5
     mutation_rate: float = 0.2
@@ -54,10 +71,12 @@ class PathSearchConfig:
         for name in ("population", "iterations", "chunk_iterations", "tournament"):
             v = getattr(self, name)
             _require(isinstance(v, int) and v >= 1, f"lower.baseline.{name}", "an integer >= 1", v)
+        _require(self.candidates is None or (isinstance(self.candidates, int) and self.candidates >= self.population),
+                 "lower.baseline.candidates", f"None or an integer >= population={self.population}", self.candidates)
+        _require(self.parents is None or (isinstance(self.parents, int) and self.parents >= 1),
+                 "lower.baseline.parents", "None or an integer >= 1", self.parents)
         _require(self.iterations % self.chunk_iterations == 0, "lower.baseline.iterations",
                  f"a multiple of lower.baseline.chunk_iterations={self.chunk_iterations}", self.iterations)
-        _require(isinstance(self.elite, int) and 0 <= self.elite < self.population, "lower.baseline.elite",
-                 f"an integer in [0, population={self.population})", self.elite)
         for name in ("crossover_rate", "mutation_rate"):
             v = getattr(self, name)
             _require(0.0 <= v <= 1.0, f"lower.baseline.{name}", "in [0, 1]", v)
@@ -66,35 +85,44 @@ class PathSearchConfig:
     def num_chunks(self) -> int:
         return self.iterations // self.chunk_iterations
 
+    @property
+    def num_candidates(self) -> int:
+        return self.candidates or 4 * self.population
+
+    @property
+    def budget(self) -> int:
+        return self.iterations * self.population
+
 
 class SearchState(NamedTuple):
-    population: jax.Array  # int32 [P, T] raw genes (evolution; unused by random search)
-    fitness: jax.Array     # [P] minibatch reward of the population
     key: jax.Array
     best: en.BestPaths
     iteration: jax.Array
+    cache: pc.PathCache
 
 
 def canonical(layout: PathLayout, genes: jax.Array) -> jax.Array:
-    """Paths from raw genes [..., T]: everything after the first STOP becomes SKIP."""
-    stopped = jnp.cumsum(genes == layout.stop_action, axis=-1) - (genes == layout.stop_action)
-    return jnp.where(stopped > 0, SKIP, genes).astype(jnp.int32)
+    """Paths from raw genes [..., T] (see env.decode)."""
+    return en.decode(layout, genes)
 
 
 def random_genes(layout: PathLayout, key: jax.Array, shape: tuple) -> jax.Array:
-    """Uniform actions [*shape, T]; step 0 is never STOP."""
-    g = jax.random.randint(key, shape + (layout.t_max,), 0, layout.num_actions)
+    """Uniform genes [*shape, T]; step 0 is never STOP (free actions)."""
+    g = jax.random.randint(key, shape + (layout.t_max,), 0, layout.num_genes)
+    if layout.edit:
+        return g.astype(jnp.int32)
     first = jax.random.randint(jax.random.fold_in(key, 1), shape, 0, layout.num_layer_actions)
     return g.at[..., 0].set(first).astype(jnp.int32)
 
 
 def identity_genes(layout: PathLayout) -> jax.Array:
-    return layout.identity_action(jnp.arange(layout.t_max)).astype(jnp.int32)
+    return layout.identity_gene(jnp.arange(layout.t_max)).astype(jnp.int32)
 
 
 def make_path_search(cfg: PathSearchConfig, env: en.EnvConfig, layout: PathLayout, scorer: Scorer) -> Trainer:
     """A Trainer (init / chunk / train / best; per preference, vmapped over N) for the baseline."""
-    P = cfg.population
+    P, S = cfg.population, cfg.num_candidates
+    n_parents = min(cfg.parents or P, cfg.budget)
 
     def mutate(genes, key):
         k_mask, k_new = jax.random.split(key)
@@ -102,50 +130,50 @@ def make_path_search(cfg: PathSearchConfig, env: en.EnvConfig, layout: PathLayou
         return jnp.where(hit, random_genes(layout, k_new, genes.shape[:-1]), genes)
 
     def one_init(key, problem):
-        k_run, k_pop = jax.random.split(_wrap(key))
-        ident = identity_genes(layout)
-        if cfg.method == "evolution":
-            pop = mutate(jnp.broadcast_to(ident, (P, layout.t_max)), k_pop).at[0].set(ident)
-        else:
-            pop = jnp.broadcast_to(ident, (P, layout.t_max))
-        best = en.empty_best(layout, problem.preference.shape[-1])
-        return SearchState(pop, jnp.full((P,), -jnp.inf), _raw(k_run), best, jnp.zeros((), jnp.int32))
+        K = problem.preference.shape[-1]
+        best = en.empty_best(layout, K)
+        return SearchState(_raw(_wrap(key)), best, jnp.zeros((), jnp.int32), pc.empty(cfg.budget, layout.t_max, K))
 
-    def next_population(state, key):
+    def children(state, key):
         k_sel, k_x, k_mix, k_mut = jax.random.split(key, 4)
-        n = P - cfg.elite
-        contest = jax.random.randint(k_sel, (2, n, cfg.tournament), 0, P)
-        winners = jnp.take_along_axis(contest, jnp.argmax(state.fitness[contest], -1)[..., None], -1)[..., 0]
-        a, b = state.population[winners[0]], state.population[winners[1]]
-        cross = jax.random.uniform(k_x, (n, 1)) < cfg.crossover_rate
+        genes, _, reward, _ = pc.top(state.cache, n_parents)
+        contest = jax.random.randint(k_sel, (2, S, cfg.tournament), 0, n_parents)
+        winners = jnp.take_along_axis(contest, jnp.argmax(reward[contest], -1)[..., None], -1)[..., 0]
+        a, b = genes[winners[0]], genes[winners[1]]
+        cross = jax.random.uniform(k_x, (S, 1)) < cfg.crossover_rate
         mix = jax.random.bernoulli(k_mix, 0.5, a.shape)
-        children = mutate(jnp.where(cross & mix, b, a), k_mut)
-        elite = state.population[jax.lax.top_k(state.fitness, cfg.elite)[1]] if cfg.elite else children[:0]
-        return jnp.concatenate([elite, children])
+        return mutate(jnp.where(cross & mix, b, a), k_mut)
+
+    def first_generation(key):
+        ident = jnp.broadcast_to(identity_genes(layout), (S, layout.t_max))
+        if cfg.method == "evolution":
+            return mutate(ident, key).at[0].set(ident[0])
+        return random_genes(layout, key, (S,)).at[0].set(ident[0])
 
     def iteration(state, problem, data):
-        key, k_pop, k_score = jax.random.split(_wrap(state.key), 3)
-        first = state.iteration == 0
+        key, k_pop = jax.random.split(_wrap(state.key))
         if cfg.method == "evolution":
-            pop = jnp.where(first, state.population, next_population(state, k_pop))
+            nxt = children(state, k_pop)
         else:
-            pop = random_genes(layout, k_pop, (P,))
-            pop = jnp.where(first, pop.at[0].set(identity_genes(layout)), pop)
-        paths = canonical(layout, pop)
-        scores, reward = en.score_paths(env, layout, scorer, data, problem, paths, k_score)
-        i = jnp.argmax(reward)
+            nxt = random_genes(layout, k_pop, (S,))
+        genes = jnp.where(state.iteration == 0, first_generation(k_pop), nxt)
+        cache, scored, scores, reward, paths = evaluate_batch(env, layout, scorer, data, problem, state.cache,
+                                                              genes, P)
+        w = scored.astype(jnp.float32)
+        n = jnp.maximum(w.sum(), 1.0)
         z = jnp.zeros(())
-        metrics = ChunkMetrics(reward.mean(), scores.mean(0),
-                               en.path_length(layout, paths).mean().astype(jnp.float32), reward[i],
-                               z, z, z, (state.iteration + 1) * P)
-        new = SearchState(pop, reward, _raw(key), state.best, state.iteration + 1)
-        return new, (metrics, paths[i])
+        metrics = ChunkMetrics(jnp.sum(jnp.where(scored, reward, 0.0)) / n, jnp.sum(scores * w[:, None], 0) / n,
+                               jnp.sum(en.path_length(layout, paths) * w) / n, jnp.max(cache.reward),
+                               z, z, z, cache.count)
+        return SearchState(_raw(key), state.best, state.iteration + 1, cache), metrics
 
     def one_chunk(state, problem, data):
-        state, (metrics, cand) = jax.lax.scan(lambda s, _: iteration(s, problem, data), state, None,
-                                              length=cfg.chunk_iterations)
-        best = en.update_best(env, layout, scorer, data, problem, state.best, cand, metrics.best_reward)
-        return state._replace(best=best), metrics
+        return jax.lax.scan(lambda s, _: iteration(s, problem, data), state, None, length=cfg.chunk_iterations)
+
+    def finish(state, problems, data):
+        best = jax.vmap(lambda p, b, c: finish_best(env, layout, scorer, data, p, b, c))(
+            problems, state.best, state.cache)
+        return state._replace(best=best)
 
     def init(key, problems):
         return jax.vmap(one_init)(jax.random.split(_wrap(key), problems.preference.shape[0]), problems)
@@ -155,8 +183,9 @@ def make_path_search(cfg: PathSearchConfig, env: en.EnvConfig, layout: PathLayou
         return state, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), m)
 
     def train(key, problems, data):
-        return jax.lax.scan(lambda s, _: chunk(s, problems, data), init(key, problems), None,
-                            length=cfg.num_chunks)
+        state, m = jax.lax.scan(lambda s, _: chunk(s, problems, data), init(key, problems), None,
+                                length=cfg.num_chunks)
+        return finish(state, problems, data), m
 
     return Trainer(jax.jit(init), jax.jit(chunk), jax.jit(train), one_init, one_chunk,
-                   lambda state: state.best, None)
+                   lambda state: state.best, None, None, jax.jit(finish))

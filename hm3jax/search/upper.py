@@ -21,15 +21,21 @@ from hm3jax import merging
 from hm3jax.moo import tchebycheff
 
 UPPER_METHODS = ("task_arithmetic", "ties", "dare_ties")
+# upper.method "auto": per preference, the method of UPPER_METHODS whose merge has the lowest
+# Tchebycheff value on the search split (each at the config's density and scale, or tuned).
+AUTO = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
 class UpperConfig:
     """Parameter-level merge settings (all fields are config keys under `upper.`).
 
-    method: one of UPPER_METHODS; density: kept fraction of each task vector (TIES trim, DARE keep
-    probability = 1 - drop rate); scale: mergekit's `lambda` on the merged task vector.
-    tune: run CMA-ES per preference over (density, scale) within the given ranges.
+    method: one of UPPER_METHODS, or "auto": per preference, the one whose merge scores the lowest
+    Tchebycheff value on the search split (so the parameter level never starts behind the best of
+    them); density: kept fraction of each task vector (TIES trim, DARE keep probability = 1 - drop
+    rate); scale: mergekit's `lambda` on the merged task vector.
+    tune: run CMA-ES per preference over (density, scale) within the given ranges (per method
+    under "auto").
     """
 
     method: str = "dare_ties"
@@ -43,9 +49,9 @@ class UpperConfig:
     scale_range: tuple[float, float] = (0.5, 2.0)
 
     def __post_init__(self):
-        if self.method not in UPPER_METHODS:
+        if self.method not in UPPER_METHODS + (AUTO,):
             raise ValueError(f"upper.method {self.method!r} is not supported; supported: "
-                             f"{', '.join(UPPER_METHODS)}")
+                             f"{', '.join(UPPER_METHODS + (AUTO,))}")
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"upper.density must be in (0, 1], got {self.density}")
         lo, hi = self.density_range
@@ -90,6 +96,12 @@ class UpperResult(NamedTuple):
     scores: np.ndarray    # [K] search-split scores of the merged model
     tcheby: float         # its Tchebycheff value (lower is better)
     history: np.ndarray   # [generations] best Tchebycheff value per ES generation (empty untuned)
+    method: int = 0       # index into UPPER_METHODS of the method used (the pick under "auto")
+
+
+def methods_of(cfg: UpperConfig) -> tuple[str, ...]:
+    """The methods an upper level of `cfg` merges with (all of UPPER_METHODS under "auto")."""
+    return UPPER_METHODS if cfg.method == AUTO else (cfg.method,)
 
 
 def _squash(x: jax.Array, lo: float, hi: float) -> jax.Array:
@@ -157,7 +169,8 @@ def _merge_key(key: jax.Array) -> jax.Array:
 
 def run_upper(cfg: UpperConfig, base: dict, experts: Sequence[dict], preference, ideal,
               score_fn: Callable[[dict], jax.Array], key: jax.Array) -> UpperResult:
-    """Merge for `preference`, tuning (density, scale) by CMA-ES when `cfg.tune`.
+    """Merge for `preference`, tuning (density, scale) by CMA-ES when `cfg.tune` and picking the
+    method when `cfg.method` is "auto".
 
     Args:
       score_fn: params -> [K] scores (higher is better), jittable and vmappable, e.g.
@@ -171,50 +184,65 @@ def run_upper(cfg: UpperConfig, base: dict, experts: Sequence[dict], preference,
     pref = jnp.asarray(preference, jnp.float32)
     ideal = jnp.asarray(ideal, jnp.float32)
     k_merge = _merge_key(key)
-
-    if not cfg.tune:
-        # merge once and score that merge
-        params = merge_for_preference(cfg.method, base, experts, pref, k_merge, cfg.density, cfg.scale)
-        s = score_fn(params)
-        t = tchebycheff(s, pref, ideal)
-        return UpperResult(params, cfg.density, cfg.scale, np.asarray(s), float(t), np.zeros(0))
-
-    d, sc, s, t, history = jax.jit(lambda p, z, k: _tune(cfg, base, experts, score_fn, p, z, k))(
-        pref, ideal, key)
-    d, sc = float(d), float(sc)
-    params = merge_for_preference(cfg.method, base, experts, pref, k_merge, d, sc)
-    return UpperResult(params, d, sc, np.asarray(s), float(t), np.asarray(history))
+    results = []
+    for method in methods_of(cfg):
+        c = dataclasses.replace(cfg, method=method)
+        if not cfg.tune:
+            params = merge_for_preference(method, base, experts, pref, k_merge, cfg.density, cfg.scale)
+            s = score_fn(params)
+            t = tchebycheff(s, pref, ideal)
+            results.append(UpperResult(params, cfg.density, cfg.scale, np.asarray(s), float(t), np.zeros(0),
+                                       UPPER_METHODS.index(method)))
+            continue
+        d, sc, s, t, history = jax.jit(lambda p, z, k, c=c: _tune(c, base, experts, score_fn, p, z, k))(
+            pref, ideal, key)
+        d, sc = float(d), float(sc)
+        params = merge_for_preference(method, base, experts, pref, k_merge, d, sc)
+        results.append(UpperResult(params, d, sc, np.asarray(s), float(t), np.asarray(history),
+                                   UPPER_METHODS.index(method)))
+    return min(results, key=lambda r: r.tcheby)  # ties: the first in UPPER_METHODS order
 
 
 def run_upper_many(cfg: UpperConfig, base: dict, experts: Sequence[dict], preferences, ideal,
                    score_fn: Callable[[dict], jax.Array], key: jax.Array) -> UpperResult:
-    """run_upper for N preferences as one vmapped program (tuning included when cfg.tune).
+    """run_upper for N preferences as one vmapped program (tuning and the "auto" pick included).
 
     Args: as run_upper, with preferences [N, K]; ideal [K] (shared) or [N, K]. Preference i uses
     jax.random.split(key, N)[i], so row i equals run_upper(..., preferences[i], ..., that key).
     Returns:
       UpperResult whose fields carry a leading [N] axis: params (stacked merged params), density,
-      scale, tcheby and history as arrays, scores [N, K].
+      scale, tcheby, history and method as arrays, scores [N, K].
     """
     prefs = jnp.asarray(preferences, jnp.float32)
     n = prefs.shape[0]
     ideal = jnp.broadcast_to(jnp.asarray(ideal, jnp.float32), prefs.shape)
     keys = jax.random.split(key, n)
+    methods = methods_of(cfg)
 
     @jax.jit
     def many(prefs, ideal, keys):
-        def one(pref, z, k):
+        def one_method(method, pref, z, k):
+            c = dataclasses.replace(cfg, method=method)
             if cfg.tune:
-                d, sc, s, t, h = _tune(cfg, base, experts, score_fn, pref, z, k)
+                d, sc, s, t, h = _tune(c, base, experts, score_fn, pref, z, k)
             else:
                 d, sc = jnp.asarray(cfg.density, jnp.float32), jnp.asarray(cfg.scale, jnp.float32)
-                params = merge_for_preference(cfg.method, base, experts, pref, _merge_key(k), d, sc)
+                params = merge_for_preference(method, base, experts, pref, _merge_key(k), d, sc)
                 s = score_fn(params)
                 t, h = tchebycheff(s, pref, z), jnp.zeros((0,), jnp.float32)
-            params = merge_for_preference(cfg.method, base, experts, pref, _merge_key(k), d, sc)
-            return params, d, sc, s, t, h
+            return d, sc, s, t, h
+
+        def one(pref, z, k):
+            outs = [one_method(m, pref, z, k) for m in methods]
+            stack = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+            i = jnp.argmin(stack[3])  # the first of equal values, as run_upper
+            d, sc, s, t, h = jax.tree.map(lambda x: x[i], stack)
+            merges = [merge_for_preference(m, base, experts, pref, _merge_key(k), d, sc) for m in methods]
+            params = jax.tree.map(lambda *xs: jnp.stack(xs)[i], *merges) if len(methods) > 1 else merges[0]
+            return params, d, sc, s, t, h, jnp.asarray([UPPER_METHODS.index(m) for m in methods])[i]
 
         return jax.vmap(one)(prefs, ideal, keys)
 
-    params, d, sc, s, t, h = many(prefs, ideal, keys)
-    return UpperResult(params, np.asarray(d), np.asarray(sc), np.asarray(s), np.asarray(t), np.asarray(h))
+    params, d, sc, s, t, h, m = many(prefs, ideal, keys)
+    return UpperResult(params, np.asarray(d), np.asarray(sc), np.asarray(s), np.asarray(t), np.asarray(h),
+                       np.asarray(m))

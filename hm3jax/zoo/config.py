@@ -93,10 +93,10 @@ class ZooConfig:
     base_mixture: tuple[int, ...] = (3400, 3000, 390)
     base_easy_only: bool = True
     base_hard_rows: tuple[int, ...] = (3400, 1500, 200)
-    base_hard_near_miss: tuple[float, ...] = (0.6, 0.75, 0.6)
+    base_hard_near_miss: tuple[float, ...] = (0.75, 0.75, 0.6)
     base_prompt_loss: tuple[bool, ...] = (False, True, True)
-    base_steps: int = 1200
-    base_batch_size: int = 64
+    base_steps: int = 1400
+    base_batch_size: int = 128
     base_learning_rate: float = 3e-3
     expert_steps: tuple[int, ...] = (1000, 1000, 500)
     expert_batch_size: int = 32
