@@ -33,6 +33,7 @@ from hm3jax.merging.api_other import (
 )
 from hm3jax.merging.averaging import stack_layers
 from hm3jax.merging.base import REQUIRED, MergeMethod, Param, tensor_key
+from hm3jax.merging.card import hub_id, model_card, write_model_card
 from hm3jax.merging.methods import METHODS, UnknownMethodError, get_method, register
 from hm3jax.merging.recipe import IgnoredKeyWarning, Recipe, RecipeError, load_recipe
 from hm3jax.merging.sparsify import (
@@ -73,6 +74,7 @@ __all__ = [
     "della_linear",
     "della_probs",
     "get_method",
+    "hub_id",
     "karcher",
     "keep_count",
     "linear",
@@ -80,6 +82,7 @@ __all__ = [
     "magnitude",
     "magnitude_outliers",
     "merge_recipe",
+    "model_card",
     "model_stock",
     "multislerp",
     "nearswap",
@@ -98,4 +101,5 @@ __all__ = [
     "ties",
     "topk_mask",
     "uniform_hash",
+    "write_model_card",
 ]

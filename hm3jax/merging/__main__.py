@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-quiet", dest="quiet", action="store_false", help="show the progress bar (default)")
     p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="print each tensor's load / merge / write times on stderr (each merge is then "
-                        "waited for before the next starts, so the times are exact)")
+                   help="print each tensor's load / merge / write times on stderr instead of the progress bar "
+                        "(each merge is then waited for before the next starts, so the times are exact)")
     g = p.add_argument_group("mergekit-yaml options without effect here (accepted with a note)")
     for name, why in MERGEKIT_NO_EFFECT_FLAGS.items():
         dest = "mk_" + name.replace("-", "_")
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             out = merge_recipe(args.config, args.out_dir, overwrite=args.overwrite,
                                max_shard_size=args.max_shard_size, seed=args.random_seed,
                                copy_tokenizer=args.copy_tokenizer, prefetch=max(0, args.prefetch),
-                               prefetch_bytes=args.prefetch_bytes, progress=not args.quiet,
+                               prefetch_bytes=args.prefetch_bytes, progress=not (args.quiet or args.verbose),
                                allow_nonfinite=args.allow_nonfinite, strict=args.strict,
                                compute_dtype=args.compute_dtype, write_card=args.write_model_card,
                                on_tensor=on_tensor if args.verbose else None)
