@@ -88,7 +88,8 @@ def ties(base: PyTree, models: Models, weights: Value, *, density: Value = 1.0, 
     Returns the merged pytree.
 
     Compile time: closing over the params in a jitted function compiles as fast as passing them
-    as arguments (1.7 s against 41 s before, on a 0.2M-parameter NNX MLP; benchmarks/README.md).
+    as arguments (5 s against 55-61 s before on a 0.2M-parameter NNX MLP, also vmapped over 9
+    weight vectors; benchmarks/ties_compile.py, figures in benchmarks/README.md).
     """
     return run("ties", base, models, weights,
                {"density": density, "normalize": normalize, "rescale": rescale, "trim": trim,
