@@ -17,6 +17,8 @@ from importlib import metadata
 
 import yaml
 
+from hm3jax.merging.recipe import Recipe
+
 README_FILE = "README.md"
 TAGS = ("merge", "mergekit-compatible")
 _HUB_CACHE = re.compile(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots[/\\][^/\\]+[/\\]?$")
@@ -87,3 +89,15 @@ def write_model_card(out_dir: str | os.PathLike, card: str) -> str:
     with open(path, "w", encoding="utf-8") as f:
         f.write(card)
     return path
+
+
+def recipe_card(recipe: Recipe, text: str, name: str) -> str:
+    """The model card of a recipe's output: its method, base, inputs and text."""
+    base = recipe.base_model if recipe.method.base != "ignored" else None
+    sources = [src.model for src in recipe.models or ()]
+    sources += [src.model for s in recipe.slices or () for src in s.sources]
+    if recipe.base_model and base is None:
+        sources.append(recipe.base_model)  # a base-less method merges the base as one more input
+    models = [p for p in dict.fromkeys(sources) if p != base]
+    return model_card(recipe.method.name, models, base_model=base, recipe_yaml=text, name=name,
+                      method_doc=recipe.method.doc)

@@ -45,7 +45,7 @@ from hm3jax.io.paths import model_file
 from hm3jax.io.safetensors_io import CheckpointReader, parse_size
 from hm3jax.io.safetensors_writer import ShardedWriter
 from hm3jax.merging.base import MergeMethod, merge_leaf, tensor_key
-from hm3jax.merging.card import model_card, transformers_version, write_model_card
+from hm3jax.merging.card import recipe_card, transformers_version, write_model_card
 from hm3jax.merging.chat_template import resolve_chat_template, save_with_template
 from hm3jax.merging.plan import MergePlan, TensorJob, build_plan, open_readers
 from hm3jax.merging.recipe import Recipe, input_paths, load_recipe
@@ -228,18 +228,6 @@ def _merge_into(recipe: Recipe, readers: dict[str, CheckpointReader], out_dir: s
             shutil.copyfile(src, os.path.join(tmp, name))
         if plan.vocabulary is not None or (recipe.chat_template and copy_tokenizer and plan.tokenizer_from):
             save_with_template(plan.vocabulary.tokenizer if plan.vocabulary else plan.tokenizer_from, template, tmp)
-
-
-def recipe_card(recipe: Recipe, text: str, name: str) -> str:
-    """The model card of a recipe's output (merging/card.py): method, base, inputs, the recipe."""
-    base = recipe.base_model if recipe.method.base != "ignored" else None
-    sources = [src.model for src in recipe.models or ()]
-    sources += [src.model for s in recipe.slices or () for src in s.sources]
-    if recipe.base_model and base is None:
-        sources.append(recipe.base_model)  # a base-less method merges the base as one more input
-    models = [p for p in dict.fromkeys(sources) if p != base]
-    return model_card(recipe.method.name, models, base_model=base, recipe_yaml=text, name=name,
-                      method_doc=recipe.method.doc)
 
 
 def _dtypes(plan: MergePlan, job: TensorJob) -> tuple[np.dtype | None, np.dtype]:
