@@ -104,7 +104,7 @@ def main() -> None:
     runs = {
         "task_arithmetic": jax.jit(lambda b, ms, w: merging.task_arithmetic(b, ms, w)),
         "ties": jax.jit(lambda b, ms, w: merging.ties(b, ms, w, density=args.density, trim=args.trim)),
-        "dare_ties": jax.jit(lambda b, ms, w: merging.dare_ties(b, ms, w, jax.random.PRNGKey(1),
+        "dare_ties": jax.jit(lambda b, ms, w: merging.dare_ties(b, ms, w, key=jax.random.PRNGKey(1),
                                                                 density=args.density)),
     }
     for name in args.methods.split(","):

@@ -255,7 +255,7 @@ def shard_tree(tree: Any, shardings: Any) -> Any:
 
 def merge_sharded(method: Any, base: Any, models: Sequence[Any], weights: Any = None, key: Any = None, *,
                   shardings: Any, **params: Any) -> Any:
-    """`method.merge(base, models, weights, key, **params)` in one jit whose outputs are placed by
+    """`method.merge(base, models, weights, key=key, **params)` in one jit whose outputs are placed by
     `shardings` (a NamedSharding per leaf, e.g. param_shardings of the base): the inputs keep their
     own shardings, and methods whose per-tensor reductions (slerp's norms, karcher's iterations)
     would otherwise leave the result replicated return it sharded. `method`: a MergeMethod or its
@@ -264,5 +264,5 @@ def merge_sharded(method: Any, base: Any, models: Sequence[Any], weights: Any = 
     from hm3jax.merging import get_method
 
     m = get_method(method) if isinstance(method, str) else method
-    fn = jax.jit(lambda b, ms: m.merge(b, ms, weights, key, **params), out_shardings=shardings)
+    fn = jax.jit(lambda b, ms: m.merge(b, ms, weights, key=key, **params), out_shardings=shardings)
     return fn(base, list(models))

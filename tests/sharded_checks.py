@@ -72,7 +72,7 @@ def check_merges() -> None:
         ignored = method.base == "ignored"
         k = key if method.random else None
         kw = PARAMS.get(name, {})
-        ref = method.merge(None if ignored else base, models[:m], w, k, **kw)
+        ref = method.merge(None if ignored else base, models[:m], w, key=k, **kw)
         got = merge_sharded(method, None if ignored else sb, sms[:m], w, k, shardings=sh, **kw)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6,
                                                              err_msg=name), ref, got)
@@ -80,7 +80,7 @@ def check_merges() -> None:
         assert spec == jax.sharding.PartitionSpec(None, None, "fsdp"), (name, spec)
         if name in NO_GATHER:
             hlo = jax.jit(lambda b, ms, w=w, k=k, kw=kw, method=method: method.merge(
-                None if ignored else b, ms, w, k, **kw)).lower(sb, sms[:m]).compile().as_text()
+                None if ignored else b, ms, w, key=k, **kw)).lower(sb, sms[:m]).compile().as_text()
             assert not gathered_sizes(hlo), (name, "all-gather in an elementwise merge")
         print(name, "ok", flush=True)
     print("merges ok")

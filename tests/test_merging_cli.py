@@ -120,7 +120,7 @@ def test_pytree_api_equals_cli_for_random_method(zoo, tmp_path):
         return {"embed_tokens": t["embed_tokens"], "layers": {"mlp": {"up_proj": t["layers"]["mlp"]["up_proj"]}}}
 
     base, ft1, ft2 = (subset(load_params(zoo[k])) for k in ("base", "ft1", "ft2"))
-    merged = merging.dare_ties(base, [ft1, ft2], np.array([0.7, 0.4]), jax.random.PRNGKey(7),
+    merged = merging.dare_ties(base, [ft1, ft2], np.array([0.7, 0.4]), key=jax.random.PRNGKey(7),
                                density=np.array([0.4, 0.6]))
     for path, leaf in iter_leaves(merged):
         if path[0] == "layers":
@@ -177,3 +177,81 @@ def test_bad_prefetch_bytes(zoo, tmp_path, capsys):
     assert _run(tmp_path, _ties(zoo), "--prefetch-bytes", "lots") == 2
     assert "prefetch_bytes 'lots'" in capsys.readouterr().err
     assert _left_behind(tmp_path) == []
+
+
+# A tutorial's mergekit-yaml command line, with many of mergekit 0.1.5's options.
+TUTORIAL_FLAGS = ["--copy-tokenizer", "--out-shard-size", "100k", "--lazy-unpickle", "--allow-crimes", "--cuda",
+                  "--low-cpu-memory", "--trust-remote-code", "--lora-merge-cache", "/tmp/lora-cache",
+                  "--clone-tensors", "--write-model-card", "-v", "--random-seed", "7", "--safe-serialization",
+                  "--multi-gpu", "--num-threads", "2", "--no-async-write", "-j", "2"]
+NO_EFFECT = ["--lazy-unpickle", "--allow-crimes", "--cuda", "--low-cpu-memory", "--trust-remote-code",
+             "--lora-merge-cache /tmp/lora-cache", "--clone-tensors", "--multi-gpu", "--num-threads 2",
+             "--no-async-write"]
+
+
+def _front_matter(text):
+    assert text.startswith("---\n"), text[:80]
+    head, _, body = text[4:].partition("\n---\n")
+    return yaml.safe_load(head), body
+
+
+def test_mergekit_yaml_command_line_runs_and_writes_card_and_transformers_version(zoo, tmp_path, capsys):
+    import json
+    from importlib import metadata
+
+    recipe = {"merge_method": "dare_ties", "base_model": zoo["base"], "dtype": "float32",
+              "models": [{"model": zoo["ft1"], "parameters": {"weight": 0.6, "density": 0.5}},
+                         {"model": zoo["ft2"], "parameters": {"weight": 0.4, "density": 0.5}}]}
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    out = tmp_path / "merged"
+    assert main([str(cfg), str(out), *TUTORIAL_FLAGS]) == 0
+    err = capsys.readouterr().err
+    for flag in NO_EFFECT:  # one note per option without effect, naming it
+        assert sum(line.startswith(f"note: {flag} (a mergekit-yaml option) has no effect here: ")
+                   for line in err.splitlines()) == 1, (flag, err)
+    assert "--safe-serialization" not in err and "--copy-tokenizer" not in err  # what hm3jax does anyway
+    assert "note: merge method 'dare_ties' draws random masks; hm3jax's masks (seed 7) are not mergekit's" in err
+    merged = read_all(str(out))
+    timed = [line for line in err.splitlines() if line.startswith("tensor ") and " merge " in line]
+    assert len(timed) == len(merged)  # -v: one timing line per tensor
+    assert any(line.startswith("tensor model.layers.0.mlp.up_proj.weight [128x64 float32]: load ") for line in timed)
+    assert "tokenizer.json" in os.listdir(out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())  # --out-shard-size 100k: shards
+    assert len(set(index["weight_map"].values())) > 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["transformers_version"] == metadata.version("transformers")
+    meta, body = _front_matter((out / "README.md").read_text())
+    assert meta["library_name"] == "transformers"
+    assert meta["tags"][:2] == ["merge", "mergekit-compatible"]
+    assert "base_model" not in meta  # local inputs are not Hub ids; the body names them
+    assert f"with `{zoo['base']}` as the base" in body and "dare_ties" in body
+    assert f"* `{zoo['ft1']}`" in body and f"* `{zoo['ft2']}`" in body
+    assert cfg.read_text().strip() in body  # the recipe, verbatim
+    # the same seed through the in-memory API: --random-seed acted
+    ft1 = load_params(zoo["ft1"])
+    name = "model.embed_tokens.weight"
+    want = merging.dare_ties({"embed_tokens": load_params(zoo["base"])["embed_tokens"]},
+                             [{"embed_tokens": load_params(zoo[k])["embed_tokens"]} for k in ("ft1", "ft2")],
+                             np.array([0.6, 0.4]), key=jax.random.PRNGKey(7), density=0.5)
+    np.testing.assert_allclose(merged[name], want["embed_tokens"]["weight"], atol=1e-6)
+    assert not np.allclose(merged[name], ft1["embed_tokens"]["weight"])
+
+
+def test_no_write_model_card_and_hub_ids_in_the_card(zoo, tmp_path):
+    assert _run(tmp_path, _ties(zoo), "--no-write-model-card", "--no-copy-tokenizer") == 0
+    files = os.listdir(tmp_path / "out")
+    assert "README.md" not in files and "tokenizer.json" not in files
+    card = merging.model_card("ties", ["org/ft-a", "/data/hub/models--org--ft-b/snapshots/abc123"],
+                              base_model="org/base", recipe_yaml="merge_method: ties\n", name="my-merge")
+    meta, body = _front_matter(card)
+    assert meta == {"base_model": ["org/base", "org/ft-a", "org/ft-b"], "library_name": "transformers",
+                    "tags": ["merge", "mergekit-compatible"]}
+    assert body.lstrip().startswith("# my-merge") and "```yaml\nmerge_method: ties\n```" in body
+
+
+def test_unknown_option_is_still_refused(zoo, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        _run(tmp_path, _ties(zoo), "--no-such-option")
+    assert e.value.code == 2
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err

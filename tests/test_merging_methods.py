@@ -204,7 +204,7 @@ def test_jit_does_not_retrace_when_weights_change():
     @jax.jit
     def merged(w, density, key):
         traces.append(1)
-        return merging.dare_ties(base, models, w, key, density=density)
+        return merging.dare_ties(base, models, w, key=key, density=density)
 
     for i in range(4):
         merged(jnp.array([0.1 * i, 0.5, 0.3]), jnp.array([0.5, 0.6, 0.7]), jax.random.PRNGKey(i))
@@ -215,9 +215,9 @@ def test_random_methods_are_deterministic_per_key():
     base = _layers_only(0)
     models = [jax.tree.map(lambda a, b: a + 0.1 * b, base, _layers_only(i)) for i in (1, 2)]
     w = jnp.array([1.0, 1.0])
-    a = merging.della(base, models, w, jax.random.PRNGKey(0), density=0.5)
-    b = merging.della(base, models, w, jax.random.PRNGKey(0), density=0.5)
-    c = merging.della(base, models, w, jax.random.PRNGKey(1), density=0.5)
+    a = merging.della(base, models, w, key=jax.random.PRNGKey(0), density=0.5)
+    b = merging.della(base, models, w, key=jax.random.PRNGKey(0), density=0.5)
+    c = merging.della(base, models, w, key=jax.random.PRNGKey(1), density=0.5)
     jax.tree.map(np.testing.assert_array_equal, a, b)
     up = lambda t: t["layers"]["mlp"]["up_proj"]["weight"]
     assert not np.array_equal(up(a), up(c))

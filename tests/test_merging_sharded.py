@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent("""
     runs = {
         "task_arithmetic": jax.jit(lambda b, ms, w: merging.task_arithmetic(b, ms, w)),
         "ties_search": jax.jit(lambda b, ms, w: merging.ties(b, ms, w, density=0.3, trim="search")),
-        "dare_ties": jax.jit(lambda b, ms, w: merging.dare_ties(b, ms, w, key, density=0.4)),
+        "dare_ties": jax.jit(lambda b, ms, w: merging.dare_ties(b, ms, w, key=key, density=0.4)),
     }
     sb, sms = shard(base), [shard(m) for m in models]
     for name, f in runs.items():

@@ -1,13 +1,39 @@
 """Parameter-space merging: pure JAX merge methods over parameter pytrees, mergekit YAML recipes,
 and out-of-core merging of checkpoints on disk (`python -m hm3jax.merge CONFIG.yml OUT_DIR`).
 
-Each method is a `MergeMethod`; `METHODS[name].merge(base, models, weights, key, **params)` merges
-whole pytrees, and the module-level names below (`merging.ties(...)`, ...) are those same functions.
+Each method is a `MergeMethod`; `METHODS[name].merge(base, models, weights, key=..., **params)` merges
+whole pytrees, and the module-level functions (`merging.ties(...)`, ...; api.py, api_other.py) call it
+with each method's parameters spelled out (`help(merging.ties)`).
 `merge_recipe(yaml_path, out_dir)` runs a mergekit recipe out of core (what the CLI does).
 """
 
+from hm3jax.merging.api import (
+    breadcrumbs,
+    breadcrumbs_ties,
+    dare_linear,
+    dare_ties,
+    della,
+    della_linear,
+    task_arithmetic,
+    ties,
+)
+from hm3jax.merging.api_other import (
+    arcee_fusion,
+    karcher,
+    linear,
+    model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    passthrough,
+    ram,
+    ramplus_tl,
+    sce,
+    slerp,
+)
 from hm3jax.merging.averaging import stack_layers
 from hm3jax.merging.base import REQUIRED, MergeMethod, Param, tensor_key
+from hm3jax.merging.card import hub_id, model_card, write_model_card
 from hm3jax.merging.methods import METHODS, UnknownMethodError, get_method, register
 from hm3jax.merging.recipe import IgnoredKeyWarning, Recipe, RecipeError, load_recipe
 from hm3jax.merging.sparsify import (
@@ -21,27 +47,6 @@ from hm3jax.merging.sparsify import (
     topk_mask,
     uniform_hash,
 )
-
-linear = METHODS["linear"].merge
-task_arithmetic = METHODS["task_arithmetic"].merge
-ties = METHODS["ties"].merge
-dare_linear = METHODS["dare_linear"].merge
-dare_ties = METHODS["dare_ties"].merge
-della = METHODS["della"].merge
-della_linear = METHODS["della_linear"].merge
-breadcrumbs = METHODS["breadcrumbs"].merge
-breadcrumbs_ties = METHODS["breadcrumbs_ties"].merge
-slerp = METHODS["slerp"].merge
-nuslerp = METHODS["nuslerp"].merge
-model_stock = METHODS["model_stock"].merge
-sce = METHODS["sce"].merge
-karcher = METHODS["karcher"].merge
-passthrough = METHODS["passthrough"].merge
-multislerp = METHODS["multislerp"].merge
-arcee_fusion = METHODS["arcee_fusion"].merge
-nearswap = METHODS["nearswap"].merge
-ram = METHODS["ram"].merge
-ramplus_tl = METHODS["ramplus_tl"].merge
 
 
 def merge_recipe(recipe, out_dir, **kwargs):
@@ -69,6 +74,7 @@ __all__ = [
     "della_linear",
     "della_probs",
     "get_method",
+    "hub_id",
     "karcher",
     "keep_count",
     "linear",
@@ -76,6 +82,7 @@ __all__ = [
     "magnitude",
     "magnitude_outliers",
     "merge_recipe",
+    "model_card",
     "model_stock",
     "multislerp",
     "nearswap",
@@ -94,4 +101,5 @@ __all__ = [
     "ties",
     "topk_mask",
     "uniform_hash",
+    "write_model_card",
 ]

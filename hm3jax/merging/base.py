@@ -31,9 +31,40 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from hm3jax.models.params import get_path, hf_name
+from hm3jax.merging.checks import (
+    check_key,
+    check_model_count,
+    check_values,
+    copied_leaf,
+    is_array_leaf,
+    is_float_leaf,
+    key_keyword,
+    model_list,
+    stacked_count,
+    tracing,
+)
+from hm3jax.merging.leaves import (
+    default_namer,
+    hf_is_stacked,
+    leaves_like,
+    opaque,
+    path_names,
+    per_leaf,
+    shape_param,
+)
 
-REQUIRED = object()  # default of a parameter that must be given
+
+class _Required:
+    """The default of a parameter that must be given (prints as REQUIRED)."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+    def __reduce__(self):
+        return "REQUIRED"
+
+
+REQUIRED = _Required()
 _F32 = np.dtype(np.float32)
 BASE_POLICIES = ("required", "optional", "ignored")
 
@@ -112,26 +143,36 @@ class MergeMethod(NamedTuple):
         names = {k for k, _ in static}
         return static, {k: v for k, v in params.items() if k not in names}
 
-    def merge(self, base: Any, models: Sequence[Any], weights: Any = None, key: jax.Array | None = None,
-              *, masks: Any = None, compute_dtype: Any = jnp.float32,
+    @key_keyword(4, method=True)
+    def merge(self, base: Any, models: Any, weights: Any = None, *, key: jax.Array | None = None,
+              masks: Any = None, compute_dtype: Any = "float32",
               is_stacked: Callable[[tuple[str, ...]], bool] | None = None,
               tensor_name: Callable[[tuple[str, ...], int | None], str] | None = None, **params: Any) -> Any:
         """Merge whole parameter pytrees. Pure; jit/vmap it as any JAX function.
 
         The pytrees may be of any kind `jax.tree_util` flattens: the HF-layout nested dict of
-        models/params.py, a Flax linen `params` dict, an NNX `State`, lists, tuples, NamedTuples,
-        `flax.struct` dataclasses. Every leaf is merged on its own, and the result has the
-        structure (and per leaf the dtype) of the base (else the first model).
+        models/params.py, a Flax linen `params` dict, an NNX `State`, an equinox module, lists,
+        tuples, NamedTuples, `flax.struct` dataclasses. Every float leaf is merged on its own; a
+        non-float leaf (integer or bool array, PRNG key, function, ...) is copied when all inputs
+        agree on it, else refused. The result has the structure (and per leaf the dtype) of the base
+        (else the first model). The module-level functions (`merging.ties`, ...) call this with
+        each method's parameters spelled out.
 
         Args:
-          base: params pytree of the base model (None where `self.base` allows it).
-          models: sequence of M params pytrees with the same structure and shapes.
+          base: params pytree of the base model (None where `self.base` allows it; a method whose
+            base is "ignored" takes None: a recipe's base model is one more input in `models`).
+          models: a sequence of M params pytrees with the base's structure and shapes, or one pytree
+            of the base's structure whose leaves stack the M models on axis 0 (`[M, *leaf]`, as a
+            vmapped ensemble fine-tune produces; without a base, any pytree that is not a list or
+            tuple). M must lie within `min_models` / `max_models`.
           weights: per-model weights: an `[M]` array, or a pytree of the params' structure whose
             leaves are `[M]` (or `[L, M]` for stacked layers) arrays, for per-tensor weights.
             Ignored by methods without a "weight" parameter (default for those that have one: the
             declared default).
-          key: PRNG key for random methods; each tensor uses fold_in(key, crc32(tensor name)), the
-            stream `python -m hm3jax.merge` uses for HF names, so both give identical results.
+          key: keyword-only PRNG key (`jax.random.key(seed)` or `jax.random.PRNGKey(seed)`) for
+            random methods; each tensor uses fold_in(key, crc32(tensor name)), the stream
+            `python -m hm3jax.merge --random-seed seed` uses for HF names. (A key given positionally
+            after `weights` still works, with a DeprecationWarning.)
           masks: for random methods, injected keep-masks: a pytree of the params' structure with
             bool leaves `[M, *leaf_shape]` (replaces the random draw).
           compute_dtype: dtype the arithmetic runs in; the result takes the base's (else the first
@@ -141,36 +182,80 @@ class MergeMethod(NamedTuple):
             layer (a TIES trim keeps the top-k of each layer, as a per-tensor merge tool does).
             Default: the HF layout's rule, a leaf under a top-level "layers" mapping.
           tensor_name: `(names, layer or None) -> str`, the per-tensor name that seeds random
-            methods. Default: the HF name (`model.layers.{i}.mlp.up_proj.weight`, ...).
+            methods. Default: for a tree of nested dicts (the HF layout) the HF name
+            (`model.layers.{i}.mlp.up_proj.weight`, ...); for any other tree the leaf's
+            `jax.tree_util.keystr` (`.layers[0].weight`), with `#{layer}` appended for a layer of a
+            stacked leaf.
           **params: the method's parameters. Each value is a scalar, a per-model `[M]` array, for a
             stacked leaf a per-layer `[L]` (shared) or `[L, M]` (per-model) array, or a pytree of the
-            params' structure holding any of those per leaf (per-tensor parameters).
+            params' structure holding any of those per leaf (per-tensor parameters). Concrete values
+            are checked as recipes are (density in (0, 1], gamma in [0, 1], ...).
         Returns the merged params pytree.
+
+        Jitting a function that closes over the params (`jax.jit(lambda w: ties(base, models, w))`)
+        compiles about as fast as passing them as arguments: concrete leaves met inside a jit trace go
+        through `lax.optimization_barrier`, so XLA does not constant-fold the trims of the closed-over
+        tensors at compile time (which took 10x longer than compiling the merge).
         """
-        models = list(models)
-        if not models:
-            raise ValueError(f"{self.name}: no models to merge")
+        key = check_key(key, self.name)
         if self.needs_base and base is None:
             raise ValueError(f"merge method {self.name!r} needs a base model")
+        if self.base == "ignored" and base is not None:
+            raise ValueError(f"merge method {self.name!r} takes no separate base (mergekit makes a recipe's "
+                             "base_model one more input); pass base=None and put the base in models")
+        listed, stacked = model_list(base, models)
+        n = len(listed) if listed is not None else stacked_count(stacked)
+        if n == 0:
+            raise ValueError(f"{self.name}: no models to merge")
+        check_model_count(self, n)
         params = self.resolve(params, weights_given=weights is not None)
+        if self.random and key is None and masks is None:
+            raise ValueError(f"merge method {self.name!r} draws random masks: it needs a PRNG key or injected "
+                             "masks (key=jax.random.key(seed), or masks=...)")
         is_stacked = hf_is_stacked if is_stacked is None else is_stacked
-        tensor_name = hf_tensor_name if tensor_name is None else tensor_name
-        ref = base if base is not None else models[0]
+        ref = base if base is not None else (listed[0] if listed is not None else stacked)
         flat, treedef = jax.tree_util.tree_flatten_with_path(ref)
+        if base is None and listed is None:  # the reference's structure, without the model axis
+            flat = [(p, leaf[0] if is_array_leaf(leaf) else leaf) for p, leaf in flat]
         names = [path_names(p) for p, _ in flat]
+        if tensor_name is None:
+            tensor_name = default_namer([p for p, _ in flat], names)
+        else:
+            user = tensor_name
+            tensor_name = lambda j, layer: user(names[j], layer)
         bases = None if base is None else [leaf for _, leaf in flat]
-        per_model = [_leaves_like(treedef, names, m, f"models[{i}]") for i, m in enumerate(models)]
-        leaf_params = {k: _per_leaf(treedef, names, v, k) for k, v in params.items()}
-        leaf_weights = _per_leaf(treedef, names, weights, "weights")
-        leaf_masks = _per_leaf(treedef, names, masks, "masks")
+        if listed is not None:
+            per_model = [leaves_like(treedef, names, m, f"models[{i}]") for i, m in enumerate(listed)]
+            leaf_models = [[ms[j] for ms in per_model] for j in range(len(flat))]
+        else:  # one [M, *leaf] array per leaf, sliced inside the jitted merge (no copies)
+            leaf_models = leaves_like(treedef, names, stacked, "models (stacked)")
+        labels = [f"models[{i}]" for i in range(n)]
+        leaf_params = {k: per_leaf(treedef, names, v, k) for k, v in params.items()}
+        leaf_weights = per_leaf(treedef, names, weights, "weights")
+        leaf_masks = per_leaf(treedef, names, masks, "masks")
+        barrier = tracing()  # concrete arrays here would be XLA constants, and their trims folded
+        if barrier:
+            key = opaque(key)
         out = []
         for j, ((_, ref_leaf), nm) in enumerate(zip(flat, names)):
+            path = "/".join(nm)
             shape = np.shape(ref_leaf)
-            for i, leaves in enumerate(per_model):
-                if np.shape(leaves[j]) != shape:
-                    raise ValueError(f"{self.name}: models[{i}] tensor {'/'.join(nm)} has shape "
-                                     f"{tuple(np.shape(leaves[j]))}; expected {tuple(shape)}")
+            ms = leaf_models[j]
+            got = [np.shape(x) for x in ms] if listed is not None else [np.shape(ms)[1:]] * n
+            for i, sh in enumerate(got):
+                if is_array_leaf(ref_leaf) and sh != shape:
+                    raise ValueError(f"{self.name}: models[{i}] tensor {path} has shape {tuple(sh)}; "
+                                     f"expected {tuple(shape)}")
+            if not is_float_leaf(ref_leaf):
+                items = [ms[i] for i in range(n)]
+                if base is not None:
+                    inputs, who = items, ["base", *labels]
+                else:
+                    inputs, who = items[1:], labels
+                out.append(copied_leaf(ref_leaf, inputs, who, path, self.name))
+                continue
             lp = {k: v[j] for k, v in leaf_params.items()}
+            check_values(lp, f"{self.name}: tensor {path}")
             w = leaf_weights[j]
             if self.uses_weights and w is None:
                 w = lp.pop("weight", None)
@@ -179,30 +264,32 @@ class MergeMethod(NamedTuple):
             if w is None and self.uses_weights:
                 raise ValueError(f"merge method {self.name!r} needs weights")
             mk = leaf_masks[j]
-            mk = None if mk is None else [mk[i] for i in range(len(models))]
-            merged = self._merge_leaf(nm, None if bases is None else bases[j], [ms[j] for ms in per_model],
-                                      w, key, mk, lp, bool(nm) and is_stacked(nm), tensor_name,
+            mk = None if mk is None else [mk[i] for i in range(n)]
+            b = None if bases is None else bases[j]
+            if barrier:
+                b, ms, mk = opaque(b), opaque(ms), opaque(mk)
+            merged = self._merge_leaf(j, b, ms, w, key, mk, lp, bool(nm) and is_stacked(nm), tensor_name,
                                       compute_dtype, jnp.result_type(ref_leaf))
             out.append(merged)
         return jax.tree_util.tree_unflatten(treedef, out)
 
-    def _merge_leaf(self, names, base, models, weights, key, masks, params, stacked: bool, tensor_name,
+    def _merge_leaf(self, j, base, models, weights, key, masks, params, stacked: bool, tensor_name,
                     compute_dtype, out_dtype):
         m = len(models)
         n_layers = np.shape(models[0])[0] if stacked else None
         params = {k: v if self.params[k].static else
-                  _shape_param(v, self.params[k].per_model, m, n_layers, k) for k, v in params.items()}
-        w = None if weights is None else _shape_param(weights, True, m, n_layers, "weights")
+                  shape_param(v, self.params[k].per_model, m, n_layers, k) for k, v in params.items()}
+        w = None if weights is None else shape_param(weights, True, m, n_layers, "weights")
         # prepare runs before the map over layers, so concrete values stay concrete (exact keep-counts).
         shape = tuple(np.shape(models[0])[1:] if stacked else np.shape(models[0]))
         params = self.prepare_params(params, shape)
         static, traced = self.split_params(params)
-        if key is None:
+        if key is None or not self.random:
             keys = None
         elif stacked:
-            keys = jnp.stack([tensor_key(key, tensor_name(names, i)) for i in range(n_layers)])
+            keys = jnp.stack([tensor_key(key, tensor_name(j, i)) for i in range(n_layers)])
         else:
-            keys = tensor_key(key, tensor_name(names, None))
+            keys = tensor_key(key, tensor_name(j, None))
         layers = None if not stacked else "vmap" if self.vmap_layers else "map"
         return merge_leaf(base, models, w, keys, masks, traced, merge_tensor=self.merge_tensor,
                           random=self.random, static=static, layers=layers,
@@ -248,29 +335,6 @@ def merge_leaf(base, models, weights, keys, masks, traced, *, merge_tensor: Call
     return out if out_dtype is None else out.astype(out_dtype)
 
 
-def path_names(path: Sequence[Any]) -> tuple[str, ...]:
-    """A `jax.tree_util` key path as strings: dict keys, attribute names, sequence indices."""
-    out = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                out.append(str(getattr(k, attr)))
-                break
-        else:
-            out.append(str(k))
-    return tuple(out)
-
-
-def hf_is_stacked(names: tuple[str, ...]) -> bool:
-    """The HF layout's rule (models/params.py): leaves under a top-level "layers" mapping stack layers."""
-    return len(names) > 1 and names[0] == "layers" and not names[1].isdigit()
-
-
-def hf_tensor_name(names: tuple[str, ...], layer: int | None = None) -> str:
-    """The HF tensor name of a leaf of the HF layout (`models.params.hf_name`), for any path."""
-    return hf_name(tuple(names), layer)
-
-
 def sum_models(xs: Sequence[jax.Array]) -> jax.Array:
     """Σ of M arrays (a sequence, or the leading axis of one array) as M − 1 elementwise adds.
 
@@ -291,58 +355,3 @@ def tensor_key(key: jax.Array | None, name: str) -> jax.Array | None:
     return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
-def _is_value(v: Any) -> bool:
-    """A value shared by every leaf (not a pytree of per-leaf values)."""
-    return v is None or isinstance(v, (str, bool, int, float, complex, np.ndarray, np.generic, jax.Array))
-
-
-def _per_leaf(treedef, names: list[tuple[str, ...]], v: Any, what: str) -> list[Any]:
-    """`v` for each leaf: one shared value, or a pytree of the params' structure (per-tensor values)."""
-    shared_seq = (isinstance(v, (list, tuple)) and not hasattr(v, "_fields")  # a NamedTuple is a pytree
-                  and all(_is_value(x) for x in v))
-    if _is_value(v) or shared_seq:
-        return [v] * len(names)
-    try:
-        return treedef.flatten_up_to(v)
-    except (ValueError, TypeError) as e:
-        if isinstance(v, Mapping):  # a partial or larger HF-layout dict: look each leaf up by its path
-            out = []
-            for nm in names:
-                try:
-                    out.append(get_path(v, nm))
-                except (KeyError, TypeError):
-                    raise ValueError(f"per-tensor {what} has no entry for {'/'.join(nm)}") from None
-            return out
-        raise ValueError(f"per-tensor {what}: its structure does not match the params pytree ({e})") from None
-
-
-def _leaves_like(treedef, names: list[tuple[str, ...]], tree: Any, what: str) -> list[Any]:
-    """The leaves of `tree`, which must have the reference's structure; else an error naming `what`."""
-    try:
-        return treedef.flatten_up_to(tree)
-    except (ValueError, TypeError):
-        got = {"/".join(path_names(p)) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
-        want = {"/".join(nm) for nm in names}
-        diff = sorted(want - got)[:3] or sorted(got - want)[:3]
-        raise ValueError(f"{what} does not have the base's structure (first differing tensors: "
-                         f"{', '.join(diff) or 'container types differ'})") from None
-
-
-def _shape_param(v: Any, per_model: bool, m: int, n_layers: int | None, what: str) -> Any:
-    """Broadcast a parameter to `[M]`/scalar (one tensor) or `[L, M]`/`[L]` (stacked layers)."""
-    if v is None or isinstance(v, (str, bool)):
-        return v
-    # Host values stay numpy (float64) so `prepare` can compute exact counts from them.
-    xp = jnp if isinstance(v, jax.Array) else np
-    a = v if isinstance(v, jax.Array) else np.asarray(v)
-    lead = () if n_layers is None else (n_layers,)
-    want = lead + ((m,) if per_model else ())
-    if a.ndim == 0 or (per_model and a.ndim == 1 and a.shape[0] in (m, 1)) or a.shape == want or (n_layers is not None and a.ndim == (2 if per_model else 1) and a.shape[0] == n_layers):
-        pass
-    else:
-        raise ValueError(f"parameter {what}: shape {tuple(a.shape)} does not broadcast to {want}")
-    if n_layers is not None and a.ndim == (1 if per_model else 0):
-        a = a[None]  # per-model (or scalar) value shared by every layer
-    if per_model and a.ndim == (0 if n_layers is None else 1):
-        a = a[..., None]
-    return xp.broadcast_to(a, want)

@@ -31,6 +31,7 @@ import numpy as np
 from hm3jax.io.assemble import FLOAT_DTYPES
 from hm3jax.io.safetensors_io import CheckpointReader, dtype_code
 from hm3jax.merging.base import MergeMethod
+from hm3jax.merging.checks import check_model_count, check_values
 from hm3jax.merging.layout import LAYER_KEYS, Layout, LayoutError, get_dotted, read_layout, set_dotted, tied_embedding
 from hm3jax.merging.recipe import OutputSlice, Recipe, RecipeError, Source, resolve
 from hm3jax.merging.vocab import VocabError, Vocabulary, build_vocabulary, is_vocab_tensor
@@ -126,26 +127,11 @@ def _check_inputs(method: MergeMethod, models: list[str], base: str | None, wher
         pos = models.index(base)
     if method.base == "required" and pos is None:
         raise PlanError(f"{where}: merge method {method.name!r} needs a base model; set base_model")
-    n = len(models) - (pos is not None)
-    if n < method.min_models or (method.max_models is not None and n > method.max_models):
-        want = (f"exactly {method.min_models}" if method.min_models == method.max_models else
-                f"at least {method.min_models}" + (f" and at most {method.max_models}" if method.max_models else ""))
-        raise PlanError(f"{where}: merge method {method.name!r} takes {want} non-base model(s), got {n}")
+    try:
+        check_model_count(method, len(models) - (pos is not None), where)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
     return pos
-
-
-def _check_values(method: MergeMethod, p: Mapping[str, Any], where: str) -> None:
-    d = p.get("density")
-    if d is not None and not 0 < d <= 1:
-        raise PlanError(f"{where}: density {d} is outside (0, 1]")
-    g = p.get("gamma")
-    if g is not None and not 0 <= g <= 1:
-        raise PlanError(f"{where}: gamma {g} is outside [0, 1]")
-    e = p.get("epsilon")
-    if e is not None and d is not None and d < 1 and not (d - e > 0 and d + e < 1):
-        raise PlanError(f"{where}: density ± epsilon ({d} ± {e}) must lie in (0, 1)")
-    if p.get("trim") is not None and p["trim"] not in ("exact", "search", "sort"):
-        raise PlanError(f"{where}: trim {p['trim']!r}; supported: exact, search, sort")
 
 
 def _input_name(reader: CheckpointReader, name: str) -> str | None:
@@ -205,7 +191,7 @@ def build_plan(recipe: Recipe, readers: Mapping[str, CheckpointReader]) -> Merge
             per_model.append({k: resolve(method, k, scopes, nm, t, f"{recipe.source}: {where} ({src.model})")
                               for k, prm in method.params.items() if prm.per_model})
         for p in (shared, *per_model):
-            _check_values(method, {**shared, **p}, f"{recipe.source}: tensor {name}")
+            check_values({**shared, **p}, f"{recipe.source}: tensor {name}", error=PlanError)
         if method.name == "linear" and shared.get("normalize") and per_model:
             # linear divides by the sum of the weights unguarded (as mergekit): a zero sum is all NaN/Inf.
             w = np.asarray([pm["weight"] for pm in per_model], np.float32)

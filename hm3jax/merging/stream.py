@@ -29,8 +29,10 @@ import os
 import queue
 import shutil
 import threading
+import time
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import ml_dtypes
@@ -43,6 +45,7 @@ from hm3jax.io.paths import model_file
 from hm3jax.io.safetensors_io import CheckpointReader, parse_size
 from hm3jax.io.safetensors_writer import ShardedWriter
 from hm3jax.merging.base import MergeMethod, merge_leaf, tensor_key
+from hm3jax.merging.card import recipe_card, transformers_version, write_model_card
 from hm3jax.merging.chat_template import resolve_chat_template, save_with_template
 from hm3jax.merging.plan import MergePlan, TensorJob, build_plan, open_readers
 from hm3jax.merging.recipe import Recipe, input_paths, load_recipe
@@ -64,6 +67,21 @@ class NonFiniteError(ValueError):
 
 class NonFiniteWarning(UserWarning):
     """An input or merged tensor holds NaN or Inf and allow_nonfinite was given."""
+
+
+class RandomMasksNotice(UserWarning):
+    """The recipe uses a random method: its masks come from hm3jax's stream, not mergekit's torch one."""
+
+
+class TensorTiming(NamedTuple):
+    """Seconds spent on one output tensor (`on_tensor` of merge_recipe / run_plan)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    load_s: float  # reading the inputs (a read-ahead thread)
+    merge_s: float  # the jitted merge, dispatch to result (0 for a copied buffer)
+    write_s: float  # the NaN/Inf check and the write into its shard
 
 
 _EXPONENT_MASKS = {np.dtype(ml_dtypes.bfloat16): 0x7F80, np.dtype(np.float16): 0x7C00}
@@ -105,7 +123,8 @@ def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.Pa
                  overwrite: bool = False, max_shard_size: int | str = "5B", seed: int = 0,
                  copy_tokenizer: bool = True, prefetch: int = 2, prefetch_bytes: int | str = PREFETCH_BYTES,
                  progress: bool = True, allow_nonfinite: bool = False, strict: bool = False,
-                 compute_dtype: str = "mergekit") -> str:
+                 compute_dtype: str = "mergekit", write_card: bool = True,
+                 on_tensor: Callable[[TensorTiming], None] | None = None) -> str:
     """Run a mergekit-style recipe from checkpoints on disk into `out_dir` (an HF model directory).
 
     Args:
@@ -131,6 +150,13 @@ def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.Pa
         dare_*, task_arithmetic, breadcrumbs*, della*), model_stock, nuslerp, sce and karcher in the recipe's
         `dtype` (else the inputs'), the other methods in float32. "float32": all arithmetic in float32, rounded once to the
         output dtype (more accurate for 16-bit recipes; differs from mergekit's tensors).
+      write_card: write a model card, README.md with Hugging Face front matter (merging/card.py), as
+        mergekit's --write-model-card (its default) does.
+      on_tensor: called with each output tensor's TensorTiming once it is written (from the writer
+        thread); each merge is then waited for before the next is dispatched, so the times are exact.
+    A recipe using a random method (dare_*, della*) gives one RandomMasksNotice: its masks come from
+    hm3jax's keyed hash, so the output equals mergekit's in distribution, not tensor for tensor.
+    The output's config.json carries the installed transformers' `transformers_version`.
     Returns the absolute output path. Raises RecipeError / PlanError / OutputExistsError /
     UnsafeOutputError / CheckpointError / NonFiniteError with messages naming the key, tensor or file
     at fault; on any error (and on KeyboardInterrupt) nothing is left at `out_dir`, an old `out_dir`
@@ -150,6 +176,10 @@ def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.Pa
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, strict=strict)
     inputs = [recipe_file, *input_paths(recipe)]
     check_output_path(out_dir, inputs)
+    if recipe.method.random:
+        warnings.warn(f"merge method {recipe.method.name!r} draws random masks; hm3jax's masks (seed {seed}) are "
+                      "not mergekit's, so the tensors agree with mergekit's in distribution, not value",
+                      RandomMasksNotice, stacklevel=2)
     # Where hm3jax.io.interrupt handles signals (the CLI), they stop the run between tensors.
     with interrupt.deferred():
         readers = open_readers(recipe)
@@ -157,7 +187,8 @@ def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.Pa
             _merge_into(recipe, readers, out_dir, overwrite=overwrite, max_shard_size=max_shard_size,
                         seed=seed, copy_tokenizer=copy_tokenizer, prefetch=prefetch,
                         prefetch_bytes=ahead_bytes, progress=progress, inputs=inputs,
-                        allow_nonfinite=allow_nonfinite, compute_dtype=compute_dtype)
+                        allow_nonfinite=allow_nonfinite, compute_dtype=compute_dtype, write_card=write_card,
+                        on_tensor=on_tensor)
         finally:
             for r in readers.values():
                 r.close()
@@ -167,7 +198,8 @@ def merge_recipe(recipe: str | os.PathLike | dict | Recipe, out_dir: str | os.Pa
 def _merge_into(recipe: Recipe, readers: dict[str, CheckpointReader], out_dir: str, *, overwrite: bool,
                 max_shard_size: int | str, seed: int, copy_tokenizer: bool, prefetch: int,
                 prefetch_bytes: int, progress: bool, inputs: list, allow_nonfinite: bool,
-                compute_dtype: str = "mergekit") -> None:
+                compute_dtype: str = "mergekit", write_card: bool = True,
+                on_tensor: Callable[[TensorTiming], None] | None = None) -> None:
     plan = build_plan(recipe, readers)
     shard_bytes = parse_shard_size(max_shard_size)
     tokenizer_files = []
@@ -180,12 +212,18 @@ def _merge_into(recipe: Recipe, readers: dict[str, CheckpointReader], out_dir: s
     with atomic_output_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         run_plan(plan, readers, tmp, max_shard_size=shard_bytes, seed=seed, prefetch=prefetch,
                  prefetch_bytes=prefetch_bytes, progress=progress, allow_nonfinite=allow_nonfinite,
-                 compute_dtype=compute_dtype)
+                 compute_dtype=compute_dtype, on_tensor=on_tensor)
+        config = dict(plan.config)
+        config["transformers_version"] = transformers_version() or config.get("transformers_version")
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(plan.config, f, indent=2)
+            json.dump({k: v for k, v in config.items() if v is not None or k != "transformers_version"}, f,
+                      indent=2)
             f.write("\n")
+        text = recipe.text or yaml.safe_dump({"merge_method": recipe.method.name})
         with open(os.path.join(tmp, "mergekit_config.yml"), "w", encoding="utf-8") as f:
-            f.write(recipe.text or yaml.safe_dump({"merge_method": recipe.method.name}))
+            f.write(text)
+        if write_card:
+            write_model_card(tmp, recipe_card(recipe, text, os.path.basename(out_dir)))
         for src, name in tokenizer_files if not recipe.chat_template else ():  # else re-saved, as mergekit
             shutil.copyfile(src, os.path.join(tmp, name))
         if plan.vocabulary is not None or (recipe.chat_template and copy_tokenizer and plan.tokenizer_from):
@@ -273,6 +311,12 @@ def _load(readers: dict[str, CheckpointReader], job: TensorJob, allow_nonfinite:
     return [jax.device_put(a) for a in out]
 
 
+def _timed_load(*args) -> tuple[list, float]:
+    started = time.perf_counter()
+    out = _load(*args)
+    return out, time.perf_counter() - started
+
+
 def _input_bytes(readers: dict[str, CheckpointReader], job: TensorJob) -> int:
     return sum(int(np.prod(readers[m].shape(n), dtype=np.int64)) * readers[m].dtype(n).itemsize
                for m, n in job.inputs)
@@ -281,10 +325,12 @@ def _input_bytes(readers: dict[str, CheckpointReader], job: TensorJob) -> int:
 def run_plan(plan: MergePlan, readers: dict[str, CheckpointReader], out_dir: str, *,
              max_shard_size: int = 5 * 10**9, seed: int = 0, prefetch: int = 2,
              prefetch_bytes: int = PREFETCH_BYTES, progress: bool = True,
-             allow_nonfinite: bool = False, compute_dtype: str = "mergekit") -> None:
+             allow_nonfinite: bool = False, compute_dtype: str = "mergekit",
+             on_tensor: Callable[[TensorTiming], None] | None = None) -> None:
     """Merge every job of `plan` and write the tensors into `out_dir` (safetensors shards only).
 
-    `prefetch` / `prefetch_bytes`: read-ahead limits; `allow_nonfinite`, `compute_dtype`: see merge_recipe.
+    `prefetch` / `prefetch_bytes`: read-ahead limits; `allow_nonfinite`, `compute_dtype`, `on_tensor`:
+    see merge_recipe.
     On any exception (KeyboardInterrupt included) the read-ahead threads and the writer thread are
     stopped and joined, and every dispatched merge has finished, before the exception propagates.
     """
@@ -306,11 +352,12 @@ def run_plan(plan: MergePlan, readers: dict[str, CheckpointReader], out_dir: str
             item = done.get()
             if item is None:
                 return
-            name, result = item
+            name, result, timing = item
             if failure or stop.is_set():
                 _settle(result)  # drain so the producer never blocks; wait, so nothing runs on at exit
                 continue
             try:
+                started = time.perf_counter()
                 arr = np.asarray(result)
                 bad = count_nonfinite(arr)
                 if bad:
@@ -321,6 +368,8 @@ def run_plan(plan: MergePlan, readers: dict[str, CheckpointReader], out_dir: str
                     warnings.warn(msg, NonFiniteWarning, stacklevel=1)
                 writer.write(name, arr)
                 bar.update(arr.nbytes)
+                if on_tensor is not None:
+                    on_tensor(timing._replace(write_s=time.perf_counter() - started))
             except BaseException as e:  # re-raised in the main thread
                 failure.append(e)
 
@@ -334,7 +383,7 @@ def run_plan(plan: MergePlan, readers: dict[str, CheckpointReader], out_dir: str
     def submit() -> None:
         job = jobs[state["next"]]
         nbytes = _input_bytes(readers, job)
-        pending.append((job, pool.submit(_load, readers, job, allow_nonfinite, plan.vocabulary,
+        pending.append((job, pool.submit(_timed_load, readers, job, allow_nonfinite, plan.vocabulary,
                                          _dtypes(plan, job)[0]), nbytes))
         state["next"] += 1
         state["ahead"] += nbytes
@@ -356,11 +405,12 @@ def run_plan(plan: MergePlan, readers: dict[str, CheckpointReader], out_dir: str
             job, fut, nbytes = pending.popleft()
             state["ahead"] -= nbytes
             read_ahead()
-            arrays = fut.result()
+            arrays, load_s = fut.result()
             if failure:
                 raise failure[0]
+            timing = TensorTiming(job.name, tuple(job.shape), str(_dtypes(plan, job)[1]), load_s, 0.0, 0.0)
             if job.buffer:  # copied, not merged
-                done.put((job.name, arrays[0]))
+                done.put((job.name, arrays[0], timing))
                 del arrays
                 continue
             base = arrays[job.base] if job.base is not None else None
@@ -368,10 +418,14 @@ def run_plan(plan: MergePlan, readers: dict[str, CheckpointReader], out_dir: str
             static, traced, weights = _arguments(method, job)
             load, out = _dtypes(plan, job)
             rng = tensor_key(root, job.name) if root is not None else None
+            started = time.perf_counter()
             in_flight = merge_leaf(base, models, weights, rng, None, traced, merge_tensor=method.merge_tensor,
                                    random=method.random, static=static, load_dtype=load, out_dtype=out,
                                    compute_dtype=_compute_dtype(plan, job, load, compute_dtype))
-            done.put((job.name, in_flight))
+            if on_tensor is not None:  # exact per-tensor times: wait for this merge before the next
+                jax.block_until_ready(in_flight)
+                timing = timing._replace(merge_s=time.perf_counter() - started)
+            done.put((job.name, in_flight, timing))
             in_flight = None
             del arrays, base, models
     except BaseException:
