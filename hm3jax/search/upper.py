@@ -83,7 +83,7 @@ def merge_for_preference(method: str, base: dict, experts: Sequence[dict], prefe
         return merging.ties(base, experts, preference, density=density, trim="search",
                             **{"lambda": scale})
     if method == "dare_ties":
-        return merging.dare_ties(base, experts, preference, key, density=density, **{"lambda": scale})
+        return merging.dare_ties(base, experts, preference, key=key, density=density, **{"lambda": scale})
     raise ValueError(f"method {method!r} is not supported; supported: {', '.join(UPPER_METHODS)}")
 
 
