@@ -395,7 +395,7 @@ def _check_tasks(cfg: RunConfig) -> None:
             path = getattr(f, split)
             if not path:
                 raise RunConfigError(f"tasks.files.{name}.{split}: no JSONL file given")
-            if not os.path.isfile(path):
+            if not os.path.exists(path):
                 raise RunConfigError(f"tasks.files.{name}.{split}: {path}: no such file")
     from hm3jax.objectives.taskfiles import FileTask, TaskFileError
 
