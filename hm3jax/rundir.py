@@ -154,6 +154,7 @@ class RunDirLock:
         os.makedirs(self.run_dir, exist_ok=True)
         import fcntl
 
+        existed = os.path.lexists(self.path)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -161,6 +162,9 @@ class RunDirLock:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise self._busy(*_owner(self.path)) from None
+            if not existed:  # created just now for flock: the exclusive-create lock makes its own
+                with contextlib.suppress(OSError):
+                    os.remove(self.path)
             return self._acquire_exclusive()  # no flock here (ENOLCK, EOPNOTSUPP, ...)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {_host()}\n".encode())
