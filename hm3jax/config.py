@@ -274,17 +274,61 @@ def preference_matrix(cfg: RunConfig) -> np.ndarray:
 
 
 def _width(path: str, key: str):
-    from hm3jax.models.config import ConfigError, ModelConfig
+    from hm3jax.io import CheckpointError
+    from hm3jax.io.hf import read_config
+    from hm3jax.models.config import ConfigError
 
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise RunConfigError(f"{key}: {path} is not a checkpoint directory (no such directory)")
-    if not os.path.isfile(cfg_file):
+    if not os.path.exists(cfg_file):
         raise RunConfigError(f"{key}: {path} has no config.json (expected an HF checkpoint directory)")
     try:
-        return ModelConfig.from_json_file(cfg_file)
-    except ConfigError as e:
+        return read_config(cfg_file)  # refuses a FIFO or device named config.json before opening it
+    except (ConfigError, CheckpointError) as e:
         raise RunConfigError(f"{key}: {e}") from None
+
+
+# Numeric keys with a range beyond "finite" (every float key must be finite, see check_numbers).
+_POSITIVE = ("upper.scale", "upper.es_sigma", "lower.ppo.lr", "lower.ppo.critic_lr", "lower.ppo.max_grad_norm",
+             "lower.align.learning_rate")
+_NON_NEGATIVE = ("lower.ppo.vf_coef", "lower.ppo.ent_coef", "lower.env.length_penalty")
+SEED_LIMIT = 2**32  # jax.random.key(s) wraps s modulo 2**32 (x64 off): larger seeds would alias smaller ones
+INT_LIMIT = 2**31  # counts, sizes and ids: anything larger is a typo that would allocate or loop forever
+
+
+def _numbers(x, key: str):
+    """(dotted key, value) of every number (bools excluded) in a config value: dataclass fields,
+    mapping values and sequence items, walked generically so fields added later are checked too."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        for f in dataclasses.fields(x):
+            yield from _numbers(getattr(x, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            yield from _numbers(v, f"{key}.{k}")
+    elif isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            yield from _numbers(v, f"{key}[{i}]")
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        yield key, x
+
+
+def check_numbers(cfg: RunConfig) -> None:
+    """Every number of the config is finite and in range: floats finite (and the keys of _POSITIVE /
+    _NON_NEGATIVE > 0 / >= 0), seeds (keys named *seed) in [0, 2**32), other integers below 2**31 in
+    magnitude. Raises RunConfigError naming the first key at fault."""
+    for key, v in _numbers(cfg, ""):
+        name = key.rsplit(".", 1)[-1]
+        if isinstance(v, float) and not math.isfinite(v):
+            raise RunConfigError(f"{key} is {v}; every numeric config value must be a finite number")
+        if key in _POSITIVE and not v > 0:
+            raise RunConfigError(f"{key} must be > 0, got {v}")
+        if key in _NON_NEGATIVE and not v >= 0:
+            raise RunConfigError(f"{key} must be >= 0, got {v}")
+        if isinstance(v, int) and name.endswith("seed") and not 0 <= v < SEED_LIMIT:
+            raise RunConfigError(f"{key} must be an integer in [0, 2**32), got {v}")
+        if isinstance(v, int) and not name.endswith("seed") and not -INT_LIMIT <= v < INT_LIMIT:
+            raise RunConfigError(f"{key} is {v}; integer config values must lie in [-2**31, 2**31)")
 
 
 _SIGNATURE = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -362,7 +406,7 @@ def _check_tasks(cfg: RunConfig) -> None:
             path = getattr(f, split)
             if not path:
                 raise RunConfigError(f"tasks.files.{name}.{split}: no JSONL file given")
-            if not os.path.isfile(path):
+            if not os.path.exists(path):
                 raise RunConfigError(f"tasks.files.{name}.{split}: {path}: no such file")
     from hm3jax.objectives.taskfiles import FileTask, TaskFileError
 
@@ -379,9 +423,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     Resolution: `models` with neither source becomes the default embedded zoo. Checks: one model
     source; zoo config name; checkpoint directories exist and share one layer layout (their
     config.json files only are read); one task per expert, named after it; task files and scorers;
-    preferences on the simplex; the other enumerations and counts. Raises RunConfigError naming
+    preferences on the simplex; every number finite and in range; the other enumerations and
+    counts. Raises RunConfigError naming
     the key (and the file) at fault. Reads, never writes.
     """
+    check_numbers(cfg)
     m = cfg.models
     if m.zoo is not None and m.checkpoints is not None:
         raise RunConfigError("models: give either models.zoo or models.checkpoints, not both")

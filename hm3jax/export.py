@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from hm3jax.io.atomic import atomic_output_dir, check_output_path
+from hm3jax.io.atomic import atomic_output_dir, check_output_path, first_nonfinite
 from hm3jax.io.hf import save_pretrained
 from hm3jax.io.paths import TOKENIZER_FILES
 from hm3jax.models.config import ModelConfig
@@ -119,6 +119,20 @@ def path_params(cfg: ModelConfig, models: Mapping[str, dict], path: Sequence,
     params = {k: jax.tree.map(np.asarray, v) for k, v in shell_of(models[shell]).items()}
     params["layers"] = stacked
     return cfg.replace(num_hidden_layers=len(steps)), params
+
+
+def check_finite(params: dict) -> None:
+    """Raise ExportError naming the first tensor holding NaN or ±Inf (the merge CLI's rule: a
+    non-finite weight is never written; e.g. an upper-level merge with an infinite scale)."""
+    import jax
+
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        a = np.asarray(leaf)
+        floating = np.issubdtype(a.dtype, np.inexact) or a.dtype.kind == "V"  # ml_dtypes' bfloat16 is "V"
+        if floating and not np.isfinite(a).all():
+            n = int(a.size - np.isfinite(a).sum())
+            raise ExportError(f"tensor {jax.tree_util.keystr(path)} holds {n} NaN/Inf value(s); refusing to "
+                              "write non-finite weights (check the solution's upper settings and the source models)")
 
 
 def _runs(steps: Sequence[tuple[str, int]]) -> list[tuple[str, int, int]]:
@@ -261,6 +275,7 @@ def export_path(out_dir: str | os.PathLike, cfg: ModelConfig, models: Mapping[st
                                      if isinstance(tokenizer_from, (str, os.PathLike)) else [])
     check_output_path(out_dir, inputs)
     out_cfg, params = path_params(cfg, models, path, shell)  # validates the path
+    check_finite(params)
     steps = [(str(s[0]), int(s[1])) for s in path if s is not None]
     record = dict(solution) if solution is not None else {}
     for key, want in (("path", [list(s) for s in steps]), ("shell", shell)):
@@ -269,6 +284,9 @@ def export_path(out_dir: str | os.PathLike, cfg: ModelConfig, models: Mapping[st
             if got != want:
                 raise ExportError(f"solution[{key!r}] = {record[key]!r} differs from the exported {key} {want!r}")
         record[key] = want
+    bad = first_nonfinite(record)
+    if bad is not None:
+        raise ExportError(f"solution[{bad}]: not a finite number; {SOLUTION_FILE} would not be valid JSON")
     uses_merge = any(m == MERGE for m, _ in steps) or shell == MERGE
     upper = record.get("upper")
     recipes: dict[str, str] = {}
@@ -306,7 +324,7 @@ def export_path(out_dir: str | os.PathLike, cfg: ModelConfig, models: Mapping[st
             os.rename(os.path.join(staged, name), os.path.join(tmp, name))
         os.rmdir(staged)
         with open(os.path.join(tmp, SOLUTION_FILE), "w") as f:
-            json.dump(record, f, indent=2)
+            json.dump(record, f, indent=2, allow_nan=False)
             f.write("\n")
         for name, text in recipes.items():
             with open(os.path.join(tmp, name), "w") as f:

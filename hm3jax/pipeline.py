@@ -12,8 +12,11 @@ are small arrays; merged models are recomputed from them (merges are determinist
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -59,8 +62,37 @@ class Context(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------- checkpoints
+class CorruptCheckpointError(RunConfigError):
+    """A stage checkpoint that exists but cannot be restored, or whose arrays fail their digest."""
+
+    def __init__(self, path: str, why: str):
+        super().__init__(f"checkpoint {path} is corrupt or incomplete ({why}); remove it to recompute that stage")
+        self.path, self.why = path, why
+
+
+class CheckpointWriteError(OSError):
+    """A stage checkpoint that could not be written (a full disk, lost permissions); nothing of it is kept."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def _digest(tree: dict) -> str:
+    """sha256 of a tree of numpy arrays: key paths, dtypes, shapes and bytes (orbax keeps no checksum
+    of its own that a restore verifies, so flipped bytes would otherwise come back as results)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(tree)[0], key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 class StageStore:
-    """Stage results as orbax checkpoints under RUN_DIR/checkpoints/<stage> (pytrees of arrays)."""
+    """Stage results as orbax checkpoints under RUN_DIR/checkpoints/stages/<stage> (pytrees of
+    arrays), each with a digest beside it (<stage>.sha256) that `load` checks."""
 
     def __init__(self, run_dir: str):
         self.root = os.path.abspath(os.path.join(run_dir, "checkpoints"))
@@ -68,30 +100,106 @@ class StageStore:
     def path(self, name: str) -> str:
         return os.path.join(self.root, name)
 
+    def _stage_path(self, name: str) -> str:
+        return os.path.join(self.root, "stages", name)
+
     def load(self, name: str) -> dict | None:
+        """The saved result of stage `name`, or None when it was never saved.
+
+        Raises CorruptCheckpointError when the checkpoint exists but cannot be restored (truncated
+        or emptied metadata, an empty directory, unreadable arrays) or its arrays differ from the
+        digest written with them."""
         import orbax.checkpoint as ocp
 
-        p = os.path.join(self.root, "stages", name)
-        if not os.path.isdir(p):
+        p = self._stage_path(name)
+        if not os.path.lexists(p):
             return None
-        with ocp.StandardCheckpointer() as ckpt:
-            return jax.tree.map(np.asarray, ckpt.restore(p))
+        if not os.path.isdir(p):
+            raise CorruptCheckpointError(p, "not a directory")
+        try:
+            with ocp.StandardCheckpointer() as ckpt:
+                tree = jax.tree.map(np.asarray, ckpt.restore(p))
+        except Exception as e:  # orbax and tensorstore raise many types (JSON, OS, DATA_LOSS ValueError, ...)
+            raise CorruptCheckpointError(p, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
+        if not isinstance(tree, dict):
+            raise CorruptCheckpointError(p, f"restored a {type(tree).__name__}, not a mapping of arrays")
+        try:
+            with open(p + ".sha256") as f:
+                want = f.read().strip()
+        except FileNotFoundError:
+            return tree  # written before digests existed, or killed between the two writes
+        except OSError as e:
+            raise CorruptCheckpointError(p, f"its digest {p}.sha256 cannot be read: {e.strerror}") from None
+        if _digest(tree) != want:
+            raise CorruptCheckpointError(p, f"its arrays do not match the digest {p}.sha256")
+        return tree
+
+    def discard(self, name: str) -> None:
+        """Remove stage `name`'s checkpoint and digest (to recompute it)."""
+        import shutil
+
+        p = self._stage_path(name)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(p)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(p + ".sha256")
 
     def save(self, name: str, tree: dict) -> dict:
+        """Save stage `name` (orbax writes a temporary directory, then renames it) and its digest.
+        Raises CheckpointWriteError, leaving no partial checkpoint, when the disk refuses it."""
         import orbax.checkpoint as ocp
 
-        os.makedirs(os.path.join(self.root, "stages"), exist_ok=True)
+        p = self._stage_path(name)
         tree = jax.tree.map(np.asarray, tree)
-        with ocp.StandardCheckpointer() as ckpt:  # writes a temporary directory, then renames it
-            ckpt.save(os.path.join(self.root, "stages", name), tree)
+        try:
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(p + ".sha256")  # a digest never outlives the checkpoint it was written for
+            with ocp.StandardCheckpointer() as ckpt:
+                ckpt.save(p, tree)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(p), prefix=f".{name}.sha256.")
+            with os.fdopen(fd, "w") as f:
+                f.write(_digest(tree) + "\n")
+            os.replace(tmp, p + ".sha256")
+        except Exception as e:
+            self._clean_partial(name)
+            raise CheckpointWriteError(f"checkpoint {p} could not be written ({type(e).__name__}: "
+                                       f"{str(e).splitlines()[0][:160] if str(e) else ''}); is the disk full? "
+                                       "Free space and run the same command again to resume") from None
         return tree
+
+    def _clean_partial(self, name: str) -> None:
+        import shutil
+
+        folder = os.path.join(self.root, "stages")
+        for entry in os.listdir(folder) if os.path.isdir(folder) else ():
+            if entry.startswith((f"{name}.orbax-checkpoint-tmp", f".{name}.sha256.")):
+                full = os.path.join(folder, entry)
+                if os.path.isdir(full):
+                    shutil.rmtree(full, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.remove(full)
+        self.discard(name)
 
 
 def _stage(ctx: Context, name: str, compute: Callable[[], dict], summary: Callable[[dict], str],
            stop_after: str | None) -> dict:
-    """Load stage `name` from its checkpoint or compute and save it; print its one-line summary."""
+    """Load stage `name` from its checkpoint or compute and save it; print its one-line summary.
+
+    A checkpoint that is corrupt or incomplete is removed and the stage recomputed (stage results are
+    deterministic functions of the config and the models, so nothing is lost), with a warning."""
     start = time.perf_counter()
-    out = ctx.store.load(name)
+    try:
+        out = ctx.store.load(name)
+    except CorruptCheckpointError as e:
+        print(f"warning: checkpoint {e.path} is corrupt or incomplete ({e.why}); removed it, recomputing "
+              "that stage", file=sys.stderr, flush=True)
+        ctx.store.discard(name)
+        out = None
     resumed = out is not None
     if out is None:
         out = ctx.store.save(name, compute())

@@ -65,21 +65,17 @@ def parse_preference(text: str | Sequence[float], tasks: Sequence[str]) -> np.nd
 
 
 def read_front(run_dir: str | os.PathLike) -> dict:
-    """front.json of a run directory (RecommendError naming the file when missing or malformed)."""
+    """front.json of a run directory, checked as untrusted input (hm3jax.rundoc.check_front: tasks,
+    ideal and every solution record); RecommendError naming the file and field otherwise."""
+    from hm3jax.rundoc import RunDocError, check_front, read_json
+
     path = os.path.join(os.fspath(run_dir), FRONT_FILE)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise RecommendError(f"{path}: no such file (is {os.fspath(run_dir)} a finished hm3jax run?)")
     try:
-        with open(path) as f:
-            front = json.load(f)
-    except json.JSONDecodeError as e:
-        raise RecommendError(f"{path}: not valid JSON ({e})") from None
-    for key in ("tasks", "solutions", "ideal"):
-        if key not in front:
-            raise RecommendError(f"{path}: no {key!r} field")
-    if not front["solutions"]:
-        raise RecommendError(f"{path}: the front has no solutions")
-    return front
+        return check_front(read_json(path, "front.json document"), path)
+    except RunDocError as e:
+        raise RecommendError(str(e)) from None
 
 
 def pick_solution(front: Mapping, preference: Sequence[float]) -> tuple[int, dict, float]:
@@ -110,32 +106,48 @@ def tchebycheff_value(solution: Mapping, preference: Sequence[float], front: Map
 # ------------------------------------------------------------------------------------ export
 def source_checkpoints(run_dir: str | os.PathLike) -> tuple[object, dict[str, str]]:
     """(RunConfig of RUN_DIR/config.yaml, {"base" | task name: checkpoint directory})."""
-    from hm3jax.config import CONFIG_FILE, RunConfigError, load_run_config
+    from hm3jax.config import CONFIG_FILE, RunConfigError, check_numbers, load_run_config, task_names
+    from hm3jax.io.paths import NotRegularFileError, check_regular
+    from hm3jax.rundoc import RunDocError, zoo_models
 
     path = os.path.join(os.fspath(run_dir), CONFIG_FILE)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise RecommendError(f"{path}: no such file; --export needs the run's config to find its models")
     try:
+        check_regular(path, "config file")
         cfg = load_run_config(path)
-    except RunConfigError as e:
+        check_numbers(cfg)  # the run's own config is read back as untrusted too
+    except NotRegularFileError as e:
         raise RecommendError(str(e)) from None
+    except RunConfigError as e:
+        raise RecommendError(f"{path}: {e}" if path not in str(e) else str(e)) from None
     if cfg.models.checkpoints is not None:
-        return cfg, {"base": cfg.models.checkpoints.base, **cfg.models.checkpoints.experts}
+        ck = cfg.models.checkpoints
+        for key, p in [("base", ck.base), *((f"experts.{n}", p) for n, p in ck.experts.items())]:
+            if not isinstance(p, str) or not p:
+                raise RecommendError(f"{path}: models.checkpoints.{key}: expected a checkpoint directory, got {p!r}")
+        return cfg, {"base": ck.base, **ck.experts}
     from hm3jax.config import ZooSource
     from hm3jax.zoo import CONFIGS, ZooError, check_zoo_dir
 
     zoo = cfg.models.zoo or ZooSource()
     if zoo.config not in CONFIGS:
         raise RecommendError(f"{path}: models.zoo.config {zoo.config!r} is not one of {sorted(CONFIGS)}")
+    manifest_file = os.path.join(zoo.dir, "zoo.json")
     try:
+        if os.path.lexists(manifest_file):
+            check_regular(manifest_file, "zoo manifest")  # a FIFO would block check_zoo_dir's open()
         # The zoo must still be the one the run used (same zoo config and seed), not a rebuilt one.
         manifest = check_zoo_dir(zoo.dir, CONFIGS[zoo.config], zoo.seed)
-    except ZooError as e:
+    except (ZooError, NotRegularFileError) as e:
         raise RecommendError(f"{path}: models.zoo.dir: {e}") from None
     if manifest is None:
         raise RecommendError(f"{path}: models.zoo.dir {zoo.dir} holds no zoo (no zoo.json); run recommend "
                              "from the directory the run was started in, or rebuild the zoo")
-    return cfg, {n: os.path.join(zoo.dir, sub) for n, sub in manifest["models"].items()}
+    try:
+        return cfg, zoo_models(zoo.dir, manifest, ["base", *task_names(cfg)])
+    except RunDocError as e:
+        raise RecommendError(f"{path}: models.zoo.dir: {e}") from None
 
 
 def merge_key(upper: Mapping):
@@ -144,6 +156,12 @@ def merge_key(upper: Mapping):
     `jax.random.key(upper["seed"])`."""
     import jax
 
+    from hm3jax.rundoc import RunDocError, check_upper
+
+    try:
+        upper = check_upper(upper, "solution's upper")
+    except RunDocError as e:
+        raise RecommendError(str(e)) from None
     if upper.get("key_data") is not None:
         return jax.random.wrap_key_data(np.asarray(upper["key_data"], np.uint32))
     if upper.get("seed") is None:
@@ -160,15 +178,24 @@ def export_solution(run_dir: str | os.PathLike, solution: Mapping, out_dir: str 
     from hm3jax.config import task_names
     from hm3jax.export import MERGE, export_path
     from hm3jax.io import load_pretrained
-    from hm3jax.io.atomic import check_output_path
+    from hm3jax.io.atomic import UnwritableOutputError, check_output_path, check_writable
+    from hm3jax.rundoc import RunDocError, check_solution
 
+    cfg, ckpts = source_checkpoints(run_dir)
+    tasks = list(task_names(cfg))
+    try:
+        solution = check_solution(solution, len(tasks), "solution")
+    except RunDocError as e:
+        raise RecommendError(str(e)) from None
     if solution.get("aligned"):
         raise RecommendError("this solution's scores were measured with alignment maps at model switches "
                              "(lower.align.enabled), which a transformers checkpoint cannot hold; export a "
                              "solution of a run without alignment")
-    cfg, ckpts = source_checkpoints(run_dir)
     check_output_path(out_dir, [run_dir, *ckpts.values()])  # before loading anything
-    tasks = list(task_names(cfg))
+    try:
+        check_writable(out_dir, "--export")
+    except UnwritableOutputError as e:
+        raise RecommendError(str(e)) from None
     steps = [s for s in solution["path"] if s is not None]
     needed = {s[0] for s in steps} | {solution["shell"]}
     uses_merge = MERGE in needed
@@ -228,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check_run(args.run_dir)
             except OnlineSearchError as e:
                 raise RecommendError(f"--search-iterations: {e}") from None
+        if args.search_iterations:
+            source_checkpoints(args.run_dir)  # the run's models must exist: never build a zoo here
         i, sol, value = pick_solution(front, lam)
         print(f"preference {[round(float(x), 4) for x in lam]} over {', '.join(front['tasks'])}: solution "
               f"{i} of {len(front['solutions'])}, held-out {sol['scores']['heldout']}, Tchebycheff "
@@ -245,8 +274,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputExistsError as e:
         print(f"error: output {e.filename} already exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
-    except (RecommendError, UnsafeOutputError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (RecommendError, UnsafeOutputError, ValueError, OSError, OverflowError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except RecursionError:
+        print("error: an input is nested too deeply to be read (RecursionError)", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory (MemoryError) reading the run's inputs", file=sys.stderr)
         return 2
     return 0
 

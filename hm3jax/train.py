@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 
 from hm3jax.config import (
+    CONFIG_FILE,
     RunConfig,
     RunConfigError,
     parse_run_config,
@@ -208,42 +209,98 @@ def _search_mesh(cfg: RunConfig):
     return mesh if mesh.devices.size > 1 else None
 
 
+def _check_outputs(cfg: RunConfig) -> None:
+    """Before any run directory is made or anything trained: every place the run will write can be
+    written (the run directory, and the zoo directory when the zoo is to be built there)."""
+    from hm3jax.io.atomic import UnwritableOutputError, check_writable
+
+    try:
+        check_writable(cfg.output_dir, "output_dir")
+        z = cfg.models.zoo
+        if z is not None and not os.path.isfile(os.path.join(z.dir, "zoo.json")):
+            check_writable(z.dir, "models.zoo.dir (the zoo is built there)")
+    except UnwritableOutputError as e:
+        raise RunConfigError(str(e)) from None
+
+
+def _leads(cfg: RunConfig) -> bool:
+    """Whether this process keeps the run directory's lock: every process of a multi-host run shares
+    one directory, and process 0 speaks for them."""
+    if not cfg.mesh.distributed:
+        return True
+    import jax
+
+    return jax.process_index() == 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line (module docstring). Exit status: 0 done; 2 a config, input or output error
+    found before or during the run (one line on stderr; a new run leaves no directory behind); 1 the
+    disk failed during the run (the run directory is kept, to be resumed); 3 stopped by
+    HM3JAX_STOP_AFTER; 130 interrupted."""
     from hm3jax import pipeline as pl
+    from hm3jax.io.atomic import NonFiniteValueError
+    from hm3jax.rundir import RunDirLock, check_run_dir
 
+    lock, existed, resumed, cfg = None, True, True, None
     try:
-        cfg = validate(parse_run_config(argv))
-        mesh = _mesh(cfg)
-        check_zoo(cfg)
-        existed = os.path.lexists(cfg.output_dir)
-        resumed = prepare_run_dir(cfg)
-    except RunConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if mesh.devices.size > 1 or cfg.mesh.distributed:
-        import jax
+        try:
+            cfg = validate(parse_run_config(argv))
+            mesh = _mesh(cfg)
+            check_zoo(cfg)
+            _check_outputs(cfg)
+            existed = os.path.lexists(cfg.output_dir)
+            had_config = os.path.lexists(os.path.join(cfg.output_dir, CONFIG_FILE))
+            check_run_dir(cfg)  # read-only: refuse a foreign directory before creating or locking anything
+            if _leads(cfg):
+                lock = RunDirLock(cfg.output_dir).acquire()
+            resumed = prepare_run_dir(cfg)
+        except (RunConfigError, OverflowError, RecursionError, MemoryError) as e:
+            if lock is not None and not had_config:  # undo the directory and lock of a new run
+                discard_new_run_dir(cfg, existed)
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        if mesh.devices.size > 1 or cfg.mesh.distributed:
+            import jax
 
-        print(f"mesh {dict(mesh.shape)} on {mesh.devices.size} of {jax.device_count()} devices, "
-              f"process {jax.process_index() + 1} of {jax.process_count()}", flush=True)
-    print(f"{'resuming' if resumed else 'starting'} run in {cfg.output_dir}", flush=True)
-    try:
-        # HM3JAX_STOP_AFTER (a stage name, or "lower:C"): stop there, as a kill would (tests of resuming)
-        front = run(cfg, stop_after=os.environ.get("HM3JAX_STOP_AFTER") or None)
-    except RunConfigError as e:
-        if not resumed:
-            discard_new_run_dir(cfg, existed)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except pl.StopRun as e:
-        print(f"stopped after {e}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        print(f"interrupted; run the same command again to resume from {cfg.output_dir}/checkpoints",
-              file=sys.stderr)
-        return 130
+            print(f"mesh {dict(mesh.shape)} on {mesh.devices.size} of {jax.device_count()} devices, "
+                  f"process {jax.process_index() + 1} of {jax.process_count()}", flush=True)
+        print(f"{'resuming' if resumed else 'starting'} run in {cfg.output_dir}", flush=True)
+        try:
+            # HM3JAX_STOP_AFTER (a stage name, or "lower:C"): stop there, as a kill would (tests of resuming)
+            front = run(cfg, stop_after=os.environ.get("HM3JAX_STOP_AFTER") or None)
+        except (RunConfigError, NonFiniteValueError, OverflowError, RecursionError, MemoryError) as e:
+            if not resumed:
+                discard_new_run_dir(cfg, existed)
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        except pl.StopRun as e:
+            print(f"stopped after {e}", file=sys.stderr)
+            return 3
+        except OSError as e:  # a full disk, a directory removed under the run: keep what is saved
+            print(f"error: {_one_line(e)}; the run directory {cfg.output_dir} keeps every finished stage, "
+                  "run the same command again to resume", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"interrupted; run the same command again to resume from {cfg.output_dir}/checkpoints",
+                  file=sys.stderr)
+            return 130
+    finally:
+        if lock is not None:
+            lock.release()
     print(f"front: {cfg.output_dir}/front.json, report: {cfg.output_dir}/report.md "
           f"({len(front['solutions'])} HM3 solutions)")
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one line (the message's first line; the type when it has none)."""
+    if isinstance(e, RecursionError):
+        return "input nested too deeply to be read (RecursionError)"
+    if isinstance(e, MemoryError):
+        return "out of memory (MemoryError): an input or config value asks for more memory than there is"
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":

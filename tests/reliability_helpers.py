@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 
 import numpy as np
 
@@ -55,7 +56,7 @@ def write_model(path, cfg: dict | None = None, tensors: dict | None = None, seed
 
 
 def tree_hashes(root) -> dict[str, str]:
-    """{relative path: sha256 (files) or '->target' (links) or 'dir'} of everything under root."""
+    """{relative path: sha256 (files), '->target' (links), 'dir' or 'special <mode>' (FIFOs, sockets)} of everything under root."""
     root = os.fspath(root)
     out = {}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
@@ -66,6 +67,8 @@ def tree_hashes(root) -> dict[str, str]:
             p = os.path.join(dirpath, fn)
             if os.path.islink(p):
                 out[os.path.relpath(p, root)] = "->" + os.readlink(p)
+            elif not stat.S_ISREG(os.lstat(p).st_mode):  # a FIFO or socket: never opened (it would block)
+                out[os.path.relpath(p, root)] = f"special {stat.S_IFMT(os.lstat(p).st_mode):o}"
             else:
                 with open(p, "rb") as f:
                     out[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()

@@ -67,6 +67,31 @@ def test_every_descendant_is_killed_when_the_run_ends(tmp_path, case):
     assert not any(pid_alive(p) for p in found)
 
 
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGSTOP"])
+def test_descendants_die_when_the_program_kills_or_stops_its_wrapper(tmp_path, signal_name):
+    """The program starts a setsid() grandchild, then kills (or stops) the wrapper that would have
+    killed it: run_program still leaves no process of the run behind (the caller sweeps for them)."""
+    pids = tmp_path / "pids"
+    program = (
+        "import os, signal, time\n"
+        "if os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+        f"        open({str(pids)!r}, 'a').write('%d\\n' % os.getpid())\n        time.sleep(300)\n"
+        "    os._exit(0)\n"
+        "time.sleep(0.3)\n"
+        f"os.kill(os.getppid(), signal.{signal_name})\n"
+        "def f(): return 2\n")
+    start = time.monotonic()
+    r = run_program(program, F_TESTS, timeout_s=2)
+    assert time.monotonic() - start < 4
+    assert not r.passed, r  # the wrapper never reported a pass
+    found = _pids(pids)
+    assert found
+    deadline = time.monotonic() + 2
+    while any(pid_alive(p) for p in found) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(pid_alive(p) for p in found), found
+
+
 def test_captured_output_is_bounded():
     flood = "import sys\nfor _ in range(200):\n    sys.stdout.write('y' * 10**6)\n    sys.stderr.write('x' * 10**6)\n"
     tracemalloc.start()

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import secrets
 import shutil
 import socket
+import tempfile
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator
@@ -42,6 +44,17 @@ class OutputExistsError(FileExistsError):
 class UnsafeOutputError(ValueError):
     """An output path that would overwrite, or be written inside, one of the inputs (or a directory
     that must never be replaced, such as the current directory)."""
+
+
+class NonFiniteValueError(ValueError):
+    """A document to be written holds NaN or ±Inf, which JSON cannot hold (and no result should)."""
+
+
+class UnwritableOutputError(OSError):
+    """An output location that cannot be created or written (below a file, read-only, no permission)."""
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 class StaleTempWarning(UserWarning):
@@ -291,6 +304,53 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False,
         raise
 
 
+def first_nonfinite(obj: Any, where: str = "") -> str | None:
+    """The path (e.g. `solutions[2].scores.heldout[0]`) of the first NaN or ±Inf number in a JSON-like
+    document of dicts, lists, tuples and numbers, or None when every number is finite."""
+    stack = [(where, obj)]
+    while stack:
+        at, x = stack.pop()
+        if isinstance(x, float):
+            if not math.isfinite(x):
+                return at or "<document>"
+        elif isinstance(x, dict):
+            stack.extend((f"{at}.{k}" if at else str(k), v) for k, v in reversed(list(x.items())))
+        elif isinstance(x, (list, tuple)):
+            stack.extend((f"{at}[{i}]", v) for i, v in reversed(list(enumerate(x))))
+    return None
+
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> None:
+    """Refuse an output location that could not be written, before any work is done for it.
+
+    The nearest existing ancestor of `path` (or `path` itself when it is an existing directory) must
+    be a directory in which this process can create a file: a file is created there and removed at
+    once, so read-only mounts, missing permissions and a path below a regular file are all caught,
+    root's permission bypass included. An existing `path` that is not a directory is left to the
+    caller (writers refuse or replace it explicitly).
+
+    Raises UnwritableOutputError naming `what`, the path and the reason.
+    """
+    path = os.path.abspath(os.fspath(path))
+    probe = path
+    while not os.path.isdir(probe):
+        if os.path.lexists(probe) and probe != path:
+            raise UnwritableOutputError(f"{what} {path}: {probe} is not a directory (a file is in the way), "
+                                        "so nothing can be created below it")
+        up = os.path.dirname(probe)
+        if up == probe:
+            break
+        probe = up
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".hm3jax-write-probe-")
+    except OSError as e:
+        raise UnwritableOutputError(f"{what} {path}: cannot create files in {probe} "
+                                    f"({e.strerror or e}); choose a writable location") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.remove(tmp)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
     """Write `obj` as indented JSON to `path` through a temporary sibling and a rename, so `path`
     holds either its old content or the whole new document, never a partial one.
@@ -301,6 +361,10 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, inputs: Iterable[str | 
     """
     path = os.path.abspath(os.fspath(path))
     check_output_path(path, inputs)
+    bad = first_nonfinite(obj)
+    if bad is not None:
+        raise NonFiniteValueError(f"{path}: refusing to write a non-finite number (NaN or Inf) at {bad}; "
+                                  "JSON cannot hold it and no result should")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a directory; give a file path for the JSON output")
     folder, name = os.path.split(path)
@@ -314,7 +378,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, inputs: Iterable[str | 
             continue
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
+            json.dump(obj, f, indent=2, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:

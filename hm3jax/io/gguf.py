@@ -17,6 +17,7 @@ import numpy as np
 
 from hm3jax.io.assemble import float_dtype, params_from_source
 from hm3jax.io.errors import CheckpointError, CheckpointNotFoundError
+from hm3jax.io.paths import NotRegularFileError, open_regular
 from hm3jax.models.config import ModelConfig, RopeScaling
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -156,8 +157,10 @@ def open_gguf(path: str):
     import gguf
 
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "rb", what="GGUF file") as f:
             head = f.read(8)
+    except NotRegularFileError:
+        raise
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     if len(head) < 8 or head[:4] != b"GGUF":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 from hm3jax.io.errors import CheckpointError
 
@@ -56,3 +57,60 @@ def model_file(root: str | os.PathLike, name: str, where: str) -> str:
         raise CheckpointError(f"{where}: {name!r:.200} resolves to {real}, outside the model directory "
                               f"{root} (a symlink out of it is refused)")
     return path
+
+
+class NotRegularFileError(CheckpointError, OSError):
+    """A path that a reader was asked to open is a FIFO, socket, device or directory, not a file.
+
+    Opening a FIFO blocks until a writer appears (forever, for a file named like a shard that nobody
+    writes to), so readers check with `open_regular` before reading a byte."""
+
+    def __init__(self, message: str, filename: str | None = None):
+        ValueError.__init__(self, message)
+        self.filename = filename
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_regular(path: str | os.PathLike, what: str = "file") -> None:
+    """Raise NotRegularFileError unless `path` (after symlinks) is a regular file; a missing path
+    raises FileNotFoundError. Does not open it, so a FIFO never blocks."""
+    path = os.fspath(path)
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFileError(f"{path}: is {_kind(st.st_mode)}, not a regular {what}; refusing to read it",
+                                  path)
+
+
+def open_regular(path: str | os.PathLike, mode: str = "rb", what: str = "file", **kwargs):
+    """`open(path, mode)` for reading, refusing anything but a regular file before reading from it.
+
+    The file is opened non-blocking (a FIFO without a writer opens at once instead of hanging),
+    checked with fstat on the open descriptor (no window for a swap between check and open), then
+    switched back to blocking reads. Raises NotRegularFileError, or the OSError of os.open
+    (FileNotFoundError, PermissionError, ...). `mode` must be a reading mode ("r", "rb").
+    """
+    if set(mode) - set("rbt"):
+        raise ValueError(f"open_regular reads only; got mode {mode!r}")
+    path = os.fspath(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(f"{path}: is {_kind(st.st_mode)}, not a regular {what}; refusing to "
+                                      "read it", path)
+        os.set_blocking(fd, True)
+        return open(fd, mode, closefd=True, **kwargs)
+    except BaseException:
+        os.close(fd)
+        raise

@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from hm3jax.io.errors import CheckpointError, CheckpointNotFoundError
-from hm3jax.io.paths import model_file
+from hm3jax.io.paths import NotRegularFileError, model_file, open_regular
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -104,8 +104,8 @@ def read_header(path: str) -> tuple[int, dict[str, dict]]:
     the file's bytes.
     """
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with open_regular(path, "rb", what="safetensors file") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{path}: not a safetensors file (shorter than the 8-byte header length)")
@@ -117,8 +117,12 @@ def read_header(path: str) -> tuple[int, dict[str, dict]]:
             raw = f.read(n)
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{path}: no such safetensors file", path) from None
+    except NotRegularFileError:
+        raise
     except IsADirectoryError:
         raise CheckpointError(f"{path}: is a directory, expected a safetensors file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
     try:
         header = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -175,10 +179,14 @@ def _close_fds(fds: dict[str, int]) -> None:
 def read_json_object(path: str, expected: str) -> dict:
     """A JSON file that must hold an object; errors name the file and what was expected, never its bytes."""
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path, "rb", what="JSON file") as fh:
             raw = fh.read(_MAX_HEADER + 1)
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{path}: no such file", path) from None
+    except NotRegularFileError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e}); expected {expected}") from None
     if len(raw) > _MAX_HEADER:
         raise CheckpointError(f"{path}: larger than {_MAX_HEADER // 2**20} MiB; expected {expected}")
     try:
@@ -263,6 +271,9 @@ class CheckpointReader:
                 shard_of[name] = model_file(root, shard, where)
             files = list(dict.fromkeys(shard_of.values()))
             for f in files:
+                if os.path.exists(f) and not os.path.isfile(f):
+                    raise NotRegularFileError(f"{index} names shard {os.path.relpath(f, root)}, which is not a "
+                                              "regular file (a FIFO, socket, device or directory)", f)
                 if not os.path.isfile(f):
                     raise CheckpointNotFoundError(
                         f"{index} names shard {os.path.relpath(f, root)}, which does not exist in {root}", f)
@@ -360,7 +371,8 @@ class CheckpointReader:
         with self._fd_lock:
             fd = self._fds.get(f)
             if fd is None:
-                fd = self._fds[f] = os.open(f, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                with open_regular(f, "rb", what="safetensors file") as fh:  # never a FIFO swapped in
+                    fd = self._fds[f] = os.dup(fh.fileno())
             self._reading += 1
         return fd
 

@@ -183,9 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     except OutputExistsError as e:
         print(f"error: output {e.filename} already exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
-    except (ValueError, OSError, KeyError) as e:
+    except (ValueError, OSError, KeyError, OverflowError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except (RecursionError, MemoryError) as e:  # an input nested too deeply, or asking for too much memory
+        print(f"error: {type(e).__name__}: an input is nested too deeply or too large to merge", file=sys.stderr)
         return 2
     finally:
         for sig, handler in previous.items():  # main() may be called in-process (tests)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from hm3jax.io.paths import NotRegularFileError, open_regular
 from hm3jax.merging.base import REQUIRED, MergeMethod
 from hm3jax.merging.chat_template import ChatTemplateError, check_chat_template
 from hm3jax.merging.methods import get_method
@@ -51,6 +53,9 @@ UNSUPPORTED_MODEL_REF_KEYS = {
 }
 IGNORED_SLICE_KEYS = {"residual_weight": "mergekit declares it but never uses it"}
 DTYPES = ("float32", "float16", "bfloat16")  # float64 would need jax_enable_x64
+# tokenizer.pad_to_multiple_of above this would pad the vocabulary by up to that many rows of every
+# embedding (1e11 asks for terabytes); recipes use 8 to 256.
+PAD_LIMIT = 2**16
 
 
 class RecipeError(ValueError):
@@ -136,14 +141,20 @@ def _load_recipe(src: str | os.PathLike | Mapping[str, Any]) -> Recipe:
     else:
         where = os.fspath(src)
         try:
-            with open(where, encoding="utf-8") as f:
+            with open_regular(where, "r", what="recipe file", encoding="utf-8") as f:
                 text = f.read()
         except FileNotFoundError:
             raise RecipeError(f"{where}: no such recipe file") from None
+        except NotRegularFileError as e:
+            raise RecipeError(str(e)) from None
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"{where}: not UTF-8 text (at byte {e.start})") from None
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise RecipeError(f"{where}: not valid YAML ({e})") from None
+        except RecursionError:
+            raise RecipeError(f"{where}: nested too deeply to be a recipe") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: a recipe is a YAML mapping (merge_method, models, ...)")
     _check_keys(raw, TOP_KEYS, where, extra=UNSUPPORTED_KEYS)
@@ -155,6 +166,11 @@ def _load_recipe(src: str | os.PathLike | Mapping[str, Any]) -> Recipe:
         raise RecipeError(f"{where}: {e}") from None
     if ("models" in raw) == ("slices" in raw) or not (raw.get("models") or raw.get("slices")):
         raise RecipeError(f"{where}: give exactly one of 'models' or 'slices'")
+    for key in ("models", "slices"):
+        if raw.get(key) is not None and not isinstance(raw[key], list):
+            raise RecipeError(f"{where}: {key} must be a list of "
+                              f"{'models' if key == 'models' else 'slices'}, got {type(raw[key]).__name__} "
+                              f"{raw[key]!r:.60}")
     models = slices = None
     if raw.get("models") is not None:
         models = tuple(_parse_model(m, method, f"{where}: models[{i}]") for i, m in enumerate(raw["models"]))
@@ -173,6 +189,9 @@ def _load_recipe(src: str | os.PathLike | Mapping[str, Any]) -> Recipe:
                                                f"{where}: tokenizer")
         except VocabError as e:
             raise RecipeError(str(e)) from None
+        if pad is not None and pad > PAD_LIMIT:
+            raise RecipeError(f"{where}: tokenizer.pad_to_multiple_of {pad} is too large (at most {PAD_LIMIT}; "
+                              "it pads every embedding by up to that many rows)")
     if tok is not None and (not isinstance(tok, str) or not tok):
         raise RecipeError(f"{where}: tokenizer_source must be 'base', 'union' or a model path, got {tok!r}")
     template = raw.get("chat_template") or None  # mergekit: empty or null sets none
@@ -351,12 +370,16 @@ def coerce(v: Any, typ: type, where: str) -> Any:
             raise ValueError
         if typ is int:
             f = float(v)
-            if f != int(f):
+            if not math.isfinite(f) or f != int(f) or not -2**31 <= int(f) < 2**31:  # counts, not 2**70
                 raise ValueError
             return int(f)
-        return typ(v)
-    except (TypeError, ValueError):
-        raise RecipeError(f"{where}: {v!r} is not a valid {typ.__name__}") from None
+        out = typ(v)
+        if typ is float and not math.isfinite(out):
+            raise ValueError
+        return out
+    except (TypeError, ValueError, OverflowError):
+        raise RecipeError(f"{where}: {v!r:.60} is not a valid {'finite ' if typ in (int, float) else ''}"
+                          f"{typ.__name__}") from None
 
 
 def evaluate(setting: Any, tensor_name: str, t: float, typ: type, where: str = "") -> Any:

@@ -5,11 +5,15 @@ What run_program guarantees: a run passes only if the test code ran to its end
 `sys.exit(0)`, `os._exit(0)` or an atexit hook before or instead of the tests is a failure); CPU time,
 address space, file size and (for non-root users) process count are limited; every process the
 program starts, including ones that call `setsid()` or daemonise, is killed when the run ends (a
-wrapper process is their child subreaper); captured output is bounded (stdout is discarded, the last
+wrapper process is their child subreaper, and the calling process itself then sweeps /proc for
+every process that carries the run's random token in its environment, and their descendants, so
+even a program that kills or stops its wrapper leaves nothing running); captured output is bounded (stdout is discarded, the last
 64 KiB of stderr are kept); the call returns within about `timeout_s` even if a descendant keeps the
 pipes open. What it does not isolate: the network, the file system (the program can read and write
 whatever the user can, outside its temporary working directory too), other processes of the same
-user (it can signal them, the wrapper included), and the interpreter's own memory (a program that
+user (it can signal them, the wrapper included; a descendant that re-executes itself with a new
+environment *and* escapes the wrapper before it is killed is out of reach of the sweep), and the
+interpreter's own memory (a program that
 deliberately searches it can find the nonce). RLIMIT_NPROC does not bind root. Run untrusted code only
 inside a container or VM.
 """
@@ -198,6 +202,7 @@ def run_program(
       killed before this returns.
     """
     nonce = secrets.token_hex(16).encode()
+    token = secrets.token_hex(16)  # marks every process of this run (see _sweep)
     with tempfile.TemporaryDirectory(prefix="hm3jax_exec_") as work:
         for name, text in (("candidate.py", program), ("tests.py", tests)):
             with open(os.path.join(work, name), "w") as f:
@@ -214,7 +219,8 @@ def run_program(
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 # A bare environment; one BLAS thread keeps numpy's per-thread buffers under the limit.
-                env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0", "OPENBLAS_NUM_THREADS": "1"},
+                env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0", "OPENBLAS_NUM_THREADS": "1",
+                     _TOKEN_VAR: token},
                 # Own session and process group: the last-resort kill reaches the whole group.
                 start_new_session=True,
                 pass_fds=(done_w, report_w),
@@ -232,7 +238,7 @@ def run_program(
             timed_out, out = _collect(proc, {err_fd: _KEEP_STDERR, done_r: _KEEP_PIPE, report_r: _KEEP_PIPE},
                                       time.monotonic() + timeout_s)
         finally:
-            _finish(proc)
+            _finish(proc, token)
             os.close(done_r)
             os.close(report_r)
             proc.stderr.close()
@@ -296,19 +302,77 @@ def _collect(proc: subprocess.Popen, keep: dict[int, int], deadline: float) -> t
     return False, out
 
 
-def _finish(proc: subprocess.Popen) -> None:
-    """Make sure the wrapper and everything it started are gone (the wrapper kills the candidate's
-    descendants on SIGTERM; the process group is killed if it does not exit at once)."""
+def _finish(proc: subprocess.Popen, token: str) -> None:
+    """Make sure the wrapper and everything it started are gone: the wrapper kills the candidate's
+    descendants on SIGTERM (a stopped wrapper is continued first); the process group is killed if it
+    does not exit at once; then every process of the run still alive is found and killed from here
+    (_sweep), which reaches descendants of a wrapper that was killed or stopped by the program."""
     if proc.poll() is None:
         try:
             proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGCONT)
             proc.wait(timeout=0.5)
         except subprocess.TimeoutExpired:
             pass
         except OSError:
             pass
     _kill_group(proc)
+    _sweep(token, proc.pid)
     proc.wait()
+
+
+_TOKEN_VAR = "HM3JAX_SANDBOX_RUN"
+
+
+def _run_processes(token: str, root: int) -> set[int]:
+    """Live (not zombie) processes of one run: those whose environment holds `token`, the wrapper
+    `root`, and every descendant of either (by parent pid). This process is never among them."""
+    marker = f"{_TOKEN_VAR}={token}".encode()
+    parent, marked = {}, set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if fields[0] in (b"Z", b"X"):
+                continue
+            parent[pid] = int(fields[1])
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    marked.add(pid)
+        except (OSError, IndexError, ValueError):
+            continue  # gone, or another user's
+    found = marked | ({root} if root in parent else set())
+    children: dict[int, list[int]] = {}
+    for pid, pp in parent.items():
+        children.setdefault(pp, []).append(pid)
+    todo = list(found)
+    while todo:
+        for c in children.get(todo.pop(), ()):
+            if c not in found:
+                found.add(c)
+                todo.append(c)
+    found.discard(os.getpid())
+    return found
+
+
+def _sweep(token: str, root: int, rounds: int = 200) -> None:
+    """SIGKILL every process of the run until none is left (a forking program may add some while
+    the first ones die); SIGKILL also ends stopped processes."""
+    if not os.path.isdir("/proc"):
+        return
+    for _ in range(rounds):
+        pids = _run_processes(token, root)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.002)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

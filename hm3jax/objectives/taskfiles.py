@@ -30,12 +30,16 @@ class TaskFileError(ValueError):
 def read_task_file(path: str | os.PathLike, scorer: str, where: str) -> list[dict]:
     """The records of one JSONL task file, checked: each has string "prompt" and "answer" (and
     "test" for pass_at_k); blank lines are skipped. `where` names the config key in errors."""
+    from hm3jax.io.paths import NotRegularFileError, open_regular
+
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open_regular(path, "r", what="task file", encoding="utf-8") as f:
             lines = f.readlines()
     except FileNotFoundError:
         raise TaskFileError(f"{where}: {path}: no such file") from None
+    except NotRegularFileError as e:
+        raise TaskFileError(f"{where}: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise TaskFileError(f"{where}: {path}: cannot be read as UTF-8 text ({e})") from None
     keys = ("prompt", "answer", "test") if scorer == "pass_at_k" else ("prompt", "answer")
@@ -47,12 +51,21 @@ def read_task_file(path: str | os.PathLike, scorer: str, where: str) -> list[dic
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise TaskFileError(f"{where}: {path} line {n}: not a JSON object ({e.msg})") from None
+        except RecursionError:
+            raise TaskFileError(f"{where}: {path} line {n}: nested too deeply to be a task record") from None
+        except ValueError as e:  # e.g. an integer of more than 4300 digits
+            raise TaskFileError(f"{where}: {path} line {n}: not a JSON object ({e})") from None
         if not isinstance(rec, dict):
             raise TaskFileError(f"{where}: {path} line {n}: expected a JSON object, got {type(rec).__name__}")
         for k in keys:
             if not isinstance(rec.get(k), str):
                 raise TaskFileError(f"{where}: {path} line {n}: needs a string {k!r} "
                                     f"(keys for scorer {scorer}: {', '.join(keys)})")
+            try:  # JSON's \ud800 escapes give lone surrogates, which no tokenizer or file can hold
+                rec[k].encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise TaskFileError(f"{where}: {path} line {n}: {k!r} holds a lone surrogate "
+                                    f"(\\u{ord(rec[k][e.start]):04x} at character {e.start}), not Unicode text") from None
         if not rec["prompt"]:
             raise TaskFileError(f"{where}: {path} line {n}: empty prompt")
         out.append(rec)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
-from hm3jax.zoo.build import ZooError, build_zoo
+from hm3jax.zoo.build import ZooError, build_zoo, check_zoo_dir
 from hm3jax.zoo.config import CONFIGS
 from hm3jax.zoo.probe import format_report
 
@@ -26,12 +27,29 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m hm3jax.zoo") 
     ap.add_argument("--workers", type=int, default=None,
                     help="processes for the expert runs (default: one per core; 0: in this process)")
     args = ap.parse_args(argv)
+    from hm3jax.io.atomic import UnwritableOutputError, check_writable
+    from hm3jax.io.paths import NotRegularFileError, check_regular
+
     try:
+        if not 0 <= args.seed < 2**32:
+            raise ZooError(f"--seed must be in [0, 2**32), got {args.seed}")
+        if args.workers is not None and not 0 <= args.workers < 2**10:
+            raise ZooError(f"--workers must be >= 0 (0: in this process), got {args.workers}")
+        manifest_file = os.path.join(args.out_dir, "zoo.json")
+        if os.path.lexists(manifest_file) and os.path.exists(manifest_file):
+            check_regular(manifest_file, "zoo manifest")  # a FIFO would block reading it
+        # Before minutes of training: a zoo that will be built must have somewhere to go.
+        if args.force or check_zoo_dir(args.out_dir, CONFIGS[args.config], args.seed) is None:
+            check_writable(args.out_dir, "OUT_DIR")
         manifest = build_zoo(args.out_dir, CONFIGS[args.config], seed=args.seed, force=args.force,
                              workers=args.workers)
-    except ZooError as e:
+    except (ZooError, UnwritableOutputError, NotRegularFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: {args.out_dir}: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; nothing was replaced (the zoo directory has no zoo.json until a build "
               "completes)", file=sys.stderr)
