@@ -262,12 +262,18 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{i} of {len(front['solutions'])}, held-out {sol['scores']['heldout']}, Tchebycheff "
               f"{value:.4f}, {len([s for s in sol['path'] if s is not None])} layers", file=sys.stderr)
         if args.search_iterations:
-            sol = search_preference(args.run_dir, lam, args.search_iterations)
+            from hm3jax.rundoc import RunDocError, check_solution
+
+            try:  # a NaN score of the new search is an error, never printed or exported
+                sol = check_solution(search_preference(args.run_dir, lam, args.search_iterations),
+                                     len(front["tasks"]), "the online search's solution")
+            except RunDocError as e:
+                raise RecommendError(str(e)) from None
             value = tchebycheff_value(sol, lam, front)
             print(f"online search ({args.search_iterations} iterations of the run's conditioned agent): "
                   f"held-out {sol['scores']['heldout']}, Tchebycheff {value:.4f}, "
                   f"{len([s for s in sol['path'] if s is not None])} layers", file=sys.stderr)
-        print(json.dumps(sol, indent=2))
+        print(json.dumps(sol, indent=2, allow_nan=False))
         if args.export:
             out = export_solution(args.run_dir, sol, args.export, overwrite=args.overwrite)
             print(f"exported to {out}", file=sys.stderr)
