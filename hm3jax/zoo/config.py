@@ -75,6 +75,8 @@ class ZooConfig:
       min_off_task_gap: each expert must be at least this much weaker on every other task (a
         negative value relaxes it, as the small test config does).
       max_base_exact_match: the base must stay at or below this on every task.
+      merge_tolerance: how far below the base a centre merge may be on a task and still count as
+        above it (0: strictly above).
       min_merge_exact_match: the best centre-preference merge must reach this on every task (and
         beat the base on every task).
       min_swap_exact_match: an expert with one middle layer swapped for another expert's or the
@@ -115,6 +117,7 @@ class ZooConfig:
     min_off_task_gap: float = 0.3
     max_base_exact_match: float = 0.6
     min_merge_exact_match: float = 0.5
+    merge_tolerance: float = 0.0
     min_swap_exact_match: float = 0.5
 
     def __post_init__(self):
@@ -192,6 +195,9 @@ SMALL = ZooConfig(
     base_hard_rows=(0, 0, 0), base_hard_near_miss=(0.0, 0.0, 0.0), base_prompt_loss=(True, True, True),
     base_steps=400, base_learning_rate=3e-3, expert_steps=(400, 400, 200), expert_learning_rate=3e-3,
     expert_replay=400, expert_replay_spread=False, warmup_steps=20, chunk_steps=50, seq_len=32,
-    min_expert_exact_match=0.05, min_off_task_gap=-1.0, max_base_exact_match=0.5, min_merge_exact_match=0.0, min_swap_exact_match=0.0)
+    min_expert_exact_match=0.05, min_off_task_gap=-1.0, max_base_exact_match=0.5, min_merge_exact_match=0.0, min_swap_exact_match=0.0,
+    # its experts reach only a few percent on math, so a merge's math score is within a few of 180
+    # held-out rows of the base's whichever way the CPU rounds: allow 2 points below the base there
+    merge_tolerance=0.02)
 DEFAULT = ZooConfig()
 CONFIGS = {"small": SMALL, "default": DEFAULT}

@@ -133,11 +133,12 @@ def targets(scores: dict[str, dict[str, float]], probe: dict, zc: ZooConfig) -> 
     expert_off_task: every expert at least min_off_task_gap weaker on each other task.
     base_weak: the base <= max_base_exact_match on every task.
     merge_centre: some method's centre merge >= min_merge_exact_match on every task AND above the
-      base on every task.
+      base on every task (less merge_tolerance).
     layer_swap: every single-layer swap keeps its expert >= min_swap_exact_match on its own task.
     """
     base = scores["base"]
-    centre_ok = [all(v >= zc.min_merge_exact_match and v > base[t] for t, v in m["centre"].items())
+    centre_ok = [all(v >= zc.min_merge_exact_match and v > base[t] - zc.merge_tolerance
+                     for t, v in m["centre"].items())
                  for m in probe["merges"].values()]
     return {
         "expert_own_task": all(scores[t][t] >= zc.min_expert_exact_match for t in TASK_NAMES),
