@@ -181,16 +181,16 @@ def export_solution(run_dir: str | os.PathLike, solution: Mapping, out_dir: str 
     from hm3jax.io.atomic import UnwritableOutputError, check_output_path, check_writable
     from hm3jax.rundoc import RunDocError, check_solution
 
+    if isinstance(solution, dict) and solution.get("aligned") is True:  # refused before anything is read
+        raise RecommendError("this solution's scores were measured with alignment maps at model switches "
+                             "(lower.align.enabled), which a transformers checkpoint cannot hold; export a "
+                             "solution of a run without alignment")
     cfg, ckpts = source_checkpoints(run_dir)
     tasks = list(task_names(cfg))
     try:
         solution = check_solution(solution, len(tasks), "solution")
     except RunDocError as e:
         raise RecommendError(str(e)) from None
-    if solution.get("aligned"):
-        raise RecommendError("this solution's scores were measured with alignment maps at model switches "
-                             "(lower.align.enabled), which a transformers checkpoint cannot hold; export a "
-                             "solution of a run without alignment")
     check_output_path(out_dir, [run_dir, *ckpts.values()])  # before loading anything
     try:
         check_writable(out_dir, "--export")

@@ -90,7 +90,8 @@ def test_conditioned_agent_answers_an_unseen_preference_with_a_fresh_forward_sco
     trainer = make_lower_train(lc, layout, scorer)
     seen = jax.tree.map(lambda x: x[:2], problems)
     res = run_lower(trainer, layout, seen, data, jax.random.key(0), lc.ppo.num_chunks)
-    assert res.history.paths_scored[-1].tolist() == [lc.ppo.budget] * 2
+    assert np.all(res.history.paths_scored[-1] <= lc.ppo.budget)  # distinct paths: at most the budget
+    assert np.all(res.history.paths_scored[-1] >= lc.ppo.budget // 2)
     new = jax.tree.map(lambda x: x[2], problems)
     got = jax.tree.map(np.asarray, propose(trainer, layout, lc.env, scorer, res.state.params, new, data))
     path = got.path

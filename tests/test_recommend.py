@@ -71,9 +71,14 @@ def test_cli_prints_the_pick_and_refuses_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--search-iterations:" in err and "config.yaml" in err, err
     # A run whose lower level trained one agent per preference cannot answer a new one online.
+    import dataclasses
+
     from hm3jax.config import RunConfig, to_yaml
 
-    (run / "config.yaml").write_text(to_yaml(RunConfig(output_dir=str(run))))
+    per_pref = RunConfig(output_dir=str(run))
+    per_pref = dataclasses.replace(per_pref, lower=dataclasses.replace(
+        per_pref.lower, ppo=dataclasses.replace(per_pref.lower.ppo, mode="per_preference")))
+    (run / "config.yaml").write_text(to_yaml(per_pref))
     (run / "checkpoints" / "lower").mkdir(parents=True)
     assert main([str(run), "--preference", "1,0,0", "--search-iterations", "5"]) == 2
     assert "lower.ppo.mode is 'per_preference'" in capsys.readouterr().err
