@@ -307,13 +307,11 @@ def _path_search(ctx: Context, name: str, merged: list[dict], ideal, make_traine
                         progress=ctx.cfg.log.progress, log=log, desc=name, mesh=ctx.mesh)
         if stop_chunk is not None and stop_chunk < num_chunks:
             raise StopRun(stop_after)
-        rewards = np.asarray(res.history.reward) if res.history is not None else np.zeros((0, len(ctx.prefs)))
-        scored = (np.asarray(res.history.paths_scored) if res.history is not None
-                  else np.zeros((0, len(ctx.prefs)), np.int32))
+        # the history of every chunk, restored ones included (run_lower keeps it in the checkpoint)
+        rewards = np.asarray(res.history.reward)
         out = {"path": res.best.path, "global_path": res.global_paths, "search": res.best.scores,
                "tcheby": res.best.tcheby, "reward_curve": rewards.reshape(rewards.shape[0], -1),
-               "paths_scored": scored.reshape(scored.shape[0], -1)[-1:].reshape(-1) if len(scored)
-               else np.zeros((len(ctx.prefs),), np.int32)}
+               "paths_scored": np.asarray(res.history.paths_scored[-1]).reshape(-1)}
         if fitted is not None:  # held-out scoring runs the paths with the same maps
             out["align"] = fitted.alignment.params
             out["align_gap"] = np.asarray([fitted.gap_before, fitted.gap_after], np.float32)
