@@ -166,7 +166,8 @@ class LogConfig:
     """Logging (never part of the run comparison: a run may be resumed with other log settings)."""
 
     tensorboard: bool = True
-    """Write TensorBoard event files to <output_dir>/tensorboard when tensorboardX is installed."""
+    """Write TensorBoard event files to <output_dir>/tensorboard (steps: PPO iterations) when
+    tensorboardX is installed; without it, one warning and metrics.jsonl only."""
     progress: bool = True
     """Progress bars on long stages."""
 
