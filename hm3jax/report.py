@@ -18,13 +18,18 @@ solutions and references (so every cost objective lies in [-1, 0)).
 Dominance: a solution's "dominated" flag says whether another solution *of the same method* beats
 it (>= on every objective, > on one); HM3's non-dominated solutions are its front. Across methods,
 `undominated_by_hm3` lists the other solutions that no HM3 solution dominates.
-Hypervolume: of each method's solutions, above the reference point 0 on every task score (exact
-match is in [0, 1], so 0 is the worst possible) and -1.1 on the cost objective (10% beyond the
-costliest solution).
+Hypervolume: of each method's non-dominated solutions, in the ideal box normalised to [0, 1] per
+objective. Over every solution of every method and the references, the box's top is the best value
+of each objective (the ideal point) and its bottom, the reference point, lies 10% of the objective's
+range below its worst value (the nadir), so a solution scoring 0 on a task still adds volume; each
+objective x is scaled to (x - reference) / (ideal - reference). An objective with one value across
+all those solutions cannot separate them and is left out of the volume (front.json's
+"hypervolume_box" names it).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -33,10 +38,11 @@ from typing import Any
 import numpy as np
 
 from hm3jax.io.atomic import write_json_atomic
-from hm3jax.moo import hypervolume, pareto_mask, plot_front
+from hm3jax.moo import hypervolume, pareto_mask
 
 FRONT_FILE = "front.json"
 PLOT_FILE = "front.png"
+SVG_FILE = "front.svg"
 REPORT_FILE = "report.md"
 HM3 = "hm3"
 PARAM_ONLY = "param_only"
@@ -52,7 +58,10 @@ METHODS = {
     ARCH_ONLY: "HM3 architecture level only",
 }
 HM3_LABEL = "HM3 full"
-COST_REFERENCE = -1.1
+MERGE = "merge"  # the upper-level merged model's name in a path (pipeline.MERGE)
+REFERENCE_MARGIN = 0.1  # the reference point lies this fraction of each objective's range below the nadir
+COST_NAME = "-flops_per_token (relative)"
+JSON_DIGITS = 6  # significant digits of the floats front.json stores
 
 
 def _upper_value(key: str, v):
@@ -119,16 +128,31 @@ def objectives(solutions: Sequence[Mapping], k: int, cost_scale: float | None = 
     return np.concatenate([s, -_flops(solutions, where)[:, None] / cost_scale], axis=1)
 
 
-def reference_point(k: int, cost: bool) -> np.ndarray:
-    """The hypervolume reference point: 0 per task score, COST_REFERENCE for the cost objective."""
-    return np.asarray([0.0] * k + ([COST_REFERENCE] if cost else []))
-
-
-def front_hypervolume(obj: np.ndarray, ref: np.ndarray) -> float:
-    """Hypervolume of the rows of `obj` above `ref` (0 for no rows)."""
+def hypervolume_box(obj: np.ndarray, names: Sequence[str]) -> dict:
+    """The normalised box of the hypervolumes: {"objectives": the names used, "left_out": the
+    constant ones, "reference": [D] reference point (REFERENCE_MARGIN of the range below the nadir;
+    a constant objective's value), "ideal": [D] best value per objective}, over the rows of `obj`."""
     if len(obj) == 0:
+        return {"objectives": [], "left_out": list(names), "reference": [0.0] * len(names),
+                "ideal": [0.0] * len(names)}
+    hi, lo = obj.max(axis=0), obj.min(axis=0)
+    span = hi - lo
+    keep = span > 1e-12 * np.maximum(1.0, np.abs(hi))
+    ref = np.where(keep, lo - REFERENCE_MARGIN * span, lo)
+    return {"objectives": [n for n, k in zip(names, keep) if k],
+            "left_out": [n for n, k in zip(names, keep) if not k],
+            "reference": ref.tolist(), "ideal": hi.tolist()}
+
+
+def front_hypervolume(obj: np.ndarray, box: Mapping, names: Sequence[str]) -> float:
+    """Hypervolume of the non-dominated rows of `obj` (columns: `names`) in the normalised box of
+    hypervolume_box (0 for no rows or no objective left in the box)."""
+    keep = np.asarray([n in box["objectives"] for n in names], bool)
+    if len(obj) == 0 or not keep.any():
         return 0.0
-    return float(hypervolume(obj[np.asarray(pareto_mask(obj))], ref))
+    ref, top = np.asarray(box["reference"])[keep], np.asarray(box["ideal"])[keep]
+    scaled = (obj[:, keep] - ref) / (top - ref)
+    return float(hypervolume(scaled[np.asarray(pareto_mask(scaled))], np.zeros(int(keep.sum()))))
 
 
 def _dominated_by(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -152,8 +176,10 @@ def build_front(tasks: Sequence[str], solutions: Sequence[Mapping], baselines: M
       cost_objective: add the relative cost as an objective (module docstring).
       ideal: [K] ideal point for recommend's Tchebycheff value; default the best held-out score per
         task among the references other than "base" (the experts), or among all solutions if none.
-    Returns {"tasks", "objectives", "reference_point", "ideal", "solutions", "baselines",
-      "references", "hypervolume": {"hm3", one per baseline method}, "undominated_by_hm3":
+    Returns {"tasks", "objectives", "reference_point" (the hypervolume box's), "hypervolume_box"
+      (hypervolume_box: objectives used, left out, reference and ideal points), "ideal",
+      "solutions", "baselines", "references", "hypervolume": {"hm3", one per baseline method},
+      "undominated_by_hm3":
       {"baselines": {method: [indices of its solutions no HM3 solution dominates]}, "references":
       [names of reference models no HM3 solution dominates]}}. Every record is a copy with its
       "dominated" flag set (for references: dominated by an HM3 solution).
@@ -166,15 +192,16 @@ def build_front(tasks: Sequence[str], solutions: Sequence[Mapping], baselines: M
         every = [s for g in groups.values() for s in g] + list(references.values())
         f = _flops(every, "solutions") if every else np.ones(1)
         scale = float(max(f.max(), 1e-30))
-    ref = reference_point(k, cost_objective)
+    names = list(tasks) + ([COST_NAME] if cost_objective else [])
     objs = {m: objectives(g, k, scale, where=m if m != HM3 else "solutions") for m, g in groups.items()}
+    ref_objs = objectives(list(references.values()), k, scale, where="references")
+    box = hypervolume_box(np.concatenate([*objs.values(), ref_objs], axis=0), names)
     out_groups: dict[str, list[dict]] = {}
     hv: dict[str, float] = {}
     for m, g in groups.items():
         mask = np.asarray(pareto_mask(objs[m])) if len(g) else np.zeros(0, bool)
         out_groups[m] = [{**s, "dominated": not bool(keep)} for s, keep in zip(g, mask)]
-        hv[m] = front_hypervolume(objs[m], ref)
-    ref_objs = objectives(list(references.values()), k, scale, where="references")
+        hv[m] = front_hypervolume(objs[m], box, names)
     refs = {n: {**s, "dominated": bool(d)} for (n, s), d in
             zip(references.items(), _dominated_by(ref_objs, objs[HM3]))}
     if ideal is None:
@@ -188,8 +215,9 @@ def build_front(tasks: Sequence[str], solutions: Sequence[Mapping], baselines: M
                    "references": [n for n, s in refs.items() if not s["dominated"]]}
     return {
         "tasks": list(tasks),
-        "objectives": list(tasks) + (["-flops_per_token (relative)"] if cost_objective else []),
-        "reference_point": ref.tolist(),
+        "objectives": names,
+        "reference_point": box["reference"],
+        "hypervolume_box": box,
         "ideal": [float(x) for x in ideal],
         "solutions": out_groups[HM3],
         "baselines": {m: out_groups[m] for m in groups if m != HM3},
@@ -197,125 +225,6 @@ def build_front(tasks: Sequence[str], solutions: Sequence[Mapping], baselines: M
         "hypervolume": hv,
         "undominated_by_hm3": undominated,
     }
-
-
-# ------------------------------------------------------------------------------------ the report
-def _centre(solutions: Sequence[Mapping], k: int) -> Mapping | None:
-    """The solution whose preference is nearest the uniform one (the first without preferences)."""
-    if not solutions:
-        return None
-    u = np.full(k, 1.0 / k)
-
-    def dist(s):
-        p = s.get("preference")
-        return float(np.sum((np.asarray(p, float) - u) ** 2)) if p is not None and len(p) == k else np.inf
-
-    return min(solutions, key=dist)
-
-
-def _fmt(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
-def table_rows(front: Mapping) -> list[tuple[str, list[float] | None, float | None]]:
-    """(label, held-out scores at the centre preference or None, front hypervolume or None) per
-    row: base, each expert, the baseline methods in METHODS order (others after), HM3 full."""
-    tasks = front["tasks"]
-    k = len(tasks)
-    rows = []
-    refs = front.get("references", {})
-    for name in ["base", *tasks]:
-        if name in refs:
-            rows.append(("Base" if name == "base" else f"Expert: {name}",
-                         list(refs[name]["scores"]["heldout"]), None))
-    order = [m for m in METHODS if m in front["baselines"]] + [m for m in front["baselines"] if m not in METHODS]
-    for m in order:
-        c = _centre(front["baselines"][m], k)
-        rows.append((METHODS.get(m, m), list(c["scores"]["heldout"]) if c else None,
-                     front["hypervolume"].get(m)))
-    c = _centre(front["solutions"], k)
-    rows.append((HM3_LABEL, list(c["scores"]["heldout"]) if c else None, front["hypervolume"].get(HM3)))
-    return rows
-
-
-def where_hm3_does_not_win(front: Mapping) -> str:
-    """A plain paragraph, computed from the numbers: undominated baselines, HV comparisons."""
-    hv = front["hypervolume"]
-    undominated = front.get("undominated_by_hm3", {})
-    notes = []
-    for name in undominated.get("references", []):
-        s = front["references"][name]
-        label = "the base model" if name == "base" else f"the {name} expert"
-        notes.append(f"{label} (held-out {', '.join(_fmt(x) for x in s['scores']['heldout'])}) is not "
-                     "dominated by any HM3 solution")
-    for m, idx in undominated.get("baselines", {}).items():
-        if not idx:
-            continue
-        group = front["baselines"][m]
-        s = group[max(idx, key=lambda i: sum(group[i]["scores"]["heldout"]))]
-        pref = [round(float(x), 3) for x in s.get("preference") or []]
-        notes.append(f"{len(idx)} of {len(group)} {METHODS.get(m, m)} solutions are not dominated by any "
-                     f"HM3 solution (e.g. preference {pref}, held-out "
-                     f"{', '.join(_fmt(x) for x in s['scores']['heldout'])})")
-    beaten = [f"{METHODS.get(m, m)} ({v:.4f})" for m, v in hv.items() if m != HM3 and v > hv.get(HM3, 0.0)]
-    if beaten:
-        notes.append(f"the front hypervolume of HM3 full ({hv.get(HM3, 0.0):.4f}) is below that of "
-                     + ", ".join(beaten))
-    order = [(HM3_LABEL, HM3), (METHODS[PARAM_ONLY], PARAM_ONLY), (METHODS[ARCH_ONLY], ARCH_ONLY)]
-    present = [(label, hv[m]) for label, m in order if m in hv]
-    order_sentence = ""
-    if len(present) == 3:
-        holds = present[0][1] > present[1][1] > present[2][1]
-        order_sentence = (f"The paper's hypervolume order full > parameter-only > architecture-only "
-                          f"{'holds' if holds else 'does NOT hold'} here: "
-                          + ", ".join(f"{label} {v:.4f}" for label, v in present) + ".")
-    if notes:
-        para = "HM3 does not win everywhere: " + "; ".join(notes) + "."
-    else:
-        para = ("Every baseline solution and reference model is dominated by an HM3 solution, and no "
-                "method's front hypervolume exceeds HM3 full's.")
-    return (para + (" " + order_sentence if order_sentence else "")).strip()
-
-
-def report_markdown(front: Mapping, title: str = "HM3 run report") -> str:
-    """report.md: a Table-1-like held-out table and the plain "where HM3 does not win" paragraph."""
-    tasks = front["tasks"]
-    lines = [f"# {title}", "",
-             "Held-out scores (x 100) at the centre preference (each method's solution whose preference "
-             "is nearest the uniform one), and each method's front hypervolume over all its "
-             f"preferences (reference point {front['reference_point']}"
-             + (", the last coordinate on -relative FLOPs per token" if len(front["reference_point"]) > len(tasks) else "")
-             + ").", "",
-             "| model | " + " | ".join(tasks) + " | front HV |",
-             "|---|" + "---|" * (len(tasks) + 1)]
-    for label, scores, h in table_rows(front):
-        cells = [_fmt(x) for x in scores] if scores is not None else ["–"] * len(tasks)
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {'–' if h is None else f'{h:.4f}'} |")
-    n_front = sum(not s["dominated"] for s in front["solutions"])
-    lines += ["", f"HM3: {len(front['solutions'])} solutions, {n_front} on its front.", "",
-              "## Where HM3 does not win", "", where_hm3_does_not_win(front), ""]
-    return "\n".join(lines + generated_section(front))
-
-
-def generated_section(front: Mapping) -> list[str]:
-    """report.md lines for the task scorers on generated held-out answers (tasks.kind files), or []."""
-    refs = front.get("references") or {}
-    rows = [(("Base" if name == "base" else f"Expert: {name}"), r["scores"].get("generated"))
-            for name, r in refs.items()]
-    rows += [(f"HM3 λ = ({', '.join(f'{x:.2f}' for x in s['preference'])})", s["scores"].get("generated"))
-             for s in front["solutions"]]
-    if not any(g is not None for _, g in rows):
-        return []
-    tasks = front["tasks"]
-    out = ["## Generated answers", "",
-           "Each task's scorer (GSM8K answer match, chrF / 100, pass@1) on greedy answers to the first "
-           "held-out prompts, x 100 (– : a path that switches models under alignment maps, which "
-           "generation does not apply).", "",
-           "| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-    for label, g in rows:
-        out.append(f"| {label} | " + " | ".join(_fmt(x) for x in g) + " |" if g is not None
-                   else f"| {label} | " + " | ".join("–" for _ in tasks) + " |")
-    return out + [""]
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -330,6 +239,18 @@ def _write_via_temp(path: str, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def round_floats(x, digits: int = JSON_DIGITS):
+    """A copy of a JSON-ready value with every float rounded to `digits` significant digits (so a
+    float32 0.7 is stored as 0.7, not 0.699999988079071)."""
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}") if math.isfinite(x) else x
+    if isinstance(x, Mapping):
+        return {k: round_floats(v, digits) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [round_floats(v, digits) for v in x]
+    return x
 
 
 def _plain(x):
@@ -347,26 +268,40 @@ def _plain(x):
 
 
 def write_front(run_dir: str | os.PathLike, front: Mapping) -> dict[str, str]:
-    """Write front.json, front.png and report.md into `run_dir` (each atomically: a temporary
-    sibling renamed into place). Numpy and JAX numbers in the records are written as plain JSON
-    numbers. Returns {file name: path}."""
+    """Write front.json, front.png, front.svg and report.md into `run_dir` (each atomically: a
+    temporary sibling renamed into place). Numpy and JAX numbers in the records are written as plain
+    JSON numbers, floats rounded to JSON_DIGITS significant digits; report.md is made from the
+    numbers as stored. Returns {file name: path}."""
+    from hm3jax.moo import plot_pairs
+    from hm3jax.report_text import report_markdown
+
     run_dir = os.fspath(run_dir)
-    front = _plain(front)
+    front = round_floats(_plain(front))
     os.makedirs(run_dir, exist_ok=True)
     k = len(front["tasks"])
-    paths = {f: os.path.join(run_dir, f) for f in (FRONT_FILE, PLOT_FILE, REPORT_FILE)}
+    paths = {f: os.path.join(run_dir, f) for f in (FRONT_FILE, PLOT_FILE, SVG_FILE, REPORT_FILE)}
     write_json_atomic(paths[FRONT_FILE], front)
-    hm3 = heldout(front["solutions"], k, "solutions")
-    others: dict[str, Any] = {METHODS.get(m, m): heldout(v, k, m)
-                              for m, v in front["baselines"].items() if v}
+    names = front.get("objectives") or front["tasks"]
+    cost = len(names) > k
+    scale = None
+    if cost:  # the stored relative costs' scale: the largest flops among all records
+        every = front["solutions"] + [s for v in front["baselines"].values() for s in v] \
+            + list(front.get("references", {}).values())
+        scale = float(max(_flops(every, "solutions").max(), 1e-30))
+    axes = list(front["tasks"]) + (["relative cost (-FLOPs/token)"] if cost else [])
+    hm3 = objectives(front["solutions"], k, scale, "solutions")
+    others = {METHODS.get(m, m): objectives(v, k, scale, m) for m, v in front["baselines"].items() if v}
     refs = front.get("references", {})
-    if refs:
-        others["base + experts"] = heldout(list(refs.values()), k, "references")
-    if k >= 2:
-        _write_via_temp(paths[PLOT_FILE], lambda p: plot_front(
-            p, hm3, front["tasks"], others=others, title="held-out scores", label=HM3_LABEL))
+    points = {("base" if n == "base" else f"expert: {n}"): objectives([s], k, scale, "references")[0]
+              for n, s in refs.items()}
+    if len(axes) >= 2:
+        for name, fmt in ((PLOT_FILE, "png"), (SVG_FILE, "svg")):
+            _write_via_temp(paths[name], lambda p, fmt=fmt: plot_pairs(
+                [(p, fmt)], hm3, axes, others=others, points=points, label=HM3_LABEL,
+                title="held-out scores, pairwise (higher is better)"))
     else:
         paths.pop(PLOT_FILE)
+        paths.pop(SVG_FILE)
     report = report_markdown(front)
 
     def put(p):
@@ -375,3 +310,17 @@ def write_front(run_dir: str | os.PathLike, front: Mapping) -> dict[str, str]:
 
     _write_via_temp(paths[REPORT_FILE], put)
     return paths
+
+
+# report.md's text lives in report_text (it imports this module's names)
+from hm3jax.report_text import (  # noqa: E402
+    generated_section,
+    path_text,
+    report_markdown,
+    table_rows,
+    where_hm3_does_not_win,
+    winner_sentence,
+)
+
+__all__ = ["build_front", "generated_section", "make_solution", "path_text", "report_markdown",
+           "round_floats", "table_rows", "where_hm3_does_not_win", "winner_sentence", "write_front"]

@@ -4,7 +4,7 @@ Scores are higher-is-better, rows = solutions, columns = tasks.
 """
 
 from hm3jax.moo.pareto import hypervolume, pareto_mask
-from hm3jax.moo.plots import plot_front
+from hm3jax.moo.plots import plot_front, plot_pairs
 from hm3jax.moo.preferences import das_dennis, dirichlet
 from hm3jax.moo.scalarize import ideal_point, tchebycheff, weighted_sum
 
@@ -15,6 +15,7 @@ __all__ = [
     "ideal_point",
     "pareto_mask",
     "plot_front",
+    "plot_pairs",
     "tchebycheff",
     "weighted_sum",
 ]

@@ -130,3 +130,70 @@ def _styled(groups):
     """(name, scores, marker, color) per group; a group keeps one color across all its rows."""
     for i, (name, g) in enumerate(groups.items()):
         yield name, g, _OTHER_MARKERS[i % len(_OTHER_MARKERS)], _OTHER_COLORS[i % len(_OTHER_COLORS)]
+
+
+def plot_pairs(
+    out_paths: Sequence[str | os.PathLike | tuple[str | os.PathLike, str]],
+    scores,
+    names: Sequence[str],
+    others: Mapping[str, object] | None = None,
+    points: Mapping[str, Sequence[float]] | None = None,
+    title: str | None = None,
+    label: str = "solutions",
+) -> list[str]:
+    """Pairwise 2-D projections of D >= 2 objectives (higher is better on every axis), written to each
+    of `out_paths` (the format from the suffix: .png, .svg, .pdf; or (path, format) pairs).
+
+    Args:
+      scores: [N, D] the main solutions; the non-dominated rows (over all D objectives) are
+        highlighted, the others drawn in grey.
+      names: D axis labels.
+      others: {label: [M, D]} groups drawn with their own marker (e.g. the baselines).
+      points: {label: [D]} single points drawn on their own (e.g. the base and each expert).
+    One panel per pair of objectives; every point is a marker (no joined lines: a projection of a
+    front is not a front); one legend outside the panels, on the right.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    s = _as_scores("scores", scores, None)
+    d = s.shape[1]
+    if d < 2 or len(names) != d:
+        raise ValueError(f"plot_pairs: need D >= 2 objectives and D names, got {d} columns, {len(names)} names")
+    groups = {n: _as_scores(f"others[{n!r}]", v, d) for n, v in (others or {}).items()}
+    singles = {n: np.asarray(v, np.float64).reshape(d) for n, v in (points or {}).items()}
+    front = np.asarray(pareto_mask(s)) if len(s) else np.zeros(0, bool)
+    pairs = [(i, j) for i in range(d) for j in range(i + 1, d)]
+    cols = min(len(pairs), 3)
+    rows = -(-len(pairs) // cols)
+    fig = Figure(figsize=(4.2 * cols + 2.8, 3.8 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).reshape(-1)
+    single_markers = ("s", "*", "P", "X", "h", "p", "8")
+    for ax, (i, j) in zip(axes, pairs):
+        ax.scatter(s[~front, i], s[~front, j], c="lightgray", edgecolors="gray", s=22,
+                   label=f"{label} (dominated)")
+        ax.scatter(s[front, i], s[front, j], c=_FRONT_COLOR, s=30, label=f"{label} (front)", zorder=3)
+        for name, g, m, c in _styled(groups):
+            ax.scatter(g[:, i], g[:, j], marker=m, color=c, s=22, alpha=0.8, label=name, zorder=2)
+        for k, (name, p) in enumerate(singles.items()):
+            ax.scatter([p[i]], [p[j]], marker=single_markers[k % len(single_markers)], s=90, color="black"
+                       if k == 0 else _OTHER_COLORS[(k + 3) % len(_OTHER_COLORS)], edgecolors="black",
+                       label=name, zorder=5)
+        ax.set_xlabel(names[i])
+        ax.set_ylabel(names[j])
+        ax.grid(alpha=0.3)
+    for ax in axes[len(pairs):]:
+        ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize="small")
+    if title:
+        fig.suptitle(title)
+    written = []
+    canvas = FigureCanvasAgg(fig)
+    for out in out_paths:
+        out, fmt = (os.fspath(out[0]), out[1]) if isinstance(out, tuple) else (os.fspath(out), None)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        fmt = fmt or os.path.splitext(out)[1].lstrip(".").lower() or "png"
+        canvas.print_figure(out, format=fmt, dpi=120)
+        written.append(out)
+    return written
