@@ -40,6 +40,7 @@ from hm3jax.io.hf import save_pretrained
 from hm3jax.io.paths import TOKENIZER_FILES
 from hm3jax.models.config import ModelConfig
 from hm3jax.models.pool import shell_of
+from hm3jax.rundoc import round_floats
 
 SOLUTION_FILE = "hm3jax_solution.json"
 PATH_RECIPE = "mergekit_path.yml"
@@ -324,7 +325,7 @@ def export_path(out_dir: str | os.PathLike, cfg: ModelConfig, models: Mapping[st
             os.rename(os.path.join(staged, name), os.path.join(tmp, name))
         os.rmdir(staged)
         with open(os.path.join(tmp, SOLUTION_FILE), "w") as f:
-            json.dump(record, f, indent=2, allow_nan=False)
+            json.dump(round_floats(record), f, indent=2, allow_nan=False)
             f.write("\n")
         for name, text in recipes.items():
             with open(os.path.join(tmp, name), "w") as f:

@@ -7,7 +7,10 @@ The preference needs one non-negative weight per task (front.json's "tasks" orde
 weights that do not sum to 1 are normalised (divided by their sum), and the normalised vector is
 printed.
 
-Prints the chosen solution record as JSON on stdout and a one-line summary on stderr. `--export DIR`
+Prints the chosen solution record as JSON on stdout (floats to 6 significant digits) and, on
+stderr, a one-line summary and a table comparing it, under your λ, with the base, each expert and
+each baseline method's best solution for λ (the lowest Tchebycheff value among its solutions): their
+held-out scores and Tchebycheff values, and which of them beat the pick. `--export DIR`
 also writes it as a Hugging Face checkpoint (see hm3jax.export): the source models are those of
 RUN_DIR/config.yaml (the zoo or the checkpoints), and the upper-level merge, when the path uses it,
 is rebuilt with `merge_for_preference(method, base, experts, preference, key, density, scale)` from
@@ -16,7 +19,8 @@ the solution's "upper" settings, key = `jax.random.key(upper["seed"])`, or the k
 `--search-iterations N` runs a short online search for this exact preference instead (see
 hm3jax.online): the run's λ-conditioned agent (a run with `lower.ppo.mode: conditioned`) continues
 PPO for N iterations on this λ over the upper-level merge for it, and its best path, scored on the
-held-out split, is the answer (printed and exported as above; front.json is not changed).
+held-out split, is the answer (printed and exported as above; front.json is not changed); the
+comparison then shows the front's pick and the online search's answer before and after.
 
 Exit status: 0 on success, 2 on a usage or input error (one line on stderr).
 """
@@ -101,6 +105,51 @@ def tchebycheff_value(solution: Mapping, preference: Sequence[float], front: Map
     """max_k λ_k |f_k - z*_k| of one solution record's held-out scores, z* = front["ideal"]."""
     f = np.asarray(solution["scores"]["heldout"], np.float64)
     return float(np.max(np.asarray(preference, np.float64) * np.abs(f - np.asarray(front["ideal"], np.float64))))
+
+
+def comparison(front: Mapping, preference: Sequence[float], picks: Mapping[str, Mapping]) -> list[tuple]:
+    """(label, held-out scores, Tchebycheff value under `preference`) of each of `picks` ({label:
+    solution}), the base, each expert and each baseline method's best solution for the preference
+    (lowest Tchebycheff value among its solutions). Malformed records are a ValueError naming them."""
+    from hm3jax.report import heldout
+    from hm3jax.report_text import best_for, label
+
+    k, ideal = len(front["tasks"]), front["ideal"]
+    rows = [(name, list(s["scores"]["heldout"]), tchebycheff_value(s, preference, front)) for name, s in picks.items()]
+    refs = front.get("references") or {}
+    if not isinstance(refs, Mapping):
+        raise RecommendError("front.json: references: expected a mapping of model name -> record")
+    for name in ["base", *front["tasks"]]:
+        if name in refs:
+            f = heldout([refs[name]], k, f"front.json: references.{name}")[0].tolist()
+            rows.append(("base" if name == "base" else f"expert {name}", f,
+                         tchebycheff_value({"scores": {"heldout": f}}, preference, front)))
+    baselines = front.get("baselines") or {}
+    if not isinstance(baselines, Mapping):
+        raise RecommendError("front.json: baselines: expected a mapping of method -> records")
+    for m, group in baselines.items():
+        if not isinstance(group, list) or not group:
+            continue
+        scores = heldout(group, k, f"front.json: baselines.{m}")
+        i, value = best_for([{"scores": {"heldout": r.tolist()}} for r in scores], preference, ideal,
+                            searched_first=False)
+        rows.append((f"{label(m)} (best of {len(group)})", scores[i].tolist(), value))
+    return rows
+
+
+def comparison_text(front: Mapping, rows: Sequence[tuple], first: int = 1) -> str:
+    """The comparison as a small fixed-width table, then which rows beat the first `first` (the picks)."""
+    tasks = front["tasks"]
+    width = max(len(r[0]) for r in rows) + 2
+    head = "".join(f"{t[:11]:>12}" for t in tasks) + f"{'Tchebycheff':>13}"
+    lines = [f"{'':<{width}}{head}"]
+    for name, f, value in rows:
+        lines.append(f"{name:<{width}}" + "".join(f"{x:>12.4f}" for x in f) + f"{value:>13.4f}")
+    ours = min(r[2] for r in rows[:first])
+    better = [f"{r[0]} ({r[2]:.4f})" for r in rows[first:] if r[2] < ours]
+    lines.append(f"lower Tchebycheff value is better; beating the pick ({ours:.4f}): "
+                 + (", ".join(better) if better else "none"))
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------ export
@@ -242,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from hm3jax.io.atomic import OutputExistsError, UnsafeOutputError
+    from hm3jax.rundoc import round_floats
 
     try:
         front = read_front(args.run_dir)
@@ -258,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.search_iterations:
             source_checkpoints(args.run_dir)  # the run's models must exist: never build a zoo here
         i, sol, value = pick_solution(front, lam)
+        picks = {f"pick (solution {i})": sol}
         print(f"preference {[round(float(x), 4) for x in lam]} over {', '.join(front['tasks'])}: solution "
               f"{i} of {len(front['solutions'])}, held-out {sol['scores']['heldout']}, Tchebycheff "
               f"{value:.4f}, {len([s for s in sol['path'] if s is not None])} layers", file=sys.stderr)
@@ -269,11 +320,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      len(front["tasks"]), "the online search's solution")
             except RunDocError as e:
                 raise RecommendError(str(e)) from None
-            value = tchebycheff_value(sol, lam, front)
+            before, value = value, tchebycheff_value(sol, lam, front)
             print(f"online search ({args.search_iterations} iterations of the run's conditioned agent): "
                   f"held-out {sol['scores']['heldout']}, Tchebycheff {value:.4f}, "
-                  f"{len([s for s in sol['path'] if s is not None])} layers", file=sys.stderr)
-        print(json.dumps(sol, indent=2, allow_nan=False))
+                  f"{len([s for s in sol['path'] if s is not None])} layers; before/after vs the front's pick: "
+                  f"Tchebycheff {before:.4f} -> {value:.4f} "
+                  f"({'better' if value < before else 'worse' if value > before else 'the same'})",
+                  file=sys.stderr)
+            picks = {f"front's pick (solution {i})": picks[f"pick (solution {i})"], "online search": sol}
+        print(comparison_text(front, comparison(front, lam, picks), first=len(picks)), file=sys.stderr)
+        print(json.dumps(round_floats(sol), indent=2, allow_nan=False))
         if args.export:
             out = export_solution(args.run_dir, sol, args.export, overwrite=args.overwrite)
             print(f"exported to {out}", file=sys.stderr)

@@ -29,7 +29,6 @@ all those solutions cannot separate them and is left out of the volume (front.js
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -39,6 +38,7 @@ import numpy as np
 
 from hm3jax.io.atomic import write_json_atomic
 from hm3jax.moo import hypervolume, pareto_mask
+from hm3jax.rundoc import round_floats
 
 FRONT_FILE = "front.json"
 PLOT_FILE = "front.png"
@@ -61,7 +61,6 @@ HM3_LABEL = "HM3 full"
 MERGE = "merge"  # the upper-level merged model's name in a path (pipeline.MERGE)
 REFERENCE_MARGIN = 0.1  # the reference point lies this fraction of each objective's range below the nadir
 COST_NAME = "-flops_per_token (relative)"
-JSON_DIGITS = 6  # significant digits of the floats front.json stores
 
 
 def _upper_value(key: str, v):
@@ -241,18 +240,6 @@ def _write_via_temp(path: str, write) -> None:
         raise
 
 
-def round_floats(x, digits: int = JSON_DIGITS):
-    """A copy of a JSON-ready value with every float rounded to `digits` significant digits (so a
-    float32 0.7 is stored as 0.7, not 0.699999988079071)."""
-    if isinstance(x, float):
-        return float(f"{x:.{digits}g}") if math.isfinite(x) else x
-    if isinstance(x, Mapping):
-        return {k: round_floats(v, digits) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [round_floats(v, digits) for v in x]
-    return x
-
-
 def _plain(x):
     """JSON-ready copy: numpy scalars and arrays become Python numbers and lists, tuples lists."""
     if isinstance(x, Mapping):
@@ -270,7 +257,7 @@ def _plain(x):
 def write_front(run_dir: str | os.PathLike, front: Mapping) -> dict[str, str]:
     """Write front.json, front.png, front.svg and report.md into `run_dir` (each atomically: a
     temporary sibling renamed into place). Numpy and JAX numbers in the records are written as plain
-    JSON numbers, floats rounded to JSON_DIGITS significant digits; report.md is made from the
+    JSON numbers, floats rounded to 6 significant digits (rundoc.round_floats); report.md is made from the
     numbers as stored. Returns {file name: path}."""
     from hm3jax.moo import plot_pairs
     from hm3jax.report_text import report_markdown

@@ -145,11 +145,12 @@ def tchebycheff(scores: Sequence[float], preference: Sequence[float], ideal: Seq
     return float(np.max(np.asarray(preference, float) * np.abs(np.asarray(scores, float) - np.asarray(ideal, float))))
 
 
-def best_for(group: Sequence[Mapping], preference: Sequence[float], ideal: Sequence[float]) -> tuple[int, float]:
+def best_for(group: Sequence[Mapping], preference: Sequence[float], ideal: Sequence[float],
+             searched_first: bool = True) -> tuple[int, float]:
     """(index, Tchebycheff value) of a method's answer for `preference`: its solution searched for it
-    (the same preference), else the best of its solutions under it."""
+    (the same preference) when `searched_first` and it has one, else the best of its solutions under it."""
     lam = np.asarray(preference, float)
-    same = [i for i, s in enumerate(group) if s.get("preference") is not None
+    same = [i for i, s in enumerate(group) if searched_first and s.get("preference") is not None
             and len(s["preference"]) == len(lam) and np.allclose(s["preference"], lam, atol=1e-6)]
     pool = same or range(len(group))
     values = {i: tchebycheff(group[i]["scores"]["heldout"], lam, ideal) for i in pool}

@@ -18,6 +18,7 @@ from typing import Any
 
 SEED_LIMIT = 2**32  # as config.SEED_LIMIT: jax.random.key wraps larger seeds
 INDEX_LIMIT = 2**31
+JSON_DIGITS = 6  # significant digits of the floats written to a run directory's JSON files
 
 
 class RunDocError(ValueError):
@@ -52,6 +53,19 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
         raise RunDocError(f"{path}: nested too deeply to be a {what}") from None
     except ValueError as e:  # e.g. an integer literal of more than 4300 digits
         raise RunDocError(f"{path}: not valid JSON ({e})") from None
+
+
+# ------------------------------------------------------------------------------------ writing
+def round_floats(x, digits: int = JSON_DIGITS):
+    """A copy of a JSON-ready value (tuples become lists) with every float rounded to `digits`
+    significant digits (so a float32 0.7 is stored as 0.7, not 0.699999988079071)."""
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}") if math.isfinite(x) else x
+    if isinstance(x, Mapping):
+        return {k: round_floats(v, digits) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [round_floats(v, digits) for v in x]
+    return x
 
 
 # ------------------------------------------------------------------------------------ field checks

@@ -88,6 +88,32 @@ def test_cli_prints_the_pick_and_refuses_bad_input(tmp_path, capsys):
     assert "front.json: no such file" in capsys.readouterr().err
 
 
+def test_recommend_compares_the_pick_with_experts_base_and_baselines(tmp_path, capsys):
+    run = tmp_path / "run"
+    refs = {"base": sol([0.1, 0.1, 0.1]), "math": sol([0.95, 0.1, 0.1]), "code": sol([0.1, 0.95, 0.1]),
+            "translation": sol([0.1, 0.1, 0.95])}
+    baselines = {"ties": [sol([0.3, 0.3, 0.3]), sol([0.7, 0.1, 0.1])], "random_path": [sol([0.4, 0.4, 0.4])]}
+    write_front(run, build_front(TASKS, FRONT["solutions"], baselines, refs, ideal=[1.0, 1.0, 1.0]))
+    assert main([str(run), "--preference", "1,0,0"]) == 0
+    err = capsys.readouterr().err
+    for row in ["pick (solution 0)", "base", "expert math", "expert code", "expert translation",
+                "TIES (best of 2)", "Random path search (best of 1)"]:
+        assert any(line.startswith(row) for line in err.splitlines()), (row, err)
+    # under λ = (1, 0, 0) the math expert (0.95) beats the pick (0.9); TIES' best is its (0.7, ...) one
+    ties = next(line for line in err.splitlines() if line.startswith("TIES"))
+    assert ties.split()[-1] == "0.3000" and "0.7000" in ties
+    assert "beating the pick (0.1000): expert math (0.0500)" in err
+
+
+def test_recommend_json_is_rounded(tmp_path, capsys):
+    run = tmp_path / "run"
+    s = sol([float(np.float32(0.7)), 0.2, 0.2])
+    write_front(run, build_front(TASKS, [s], {}, {}, ideal=[1.0, 1.0, 1.0]))
+    assert main([str(run), "--preference", "1,0,0"]) == 0
+    out = capsys.readouterr().out
+    assert "0.699999988" not in out and json.loads(out)["scores"]["heldout"][0] == 0.7
+
+
 CFG = ModelConfig(model_type="llama", vocab_size=40, hidden_size=16, intermediate_size=32,
                   num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
 
