@@ -18,14 +18,19 @@ import os
 from collections.abc import Sequence
 
 import draccus
+import draccus.argparsing
 import numpy as np
 
-from hm3jax.search.agent import AgentConfig
-from hm3jax.search.env import EnvConfig
-from hm3jax.search.lower import LowerConfig
-from hm3jax.search.ppo import PPOConfig
-from hm3jax.search.upper import UpperConfig
-from hm3jax.sharding import MeshConfig, ShardingError
+# the sections come from hm3jax.settings, which imports no JAX: a config is parsed and checked first
+from hm3jax.settings import (
+    AgentConfig,
+    EnvConfig,
+    LowerConfig,
+    MeshConfig,
+    PPOConfig,
+    ShardingError,
+    UpperConfig,
+)
 
 CONFIG_FILE = "config.yaml"
 ZOO_CONFIGS = ("default", "small")
@@ -204,11 +209,15 @@ class RunConfig:
 
 # ------------------------------------------------------------------------------------ parsing
 def _draccus_message(e: BaseException) -> str:
+    """The message of a parse error: a section's own check (e.g. UpperConfig's, chained by draccus
+    under "Couldn't instantiate class ...") alone; else draccus's message with its causes."""
     parts = [str(e)]
     cause = e.__cause__
-    while cause is not None:  # e.g. UpperConfig's own check, chained by draccus
+    while cause is not None:
         parts.append(str(cause))
         cause = cause.__cause__
+    if len(parts) > 1 and parts[0].startswith("Couldn't instantiate class") and parts[-1]:
+        return parts[-1]
     return ": ".join(p for p in parts if p)
 
 
@@ -227,10 +236,73 @@ def parse_run_config(args: Sequence[str] | None = None, config_path: str | os.Pa
     if where is not None and not os.path.isfile(where):
         raise RunConfigError(f"--config_path {where}: no such file")
     try:
-        return draccus.parse(RunConfig, config_path=config_path, args=args, prog=prog, exit_on_error=False)
+        parser = draccus.argparsing.ArgumentParser(config_class=RunConfig, config_path=config_path, exit_on_error=False,
+                                        prog=prog)
+        _tidy_help(parser.parser)
+        return parser.parse_args(args)
     except (draccus.utils.DraccusException, draccus.utils.ParsingError, ValueError, TypeError) as e:
         src = f"{where}: " if where else ""
-        raise RunConfigError(f"{src}{_draccus_message(e)}") from None
+        raise RunConfigError(f"{src}{_suggest(_draccus_message(e))}") from None
+
+
+def config_keys() -> list[str]:
+    """Every dotted key of RunConfig (`upper.density`, `lower.ppo.lr`, ...)."""
+    out = []
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            t = f.type if not isinstance(f.type, str) else None
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            sub = type(default) if dataclasses.is_dataclass(default) else t if dataclasses.is_dataclass(t) else None
+            if sub is None and f.name in ("zoo", "checkpoints"):
+                sub = ZooSource if f.name == "zoo" else CheckpointSource
+            if sub is not None:
+                walk(sub, f"{prefix}{f.name}.")
+            else:
+                out.append(prefix + f.name)
+
+    walk(RunConfig, "")
+    return out
+
+
+def _suggest(message: str) -> str:
+    """draccus's "unrecognized arguments: --upper.methd x" with the nearest known key."""
+    import difflib
+
+    if "unrecognized arguments:" not in message:
+        return message
+    unknown = [a[2:].split("=")[0] for a in message.split("unrecognized arguments:", 1)[1].split()
+               if a.startswith("--")]
+    keys = config_keys()
+    hints = [f"--{u}: did you mean --{m[0]}?" for u in unknown
+             if (m := difflib.get_close_matches(u, keys, n=1, cutoff=0.6))]
+    return f"{message} ({'; '.join(hints)})" if hints else f"{message} (see --help for the keys)"
+
+
+def _tidy_help(parser) -> None:
+    """--help without draccus's per-section "Config file for X" options (each listed twice); the
+    verbosity flags of hm3jax.train, which it takes before the config, in the epilog."""
+    import argparse
+
+    groups = [parser._actions] + [g._group_actions for g in parser._action_groups]  # draccus keeps
+    for actions in groups:  # an overridden option in its group, for the help: both are hidden
+        for action in actions:
+            if (action.help or "").startswith("Config file for "):
+                action.help = argparse.SUPPRESS
+    run = RunConfig()  # the defaults of a run (DEFAULT_UPPER, DEFAULT_LOWER), not of the bare sections
+    for actions in groups:
+        for action in actions:
+            key = next((o[2:] for o in action.option_strings if o.startswith("--")), None)
+            value, found = run, key is not None
+            for part in (key or "").split("."):
+                if not found or not dataclasses.is_dataclass(value) or not hasattr(value, part):
+                    found = False
+                    break
+                value = getattr(value, part)
+            if found and not dataclasses.is_dataclass(value):
+                action.default = value
+    parser.epilog = ("Also: -v/--verbose (debug messages with time stamps), -q/--quiet (warnings and errors "
+                     "only). A section can be read from its own YAML file: --lower FILE, --lower.ppo FILE.")
 
 
 def load_run_config(path: str | os.PathLike) -> RunConfig:

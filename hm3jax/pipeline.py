@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -32,6 +32,8 @@ from hm3jax.objectives.batch import Batch, make_suite_batch
 from hm3jax.search.lower import build_search, make_lower_train, make_model_scorer, run_lower
 from hm3jax.search.path_baselines import PathSearchConfig, make_path_search
 from hm3jax.search.upper import UPPER_METHODS, _merge_key, merge_for_preference, run_upper_many
+
+log = logging.getLogger(__name__)
 
 MERGE, BASE = "merge", "base"
 STAGES = ("references", "upper", "lower", "arch_only", "random_path", "evolutionary_path",
@@ -196,16 +198,16 @@ def _stage(ctx: Context, name: str, compute: Callable[[], dict], summary: Callab
     try:
         out = ctx.store.load(name)
     except CorruptCheckpointError as e:
-        print(f"warning: checkpoint {e.path} is corrupt or incomplete ({e.why}); removed it, recomputing "
-              "that stage", file=sys.stderr, flush=True)
+        log.warning(f"checkpoint {e.path} is corrupt or incomplete ({e.why}); removed it, recomputing that stage")
         ctx.store.discard(name)
         out = None
     resumed = out is not None
     if out is None:
+        log.info(f"[{name}] started")
         out = ctx.store.save(name, compute())
     seconds = time.perf_counter() - start
     line = summary(out)
-    print(f"[{name}] {line} ({'from checkpoint' if resumed else f'{seconds:.1f}s'})", flush=True)
+    log.info(f"[{name}] {line} ({'from checkpoint' if resumed else f'{seconds:.1f}s'})")
     ctx.log({"stage": name, "summary": line, "seconds": seconds, "resumed": resumed})
     if stop_after == name:
         raise StopRun(name)
@@ -298,13 +300,16 @@ def _path_search(ctx: Context, name: str, merged: list[dict], ideal, make_traine
         if stop_after and stop_after.startswith(f"{name}:"):
             stop_chunk = int(stop_after.split(":")[1])
 
-        def log(c, m):  # the chunk's last iteration, one value per preference
-            ctx.log({"stage": name, "chunk": c, **{f: np.asarray(getattr(m, f))[-1].tolist() for f in
-                                                   ("reward", "best_reward", "length", "entropy", "paths_scored")}})
+        def log_chunk(c, m):  # every iteration of the chunk, one value per preference, step = iteration
+            fields = ("reward", "best_reward", "length", "entropy", "paths_scored")
+            rows = {f: np.asarray(getattr(m, f)).reshape(np.asarray(m.reward).shape[0], -1) for f in fields}
+            for j in range(rows["reward"].shape[0]):
+                ctx.log({"stage": name, "chunk": c, "iteration": c * len(rows["reward"]) + j + 1,
+                         **{f: rows[f][j].tolist() for f in fields}})
 
         res = run_lower(trainer, layout, problems, data, key, num_chunks,
                         checkpoint_dir=ctx.store.path(name), stop_after=stop_chunk,
-                        progress=ctx.cfg.log.progress, log=log, desc=name, mesh=ctx.mesh)
+                        progress=ctx.cfg.log.progress, log=log_chunk, desc=name, mesh=ctx.mesh)
         if stop_chunk is not None and stop_chunk < num_chunks:
             raise StopRun(stop_after)
         # the history of every chunk, restored ones included (run_lower keeps it in the checkpoint)
@@ -337,7 +342,7 @@ def alignment(ctx: Context, merged: list[dict]):
         fit = fit_alignment(ctx.model_cfg, ctx.cfg.lower.align, ctx.experts, merged, ctx.search, key)
         cache[id(merged)] = (merged, fit)  # the list is held so its id is not reused
         line = f"switch statistics gap {fit.gap_before:.4f} -> {fit.gap_after:.4f} (search split)"
-        print(f"[align] {line}", flush=True)
+        log.info(f"[align] {line}")
         ctx.log({"stage": "align", "summary": line, "gap_before": fit.gap_before, "gap_after": fit.gap_after})
     return cache[id(merged)][1]
 
@@ -567,8 +572,32 @@ def load_batches(suite, tokenizer) -> tuple[Batch, Batch]:
     return make_suite_batch(suite, "search", tokenizer), make_suite_batch(suite, "heldout", tokenizer)
 
 
+_TB_WARNED = [False]
+
+
+def _scalars(prefix: str, v):
+    """(tag, value) of every number in a record value: numbers as they are, lists per index
+    (`reward/0`: preference 0), mappings per key (`hypervolume/hm3`)."""
+    if isinstance(v, bool):
+        return
+    if isinstance(v, (int, float)):
+        yield prefix, float(v)
+    elif isinstance(v, Mapping):
+        for k, x in v.items():
+            yield from _scalars(f"{prefix}/{k}", x)
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            yield from _scalars(f"{prefix}/{i}", x)
+
+
 def metrics_logger(run_dir: str, tensorboard: bool) -> Callable[[dict], None]:
-    """Append each record to metrics.jsonl (and, with tensorboardX, scalars to tensorboard/)."""
+    """Append each record to metrics.jsonl (floats to 6 significant digits) and, with tensorboardX,
+    its numbers as scalars to tensorboard/ ("<stage>/<key>[/<index or name>]"). The step of a record
+    is its "iteration" (the PPO iteration of a search's per-iteration record), else its "step", else
+    0 for a stage's own record. `tensorboard` without tensorboardX installed: one warning per process,
+    metrics.jsonl only."""
+    from hm3jax.rundoc import round_floats
+
     path = os.path.join(run_dir, "metrics.jsonl")
     writer = None
     if tensorboard:
@@ -577,24 +606,35 @@ def metrics_logger(run_dir: str, tensorboard: bool) -> Callable[[dict], None]:
 
             writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
         except ImportError:
-            writer = None
-    step = {"n": 0}
+            if not _TB_WARNED[0]:
+                _TB_WARNED[0] = True
+                log.warning("log.tensorboard is on but tensorboardX is not installed (pip install tensorboardX); "
+                            "metrics go to metrics.jsonl only. Set log.tensorboard false to silence this.")
 
-    def log(record: dict) -> None:
-        record = {"time": time.time(), **record}
+    def plain(x):
+        if isinstance(x, Mapping):
+            return {str(k): plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if isinstance(x, (np.ndarray, np.generic, jax.Array)):
+            return plain(np.asarray(x).tolist())
+        return x
+
+    def write(record: dict) -> None:
+        record = round_floats(plain({"time": time.time(), **record}))
         with open(path, "a") as f:
-            f.write(json.dumps(record, default=lambda x: np.asarray(x).tolist()) + "\n")
+            f.write(json.dumps(record) + "\n")
         if writer is not None:
-            step["n"] += 1
+            step = int(record.get("iteration", record.get("step", 0)))
+            stage = record.get("stage", "run")
             for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    writer.add_scalar(f"{record.get('stage', 'run')}/{k}", v, step["n"])
-                elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
-                    writer.add_scalar(f"{record.get('stage', 'run')}/{k}_mean", float(np.mean(v)),
-                                      record.get("chunk", step["n"]))
+                if k in ("time", "iteration", "step", "chunk", "stage"):
+                    continue
+                for tag, x in _scalars(f"{stage}/{k}", v):
+                    writer.add_scalar(tag, x, step)
             writer.flush()
 
-    return log
+    return write
 
 
 def check_models(tasks: Sequence[str], models: dict) -> None:

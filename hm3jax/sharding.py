@@ -18,7 +18,6 @@ optimiser counters). A dimension the mesh axis does not divide evenly is replica
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -27,16 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-DATA, FSDP = "data", "fsdp"
-MESH_AXES = (DATA, FSDP)
-
-# Logical axis -> mesh axis (None: replicated). FSDP over the hidden dimension of every matrix; the
-# layer / pool axis stays whole so a scan step slices one layer locally.
-LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
-    ("layers", None), ("pool", None), ("models", None),
-    ("vocab", None), ("embed", FSDP), ("heads", None), ("mlp", None), ("norm", None),
-    ("paths", DATA), ("batch", DATA), ("preferences", DATA), ("seq", None),
-)
+from hm3jax.settings import DATA, FSDP, LOGICAL_RULES, MESH_AXES, MeshConfig, ShardingError  # noqa: F401
 
 # Path regex (leaf keys joined by "/") -> logical names of the per-layer dimensions. Matched as a
 # suffix, so the same table places optimiser states (`.../mu/layers/mlp/up_proj/weight`).
@@ -53,51 +43,6 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-class ShardingError(ValueError):
-    """A mesh that does not fit the devices, or a leaf that no partition rule places."""
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """The device mesh (`mesh:` in a run config). Defaults: one device, nothing sharded."""
-
-    data: int = 1
-    """Devices along the `data` axis (paths, examples, preferences); -1: the devices left over."""
-    fsdp: int = 1
-    """Devices along the `fsdp` axis (every weight's hidden dimension); -1: the devices left over."""
-    slices: int = 1
-    """Multi-slice TPU (or multi-node GPU): slices joined by the slower data-centre network; the
-    `data` axis spans them (its size must be a multiple of this), `fsdp` stays inside a slice."""
-    distributed: bool = False
-    """Call jax.distributed.initialize() before touching devices (multi-host: the same command on
-    every host; TPU VMs and SLURM find the coordinator themselves)."""
-    coordinator_address: str = ""
-    """host:port of process 0, for clusters JAX cannot detect (empty: auto-detect)."""
-    num_processes: int = 0
-    """Process count, with coordinator_address (0: auto-detect)."""
-    process_id: int = -1
-    """This process's index, with coordinator_address (-1: auto-detect)."""
-    rules: dict[str, str] = dataclasses.field(default_factory=dict)
-    """Overrides of LOGICAL_RULES: logical axis (embed, heads, mlp, vocab, norm, layers, pool, paths,
-    batch, preferences) -> mesh axis (data, fsdp) or "none" (replicated)."""
-
-    def check(self) -> None:
-        """Raise ShardingError naming the `mesh.*` key that cannot be used (no devices needed)."""
-        for key in ("data", "fsdp", "slices"):
-            v = getattr(self, key)
-            if v == 0 or v < -1 or (key == "slices" and v < 1):
-                raise ShardingError(f"mesh.{key} must be a positive device count"
-                                    f"{'' if key == 'slices' else ' or -1 (the devices left)'}, got {v}")
-        if self.data == -1 and self.fsdp == -1:
-            raise ShardingError("mesh.data and mesh.fsdp are both -1; at most one axis takes the devices left")
-        if self.data > 0 and self.data % self.slices:
-            raise ShardingError(f"mesh.data {self.data} is not a multiple of mesh.slices {self.slices}")
-        known = {k for k, _ in LOGICAL_RULES}
-        for k, v in self.rules.items():
-            if k not in known:
-                raise ShardingError(f"mesh.rules.{k}: unknown logical axis; known: {', '.join(sorted(known))}")
-            if v not in (*MESH_AXES, "none"):
-                raise ShardingError(f"mesh.rules.{k}: {v!r} is not a mesh axis (data, fsdp or none)")
 
 
 def initialize_distributed(cfg: MeshConfig) -> bool:

@@ -5,10 +5,14 @@ HM3 end to end: load the models (or build/reuse the embedded zoo) -> score the b
 -> baselines -> held-out evaluation -> the Pareto front (front.json, front.png, report.md). With no
 arguments it runs configs/default.yaml's settings (the embedded zoo on CPU). The run directory is
 resumable: the same command after an interruption continues where the run stopped.
+
+-v/--verbose shows debug messages with time stamps; -q/--quiet only warnings and errors. A config
+error (an unknown key, a bad value) is one line on stderr and exit status 2, before JAX is loaded.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -23,7 +27,10 @@ from hm3jax.config import (
     task_names,
     validate,
 )
+from hm3jax.log import pop_verbosity_flags, setup_logging
 from hm3jax.rundir import discard_new_run_dir, prepare_run_dir
+
+log = logging.getLogger(__name__)
 
 
 def load_context(cfg: RunConfig):
@@ -167,11 +174,21 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> dict:
             sol["scores"]["generated"] = None if np.isnan(row).any() else [float(x) for x in row]
         for sol, row in zip(references.values(), generated["references"]):
             sol["scores"]["generated"] = [float(x) for x in row]
+    log.info("[front] started")
+    t_front = time.perf_counter()
     front = build_front(ctx.tasks, hm3, baselines, references, cfg.front.cost_objective)
     write_front(cfg.output_dir, front)
-    hv = ", ".join(f"{k} {v:.4f}" for k, v in front["hypervolume"].items())
-    print(f"[front] hypervolume (held-out): {hv}", flush=True)
-    ctx.log({"stage": "front", "hypervolume": front["hypervolume"], "seconds": time.perf_counter() - start})
+    from hm3jax.report_text import fmt_hv, winner_sentence
+
+    hv = ", ".join(f"{k} {fmt_hv(v)}" for k, v in front["hypervolume"].items())
+    log.info(f"[front] hypervolume (held-out, normalised box): {hv} ({time.perf_counter() - t_front:.1f}s)")
+    log.info(f"[front] {winner_sentence(front)}")
+    step = cfg.lower.ppo.iterations  # the results of the whole search: logged at its last PPO iteration
+    ctx.log({"stage": "heldout_scores", "step": step, "hm3": [s["scores"]["heldout"] for s in hm3],
+             **{m: [s["scores"]["heldout"] for s in v] for m, v in baselines.items()},
+             "references": {n: r["scores"]["heldout"] for n, r in references.items()}})
+    ctx.log({"stage": "front", "step": step, "hypervolume": front["hypervolume"],
+             "seconds": time.perf_counter() - start})
     return front
 
 
@@ -238,14 +255,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     found before or during the run (one line on stderr; a new run leaves no directory behind); 1 the
     disk failed during the run (the run directory is kept, to be resumed); 3 stopped by
     HM3JAX_STOP_AFTER; 130 interrupted."""
-    from hm3jax import pipeline as pl
-    from hm3jax.io.atomic import NonFiniteValueError
     from hm3jax.rundir import RunDirLock, check_run_dir
 
+    argv, verbose, quiet = pop_verbosity_flags(sys.argv[1:] if argv is None else argv)
+    setup_logging(verbose, quiet)
     lock, existed, resumed, cfg = None, True, True, None
     try:
         try:
-            cfg = validate(parse_run_config(argv))
+            cfg = parse_run_config(argv)  # no JAX yet: a typo'd key or a bad value is refused at once
+            cfg = validate(cfg)
             mesh = _mesh(cfg)
             check_zoo(cfg)
             _check_outputs(cfg)
@@ -260,12 +278,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 discard_new_run_dir(cfg, existed)
             print(f"error: {_one_line(e)}", file=sys.stderr)
             return 2
+        from hm3jax import pipeline as pl
+        from hm3jax.io.atomic import NonFiniteValueError
+
         if mesh.devices.size > 1 or cfg.mesh.distributed:
             import jax
 
-            print(f"mesh {dict(mesh.shape)} on {mesh.devices.size} of {jax.device_count()} devices, "
-                  f"process {jax.process_index() + 1} of {jax.process_count()}", flush=True)
-        print(f"{'resuming' if resumed else 'starting'} run in {cfg.output_dir}", flush=True)
+            log.info(f"mesh {dict(mesh.shape)} on {mesh.devices.size} of {jax.device_count()} devices, "
+                     f"process {jax.process_index() + 1} of {jax.process_count()}")
+        log.info(f"{'resuming' if resumed else 'starting'} run in {cfg.output_dir}")
         try:
             # HM3JAX_STOP_AFTER (a stage name, or "lower:C"): stop there, as a kill would (tests of resuming)
             front = run(cfg, stop_after=os.environ.get("HM3JAX_STOP_AFTER") or None)

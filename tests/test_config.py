@@ -259,3 +259,28 @@ def test_unusable_zoo_dir_is_an_error_before_the_run_dir_exists(tmp_path, capsys
     (tmp_path / "existing").mkdir()
     assert train.main(empty_zoo + ["--output_dir", str(tmp_path / "existing")]) == 2
     assert os.listdir(tmp_path / "existing") == []
+
+
+def test_help_documents_upper_and_lower_keys_with_run_defaults(capsys):
+    with pytest.raises(SystemExit):
+        parse_run_config(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # help text is wrapped
+    assert "--upper.density float Kept fraction of each task vector" in out
+    assert "--lower.ppo.lr float Adam learning rate of the encoder and actor. (default: 0.003)" in out
+    assert "--upper.method str One of task_arithmetic" in out and "(default: auto)" in out
+    assert "Config file for" not in out and "-v/--verbose" in out
+
+
+def test_a_typo_is_one_line_exit_2_before_jax():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom hm3jax.train import main\nrc = main(['--upper.methd', 'x'])\n"
+            "print('jax' in sys.modules, rc)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert r.stdout.split() == ["False", "2"], r.stdout + r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: unrecognized arguments: --upper.methd x (--upper.methd: did you mean --upper.method?)"]
+    with pytest.raises(RunConfigError, match=r"^upper.density must be in \(0, 1\], got 2.0$"):
+        parse_run_config(["--upper.density", "2"])

@@ -76,6 +76,40 @@ def test_smoke_run_writes_the_run_directory_contract(smoke_run):
     assert {"references", "upper", "lower", "heldout", "front"} <= {r.get("stage") for r in records}
 
 
+def test_smoke_report_names_a_winner_by_distinct_hypervolumes(smoke_run):
+    import re
+
+    from hm3jax.report_text import label
+
+    out = smoke_run[0]
+    text = (out / "front.json").read_text()
+    front = json.loads(text)
+    hv = front["hypervolume"]
+    assert len(set(hv.values())) == len(hv), hv  # every method's volume differs
+    for m in ("hm3", "ties", "dare_ties", "task_arithmetic"):
+        assert hv[m] > 0, hv  # the reference point lies below the nadir: no method is zeroed
+    report = (out / "report.md").read_text()
+    shown = {m: re.search(rf"\| {re.escape(label(m))} \|[^\n]*\| ([0-9.e-]+) \|\n", report).group(1) for m in hv}
+    assert len(set(shown.values())) == len(shown), shown  # and prints differently
+    best, second = sorted(hv.items(), key=lambda kv: -kv[1])[:2]
+    gain = 100 * (best[1] - second[1]) / second[1]
+    assert (f"By front hypervolume, {label(best[0])} wins with {best[1]:.4f}, {gain:.1f}% above the runner-up, "
+            f"{label(second[0])} ({second[1]:.4f}).") in report
+    assert "reference point lies 10% of the objective's range below its worst value" in report
+    assert "## Per preference" in report and "## HM3 solutions" in report
+    assert (out / "front.svg").exists()
+    # floats are stored rounded: no float32 artefacts such as 0.699999988079071
+    floats = [float(x) for x in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", text)]
+    assert floats and all(float(f"{x:.6g}") == x for x in floats)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lower = [r for r in records if r.get("stage") == "lower" and "iteration" in r]
+    assert [r["iteration"] for r in lower] == list(range(1, 9))  # smoke: 8 PPO iterations, one record each
+    assert all(len(r["reward"]) == len(r["best_reward"]) == 3 for r in lower)
+    final = {r["stage"]: r for r in records if r.get("stage") in ("front", "heldout_scores")}
+    assert final["front"]["step"] == 8 and final["front"]["hypervolume"] == hv
+    assert len(final["heldout_scores"]["hm3"]) == 3
+
+
 def test_killed_runs_resume_to_the_same_front(smoke_run, tmp_path):
     out, zoo = smoke_run
     run = tmp_path / "resumed"
@@ -83,7 +117,7 @@ def test_killed_runs_resume_to_the_same_front(smoke_run, tmp_path):
     assert "stopped after upper" in first.stderr
     assert not (run / "front.json").exists()
     second = _train(run, zoo, stop_after="lower:1")
-    assert "[upper]" in second.stdout and "from checkpoint" in second.stdout
+    assert "[upper]" in second.stderr and "from checkpoint" in second.stderr
     _train(run, zoo)
     want = json.loads((out / "front.json").read_text())
     got = json.loads((run / "front.json").read_text())

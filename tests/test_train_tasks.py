@@ -66,7 +66,7 @@ def test_task_files_and_alignment_run(small_zoo, small_zoo_loaded, tmp_path):
     args = ("--lower.align.enabled", "true", "--lower.align.steps", "20", "--eval.baselines", "false")
     res = _train(cfg_path, run, *args)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "[generated] task scorers on generated held-out answers" in res.stdout
+    assert "[generated] task scorers on generated held-out answers" in res.stderr
     front = json.loads((run / "front.json").read_text())
     tasks = front["tasks"]
     assert tasks == ["math", "code", "translation"]  # the order of tasks.files
@@ -83,7 +83,7 @@ def test_task_files_and_alignment_run(small_zoo, small_zoo_loaded, tmp_path):
     assert front["references"]["math"]["scores"]["generated"][0] >= float(np.mean(em)) - 1e-6
     assert "## Generated answers" in (run / "report.md").read_text()
 
-    assert "[align] switch statistics gap" in res.stdout
+    assert "[align] switch statistics gap" in res.stderr
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     fit = [r for r in records if r.get("stage") == "align"]
     assert len(fit) == 1 and fit[0]["gap_after"] < fit[0]["gap_before"], fit
@@ -99,7 +99,7 @@ def test_task_files_and_alignment_run(small_zoo, small_zoo_loaded, tmp_path):
     (run / "front.json").unlink()
     again = _train(cfg_path, run, *args)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "[align]" not in again.stdout and "[lower]" in again.stdout and "from checkpoint" in again.stdout
+    assert "[align]" not in again.stderr and "[lower]" in again.stderr and "from checkpoint" in again.stderr
     assert json.loads((run / "front.json").read_text()) == front
 
 

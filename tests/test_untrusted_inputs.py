@@ -634,7 +634,7 @@ def test_resume_recomputes_a_corrupt_stage_and_keeps_the_rest(small_zoo, tmp_pat
     assert train(args) == 3
     out = capsys.readouterr()
     assert "references is corrupt or incomplete" in out.err and "recomputing that stage" in out.err
-    assert "[upper]" in out.out and "from checkpoint" in out.out.split("[upper]")[1].splitlines()[0]
+    assert "[upper]" in out.err and "from checkpoint" in out.err.split("[upper]")[1].splitlines()[0]
     again = store.load("references")
     for k in refs:
         np.testing.assert_array_equal(again[k], refs[k])

@@ -20,54 +20,18 @@ Policy heads:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 
 from hm3jax.search import env as en
-from hm3jax.search.env import PathLayout, PathProblem, _require
+from hm3jax.search.env import PathLayout, PathProblem
+from hm3jax.settings import HEADS, AgentConfig  # noqa: F401
 
-HEADS = ("categorical", "wolpertinger")
 _NEG = -1e9
 
 
-@dataclasses.dataclass(frozen=True)
-class AgentConfig:
-    """Agent networks (config keys under `lower.agent.`).
-
-    Attributes:
-      head: "categorical" or "wolpertinger".
-      embed_dim: width of the action/position embeddings fed to the GRU.
-      hidden_dim: GRU state width.
-      mlp_dim: hidden width of the actor, critic and Q heads (one hidden layer each).
-      condition: feed λ to the encoder and the heads (required for a shared agent).
-      identity_prob: initial per-step probability of the identity action (categorical head), in [0, 1).
-      knn: M', candidates the Wolpertinger head looks up around its proto-action.
-      epsilon: ε, probability the Wolpertinger head takes a random candidate instead of the Q-best.
-      proto_std: initial standard deviation of the Gaussian proto-action.
-    """
-
-    head: str = "categorical"
-    embed_dim: int = 32
-    hidden_dim: int = 64
-    mlp_dim: int = 64
-    condition: bool = True
-    identity_prob: float = 0.5
-    knn: int = 4
-    epsilon: float = 0.1
-    proto_std: float = 0.15
-
-    def __post_init__(self):
-        _require(self.head in HEADS, "lower.agent.head", f"one of {', '.join(HEADS)}", self.head)
-        for name in ("embed_dim", "hidden_dim", "mlp_dim", "knn"):
-            v = getattr(self, name)
-            _require(isinstance(v, int) and v >= 1, f"lower.agent.{name}", "an integer >= 1", v)
-        _require(0.0 <= self.identity_prob < 1.0, "lower.agent.identity_prob", "in [0, 1)",
-                 self.identity_prob)
-        _require(0.0 <= self.epsilon <= 1.0, "lower.agent.epsilon", "in [0, 1]", self.epsilon)
-        _require(self.proto_std > 0.0, "lower.agent.proto_std", "> 0", self.proto_std)
 
 
 def _dense(key, fan_in, fan_out, scale=1.0):

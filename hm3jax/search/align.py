@@ -18,7 +18,6 @@ them inside its PPO loop.)
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -27,42 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hm3jax.models.align import Alignment, init_align_params
-from hm3jax.search.env import _require
-
-
-@dataclasses.dataclass(frozen=True)
-class AlignConfig:
-    """Alignment at model switches (config keys under `lower.align.`).
-
-    Attributes:
-      enabled: fit maps before the path search and apply them in every scored path (off by default:
-        the paper's ablations do not isolate it, and a transformers checkpoint cannot hold the maps,
-        so an aligned path is scored and reported but not exported).
-      rank: rank r of each map's low-rank correction (h -> h·(1+s) + c + (h V) Uᵀ), >= 0.
-      width: hidden width of the map MLP; embed: width of each of its four input embeddings.
-      steps: Adam steps of the fit; learning_rate: their step size.
-      paths: sampled switching paths per step; rows: search-split rows per step (split over tasks).
-      swap_prob: chance that a step of a sampled path is swapped to another model, in (0, 1].
-    """
-
-    enabled: bool = False
-    rank: int = 4
-    width: int = 64
-    embed: int = 16
-    steps: int = 150
-    learning_rate: float = 3e-3
-    paths: int = 8
-    rows: int = 48
-    swap_prob: float = 0.3
-
-    def __post_init__(self):
-        for name in ("width", "embed", "steps", "paths", "rows"):
-            v = getattr(self, name)
-            _require(isinstance(v, int) and v >= 1, f"lower.align.{name}", "an integer >= 1", v)
-        _require(isinstance(self.rank, int) and self.rank >= 0, "lower.align.rank", "an integer >= 0",
-                 self.rank)
-        _require(self.learning_rate > 0.0, "lower.align.learning_rate", "> 0", self.learning_rate)
-        _require(0.0 < self.swap_prob <= 1.0, "lower.align.swap_prob", "in (0, 1]", self.swap_prob)
+from hm3jax.settings import AlignConfig
 
 
 class Targets(NamedTuple):

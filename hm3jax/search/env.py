@@ -36,63 +36,7 @@ import jax.numpy as jnp
 
 from hm3jax.models.pool import SKIP
 from hm3jax.moo import tchebycheff
-
-REWARDS = ("weighted_sum", "tchebycheff")
-REWARD_TIMINGS = ("spread", "end")
-ACTIONS = ("free", "edit")
-
-
-def _require(ok: bool, field: str, allowed: str, value) -> None:
-    """Raise ValueError naming `field` (a config key), the accepted range and the value given."""
-    if not ok:
-        raise ValueError(f"{field} must be {allowed}, got {value!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class EnvConfig:
-    """The path MDP (config keys under `lower.env.`).
-
-    Attributes:
-      actions: "free" (any pool layer or STOP at each step, the paper's) or "edit" (per position of
-        the merged model: keep its layer, take an expert's layer there, skip, repeat the last one).
-      t_max: most steps per path; None = the depth L of one model (the identity path fits exactly).
-        Free actions only (an edit path has one step per position).
-      stop: offer a STOP action (the paper has none: its paths always run T_max steps); free actions.
-      reward: "weighted_sum" (the paper's Σ_k λ_k f_k) or "tchebycheff" (-max_k λ_k |f_k - z*_k|).
-      reward_timing: "spread" (the paper: R / T on each of the T steps) or "end" (R on the last step).
-      length_penalty: β1, subtracted per layer in the path (R = scalarised score - β1·T). The default
-        0.002 lets a layer stay only if it gains a fifth of a point of weighted exact match.
-      search_minibatch: rows of the search split that score every candidate path, split evenly over
-        the tasks: one fixed stratified draw for the whole search, so a path's score never changes
-        and a path sampled again is read from the search's cache (search.cache) instead of scored.
-      rescore_top: per preference, how many of the best paths found (by their search-row reward)
-        are re-scored on the whole search split at the end of a search, with the upper level's own
-        answer (the identity path); the best of them there is the search's answer.
-    """
-
-    actions: str = "free"
-    t_max: int | None = None
-    stop: bool = True
-    reward: str = "weighted_sum"
-    reward_timing: str = "spread"
-    length_penalty: float = 0.002
-    search_minibatch: int = 96
-    rescore_top: int = 2
-
-    def __post_init__(self):
-        _require(self.actions in ACTIONS, "lower.env.actions", f"one of {', '.join(ACTIONS)}", self.actions)
-        _require(self.actions == "free" or self.t_max is None, "lower.env.t_max",
-                 "None with lower.env.actions edit (one step per layer of the merged model)", self.t_max)
-        _require(self.t_max is None or (isinstance(self.t_max, int) and self.t_max >= 1),
-                 "lower.env.t_max", "None or an integer >= 1", self.t_max)
-        _require(self.reward in REWARDS, "lower.env.reward", f"one of {', '.join(REWARDS)}", self.reward)
-        _require(self.reward_timing in REWARD_TIMINGS, "lower.env.reward_timing",
-                 f"one of {', '.join(REWARD_TIMINGS)}", self.reward_timing)
-        _require(self.length_penalty >= 0.0, "lower.env.length_penalty", ">= 0", self.length_penalty)
-        _require(isinstance(self.search_minibatch, int) and self.search_minibatch >= 1,
-                 "lower.env.search_minibatch", "an integer >= 1", self.search_minibatch)
-        _require(isinstance(self.rescore_top, int) and self.rescore_top >= 1, "lower.env.rescore_top",
-                 "an integer >= 1", self.rescore_top)
+from hm3jax.settings import ACTIONS, REWARD_TIMINGS, REWARDS, EnvConfig, _require  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,6 @@ the scorer: rollouts see a random stratified minibatch of it, best paths the who
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -30,45 +29,15 @@ from hm3jax.moo import tchebycheff
 from hm3jax.objectives.batch import Batch, pad_rows
 from hm3jax.objectives.scoring import answer_loglik, exact_match, task_means
 from hm3jax.search import env as en
-from hm3jax.search.agent import AgentConfig
-from hm3jax.search.align import AlignConfig
 from hm3jax.search.env import (
     BestPaths,
     EnvConfig,
     PathLayout,
     PathProblem,
     Scorer,
-    _require,
 )
-from hm3jax.search.ppo import ChunkMetrics, PPOConfig, Trainer, make_train
-
-OBJECTIVES = ("exact_match", "loglik")
-
-
-@dataclasses.dataclass(frozen=True)
-class LowerConfig:
-    """The whole lower level (config keys under `lower.`).
-
-    Attributes:
-      env, agent, ppo, align: see EnvConfig, AgentConfig, PPOConfig, AlignConfig.
-      objective: per-task score f_k: "exact_match" (teacher-forced, in [0, 1]) or "loglik" (mean
-        answer log-likelihood, <= 0; smooth where exact match is flat).
-      score_chunk: rows per lax.map chunk when a path is scored on the whole search split (bounds
-        activation memory; the split is padded with empty rows to a multiple).
-    """
-
-    env: EnvConfig = dataclasses.field(default_factory=EnvConfig)
-    agent: AgentConfig = dataclasses.field(default_factory=AgentConfig)
-    ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
-    align: AlignConfig = dataclasses.field(default_factory=AlignConfig)
-    objective: str = "exact_match"
-    score_chunk: int = 128
-
-    def __post_init__(self):
-        _require(self.objective in OBJECTIVES, "lower.objective", f"one of {', '.join(OBJECTIVES)}",
-                 self.objective)
-        _require(isinstance(self.score_chunk, int) and self.score_chunk >= 1, "lower.score_chunk",
-                 "an integer >= 1", self.score_chunk)
+from hm3jax.search.ppo import ChunkMetrics, Trainer, make_train
+from hm3jax.settings import OBJECTIVES, LowerConfig  # noqa: F401
 
 
 class SearchData(NamedTuple):

@@ -21,7 +21,6 @@ Two modes (PPOConfig.mode):
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -34,105 +33,8 @@ from hm3jax.search import agent as ag
 from hm3jax.search import cache as pc
 from hm3jax.search import env as en
 from hm3jax.search.cache import PathCache
-from hm3jax.search.env import BestPaths, PathLayout, PathProblem, Scorer, _require
-
-MODES = ("per_preference", "conditioned")
-BASELINES = ("critic", "pomo")
-
-
-@dataclasses.dataclass(frozen=True)
-class PPOConfig:
-    """PPO settings (config keys under `lower.ppo.`).
-
-    Attributes:
-      mode: "per_preference" (N vmapped agents) or "conditioned" (one λ-conditioned agent).
-      num_envs: paths sampled (rolled out) per preference per iteration; a path sampled before is
-        read from the search's cache (search.cache) and costs nothing, so many rollouts are cheap.
-      new_paths: most DISTINCT new paths scored per preference per iteration (the unit of the search
-        budget: iterations x new_paths distinct paths at most); None = num_envs.
-      iterations: PPO iterations in all; a multiple of chunk_iterations.
-      chunk_iterations: iterations per jitted chunk (one log line / checkpoint / progress tick).
-      epochs, minibatches: PPO passes over each rollout batch and minibatches per pass (the
-        minibatches split the episodes; num_envs must be a multiple of minibatches).
-      baseline: "critic" (GAE on the value network, the paper's) or "pomo" (each path's advantage is
-        its reward minus the mean reward of the preference's rollouts in the iteration, POMO's
-        shared baseline; the value network is still trained and logged).
-      gamma, gae_lambda: discount γ (the paper's 0.99) and GAE λ.
-      clip_eps: PPO ratio clip. vf_coef: c1 (value and Q losses). ent_coef: c2 (entropy bonus).
-      sil_coef: weight of self-imitation: the negative log-likelihood of the `sil_elites` best paths
-        found so far for each preference (categorical head; 0 turns it off).
-      sil_elites: how many of the best cached paths are imitated (and, with `explore`, varied).
-      explore: neighbours of the best paths found (one of the `sil_elites` best with one or more
-        steps re-drawn at random) drawn per preference per iteration: a local search around the
-        policy's best answers (as EAS / COMPASS search around a trained policy at test time). They
-        are scored with the budget the agent's own samples leave (a converged policy re-samples
-        paths it has scored) and with the `local_share` reserved for them, enter the cache and the
-        imitated elites, and never the PPO loss (they are off-policy). 0 off.
-      local_share: fraction of each iteration's new paths offered to the neighbours first (the rest
-        go to the agent's samples first); needs explore > 0.
-      lr: Adam learning rate of the encoder and actor; critic_lr: of the value and Q heads.
-      max_grad_norm: global gradient-norm clip.
-    """
-
-    mode: str = "per_preference"
-    num_envs: int = 32
-    new_paths: int | None = None
-    iterations: int = 64
-    chunk_iterations: int = 8
-    epochs: int = 4
-    minibatches: int = 4
-    baseline: str = "critic"
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    clip_eps: float = 0.2
-    vf_coef: float = 0.5
-    ent_coef: float = 0.01
-    sil_coef: float = 0.0
-    sil_elites: int = 4
-    explore: int = 0
-    local_share: float = 0.0
-    lr: float = 1e-3
-    critic_lr: float = 1e-3
-    max_grad_norm: float = 0.5
-
-    def __post_init__(self):
-        _require(self.mode in MODES, "lower.ppo.mode", f"one of {', '.join(MODES)}", self.mode)
-        _require(self.baseline in BASELINES, "lower.ppo.baseline", f"one of {', '.join(BASELINES)}",
-                 self.baseline)
-        for name in ("num_envs", "iterations", "chunk_iterations", "epochs", "minibatches", "sil_elites"):
-            v = getattr(self, name)
-            _require(isinstance(v, int) and v >= 1, f"lower.ppo.{name}", "an integer >= 1", v)
-        _require(self.new_paths is None or (isinstance(self.new_paths, int) and 1 <= self.new_paths <= self.num_envs),
-                 "lower.ppo.new_paths", f"None or an integer in [1, num_envs={self.num_envs}]", self.new_paths)
-        _require(self.iterations % self.chunk_iterations == 0, "lower.ppo.iterations",
-                 f"a multiple of lower.ppo.chunk_iterations={self.chunk_iterations}", self.iterations)
-        _require(self.num_envs % self.minibatches == 0, "lower.ppo.num_envs",
-                 f"a multiple of lower.ppo.minibatches={self.minibatches}", self.num_envs)
-        for name in ("gamma", "gae_lambda"):
-            v = getattr(self, name)
-            _require(0.0 <= v <= 1.0, f"lower.ppo.{name}", "in [0, 1]", v)
-        _require(0.0 < self.clip_eps < 1.0, "lower.ppo.clip_eps", "in (0, 1)", self.clip_eps)
-        _require(isinstance(self.explore, int) and self.explore >= 0, "lower.ppo.explore", "an integer >= 0",
-                 self.explore)
-        _require(0.0 <= self.local_share <= 1.0, "lower.ppo.local_share", "in [0, 1]", self.local_share)
-        for name in ("vf_coef", "ent_coef", "sil_coef"):
-            _require(getattr(self, name) >= 0.0, f"lower.ppo.{name}", ">= 0", getattr(self, name))
-        for name in ("lr", "critic_lr", "max_grad_norm"):
-            _require(getattr(self, name) > 0.0, f"lower.ppo.{name}", "> 0", getattr(self, name))
-
-    @property
-    def num_chunks(self) -> int:
-        return self.iterations // self.chunk_iterations
-
-    @property
-    def paths_per_iteration(self) -> int:
-        """Distinct new paths scored per preference per iteration (at most)."""
-        return self.new_paths or self.num_envs
-
-    @property
-    def budget(self) -> int:
-        """Most distinct paths a search of this config scores per preference."""
-        return self.iterations * self.paths_per_iteration
+from hm3jax.search.env import BestPaths, PathLayout, PathProblem, Scorer
+from hm3jax.settings import BASELINES, MODES, PPOConfig  # noqa: F401
 
 
 class Trajectory(NamedTuple):

@@ -19,48 +19,7 @@ import numpy as np
 
 from hm3jax import merging
 from hm3jax.moo import tchebycheff
-
-UPPER_METHODS = ("task_arithmetic", "ties", "dare_ties")
-# upper.method "auto": per preference, the method of UPPER_METHODS whose merge has the lowest
-# Tchebycheff value on the search split (each at the config's density and scale, or tuned).
-AUTO = "auto"
-
-
-@dataclasses.dataclass(frozen=True)
-class UpperConfig:
-    """Parameter-level merge settings (all fields are config keys under `upper.`).
-
-    method: one of UPPER_METHODS, or "auto": per preference, the one whose merge scores the lowest
-    Tchebycheff value on the search split (so the parameter level never starts behind the best of
-    them); density: kept fraction of each task vector (TIES trim, DARE keep probability = 1 - drop
-    rate); scale: mergekit's `lambda` on the merged task vector.
-    tune: run CMA-ES per preference over (density, scale) within the given ranges (per method
-    under "auto").
-    """
-
-    method: str = "dare_ties"
-    density: float = 0.7
-    scale: float = 1.0
-    tune: bool = False
-    es_population: int = 8
-    es_generations: int = 6
-    es_sigma: float = 0.5
-    density_range: tuple[float, float] = (0.1, 1.0)
-    scale_range: tuple[float, float] = (0.5, 2.0)
-
-    def __post_init__(self):
-        if self.method not in UPPER_METHODS + (AUTO,):
-            raise ValueError(f"upper.method {self.method!r} is not supported; supported: "
-                             f"{', '.join(UPPER_METHODS + (AUTO,))}")
-        if not 0.0 < self.density <= 1.0:
-            raise ValueError(f"upper.density must be in (0, 1], got {self.density}")
-        lo, hi = self.density_range
-        if not 0.0 < lo < hi <= 1.0:
-            raise ValueError(f"upper.density_range must satisfy 0 < lo < hi <= 1, got {self.density_range}")
-        if not 0.0 < self.scale_range[0] < self.scale_range[1]:
-            raise ValueError(f"upper.scale_range must satisfy 0 < lo < hi, got {self.scale_range}")
-        if self.es_population < 2 or self.es_generations < 1:
-            raise ValueError("upper.es_population must be >= 2 and upper.es_generations >= 1")
+from hm3jax.settings import AUTO, UPPER_METHODS, UpperConfig
 
 
 def merge_for_preference(method: str, base: dict, experts: Sequence[dict], preference: jax.Array,
