@@ -7,6 +7,7 @@ With no arguments it uses SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) by the P
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 import time
@@ -16,7 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from hm3jax.io import load_pretrained, load_tokenizer, smollm2_gguf
+from hm3jax.log import add_verbosity_flags, setup_logging
 from hm3jax.models import forward, generate
+
+log = logging.getLogger(__name__)
 
 PARAGRAPH = (
     "The city council met on Tuesday evening to discuss the new budget. After a long debate, "
@@ -49,14 +53,16 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--prompt", default="The capital of France is")
     ap.add_argument("--new-tokens", type=int, default=16)
+    add_verbosity_flags(ap)
     args = ap.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
     path = args.model or smollm2_gguf()
 
     t0 = time.perf_counter()
     cfg, params = load_pretrained(path)
     tok = load_tokenizer(path)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"loaded {path}\n  {cfg.model_type}, {cfg.num_hidden_layers} layers, hidden "
+    log.info(f"loaded {path}\n  {cfg.model_type}, {cfg.num_hidden_layers} layers, hidden "
           f"{cfg.hidden_size}, {n_params / 1e6:.1f}M params in {time.perf_counter() - t0:.1f}s "
           f"on {jax.devices()[0].platform}")
     ppl = perplexity(cfg, params, tok(PARAGRAPH)["input_ids"])

@@ -174,5 +174,21 @@ def plan_table(num_experts: int = 3, preferences: int = 20, rows: int = 8, seq: 
     return "\n".join(out)
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    """python -m hm3jax.memplan [-v | -q]: print the planning table (markdown) on stdout."""
+    import argparse
+
+    from hm3jax.log import add_verbosity_flags, setup_logging
+
+    ap = argparse.ArgumentParser(prog="python -m hm3jax.memplan", description=__doc__.splitlines()[0])
+    add_verbosity_flags(ap)
+    args = ap.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
     print(plan_table())
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

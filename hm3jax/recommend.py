@@ -29,12 +29,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from hm3jax.log import add_verbosity_flags, setup_logging
+
+log = logging.getLogger(__name__)
 
 FRONT_FILE = "front.json"
 
@@ -285,11 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-iterations", type=int, default=0, metavar="N",
                    help="instead of picking from the front, continue the run's λ-conditioned agent "
                         "(lower.ppo.mode: conditioned) for N PPO iterations on this preference")
+    add_verbosity_flags(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
     from hm3jax.io.atomic import OutputExistsError, UnsafeOutputError
     from hm3jax.rundoc import round_floats
 
@@ -332,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(round_floats(sol), indent=2, allow_nan=False))
         if args.export:
             out = export_solution(args.run_dir, sol, args.export, overwrite=args.overwrite)
-            print(f"exported to {out}", file=sys.stderr)
+            log.info(f"exported to {out}")
     except OutputExistsError as e:
         print(f"error: output {e.filename} already exists; pass --overwrite to replace it", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ unexpected failure.
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import warnings
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="arithmetic dtype: 'mergekit' (default) computes each method in the dtype mergekit "
                         "does, so float16/bfloat16 recipes give its tensors (ties, dare_*, task_arithmetic, "
                         "... in the recipe's dtype); 'float32' computes everything in float32 and rounds once")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar; only warnings and errors")
     p.add_argument("--no-quiet", dest="quiet", action="store_false", help="show the progress bar (default)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="print each tensor's load / merge / write times on stderr instead of the progress bar "
@@ -139,6 +140,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from hm3jax.log import setup_logging
+
+    setup_logging(verbose=args.verbose > 1, quiet=args.quiet)  # -vv: debug messages too
     for line in mergekit_notes(args):
         print(line, file=sys.stderr)
     early: list[int] = []  # signals before hm3jax.io.interrupt is imported (JAX takes seconds)
@@ -199,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(timings)} tensors: load {sum(t.load_s for t in timings):.2f} s, merge "
               f"{sum(t.merge_s for t in timings):.2f} s, write {sum(t.write_s for t in timings):.2f} s "
               "(loads overlap the merges)", file=sys.stderr)
-    if not args.quiet:
-        print(f"merged model written to {out}", file=sys.stderr)
+    logging.getLogger(__name__).info(f"merged model written to {out}")
     return 0
 
 

@@ -11,8 +11,10 @@ in memory: merges and scoring are vmapped over the preferences.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -20,11 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from hm3jax.io.atomic import UnsafeOutputError, check_output_path, write_json_atomic
+from hm3jax.log import add_verbosity_flags, setup_logging
 from hm3jax.moo import das_dennis, dirichlet, hypervolume, pareto_mask
 from hm3jax.objectives import make_suite_batch
 from hm3jax.objectives import tasks as task_suite
 from hm3jax.objectives.scoring import SCORE_OBJECTIVES, make_params_scorer
+from hm3jax.rundoc import round_floats
 from hm3jax.search.upper import UPPER_METHODS, merge_for_preference
+
+log = logging.getLogger(__name__)
 
 SCORER_OBJECTIVES = SCORE_OBJECTIVES
 
@@ -88,7 +94,9 @@ def main(argv=None) -> int:
                     help="exact_match (HV reference point 0) or loglik: mean answer log-likelihood, "
                          "HV measured above the base model's scores")
     ap.add_argument("--out", help="write the scores as JSON here")
+    add_verbosity_flags(ap)
     args = ap.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
     if args.out:  # checked before the minutes of scoring, not at the end
         try:
             check_output_path(args.out, [args.zoo_dir], what="--out")
@@ -97,7 +105,9 @@ def main(argv=None) -> int:
         if os.path.isdir(args.out):
             raise SystemExit(f"error: --out {args.out} is a directory; give the path of a JSON file")
 
+    t0 = time.perf_counter()
     cfg, models, tokenizer = load_zoo(args.zoo_dir)
+    log.info(f"[baselines] loaded the zoo {args.zoo_dir} ({time.perf_counter() - t0:.1f}s)")
     suite = task_suite()
     names = [t.name for t in suite]
     missing = [n for n in ["base", *names] if n not in models]
@@ -110,9 +120,13 @@ def main(argv=None) -> int:
     key = jax.random.key(args.seed)
     # The centre preference rides along as a last row: one compiled merge-and-score per method.
     centre = np.full((1, len(names)), 1.0 / len(names))
+    t0 = time.perf_counter()
+    log.info(f"[baselines] merging and scoring {', '.join(UPPER_METHODS)} at {len(prefs) + 1} preferences "
+             "(one compile per method)")
     scored = baseline_front(cfg, base, experts, score, np.concatenate([prefs, centre]), key,
                             density=args.density, scale=args.scale)
     fronts = {m: s[:-1] for m, s in scored.items()}
+    log.info(f"[baselines] scored ({time.perf_counter() - t0:.1f}s)")
     rows = {"base": np.asarray(score(base))}
     rows.update({f"{n} expert": np.asarray(score(e)) for n, e in zip(names, experts)})
     rows.update({m: s[-1] for m, s in scored.items()})
@@ -124,10 +138,10 @@ def main(argv=None) -> int:
     print(f"held-out {what}, methods at λ = centre; front HV over {len(prefs)} preferences, {where}")
     print(format_table(names, rows, hv, percent=exact))
     if args.out:
-        write_json_atomic(args.out, inputs=[args.zoo_dir], obj={
+        write_json_atomic(args.out, inputs=[args.zoo_dir], obj=round_floats({
             "tasks": names, "objective": args.objective, "reference": ref.tolist(),
             "preferences": prefs.tolist(), "rows": {k: v.tolist() for k, v in rows.items()},
-            "fronts": {k: v.tolist() for k, v in fronts.items()}, "hypervolume": hv})
+            "fronts": {k: v.tolist() for k, v in fronts.items()}, "hypervolume": hv}))
     return 0
 
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 
+from hm3jax.log import add_verbosity_flags, setup_logging
 from hm3jax.zoo.build import ZooError, build_zoo, check_zoo_dir
 from hm3jax.zoo.config import CONFIGS
 from hm3jax.zoo.probe import format_report
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m hm3jax.zoo") -> int:
@@ -26,7 +31,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m hm3jax.zoo") 
                          "(replaces only what a zoo build writes)")
     ap.add_argument("--workers", type=int, default=None,
                     help="processes for the expert runs (default: one per core; 0: in this process)")
+    add_verbosity_flags(ap)
     args = ap.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
     from hm3jax.io.atomic import UnwritableOutputError, check_writable
     from hm3jax.io.paths import NotRegularFileError, check_regular
 
@@ -41,8 +48,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m hm3jax.zoo") 
         # Before minutes of training: a zoo that will be built must have somewhere to go.
         if args.force or check_zoo_dir(args.out_dir, CONFIGS[args.config], args.seed) is None:
             check_writable(args.out_dir, "OUT_DIR")
+        t0 = time.perf_counter()
+        log.info(f"[zoo] {args.out_dir}: config {args.config}, seed {args.seed} (reused if already built)")
         manifest = build_zoo(args.out_dir, CONFIGS[args.config], seed=args.seed, force=args.force,
-                             workers=args.workers)
+                             workers=args.workers, progress=not args.quiet)
+        log.info(f"[zoo] done ({time.perf_counter() - t0:.1f}s)")
     except (ZooError, UnwritableOutputError, NotRegularFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
