@@ -38,28 +38,27 @@ import numpy as np
 
 from hm3jax.io.atomic import write_json_atomic
 from hm3jax.moo import hypervolume, pareto_mask
+from hm3jax.report_text import (  # report.md's text; the method names and labels live there
+    ARCH_ONLY,
+    HM3,
+    HM3_LABEL,
+    MERGE,
+    METHODS,
+    PARAM_ONLY,
+    REFERENCE_MARGIN,
+    generated_section,
+    path_text,
+    report_markdown,
+    table_rows,
+    where_hm3_does_not_win,
+    winner_sentence,
+)
 from hm3jax.rundoc import round_floats
 
 FRONT_FILE = "front.json"
 PLOT_FILE = "front.png"
 SVG_FILE = "front.svg"
 REPORT_FILE = "report.md"
-HM3 = "hm3"
-PARAM_ONLY = "param_only"
-ARCH_ONLY = "arch_only"
-# Baseline methods in report order, with their row labels (HM3 full comes last).
-METHODS = {
-    "task_arithmetic": "Task Arithmetic",
-    "ties": "TIES",
-    "dare_ties": "DARE-TIES",
-    "random_path": "Random path search",
-    "evolutionary_path": "Evolutionary path search",
-    PARAM_ONLY: "HM3 parameter level only",
-    ARCH_ONLY: "HM3 architecture level only",
-}
-HM3_LABEL = "HM3 full"
-MERGE = "merge"  # the upper-level merged model's name in a path (pipeline.MERGE)
-REFERENCE_MARGIN = 0.1  # the reference point lies this fraction of each objective's range below the nadir
 COST_NAME = "-flops_per_token (relative)"
 
 
@@ -260,7 +259,6 @@ def write_front(run_dir: str | os.PathLike, front: Mapping) -> dict[str, str]:
     JSON numbers, floats rounded to 6 significant digits (rundoc.round_floats); report.md is made from the
     numbers as stored. Returns {file name: path}."""
     from hm3jax.moo import plot_pairs
-    from hm3jax.report_text import report_markdown
 
     run_dir = os.fspath(run_dir)
     front = round_floats(_plain(front))
@@ -299,15 +297,5 @@ def write_front(run_dir: str | os.PathLike, front: Mapping) -> dict[str, str]:
     return paths
 
 
-# report.md's text lives in report_text (it imports this module's names)
-from hm3jax.report_text import (  # noqa: E402
-    generated_section,
-    path_text,
-    report_markdown,
-    table_rows,
-    where_hm3_does_not_win,
-    winner_sentence,
-)
-
-__all__ = ["build_front", "generated_section", "make_solution", "path_text", "report_markdown",
+__all__ = ["ARCH_ONLY", "HM3", "HM3_LABEL", "MERGE", "METHODS", "PARAM_ONLY", "build_front", "generated_section", "make_solution", "path_text", "report_markdown",
            "round_floats", "table_rows", "where_hm3_does_not_win", "winner_sentence", "write_front"]

@@ -12,7 +12,22 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from hm3jax.report import ARCH_ONLY, HM3, HM3_LABEL, MERGE, METHODS, PARAM_ONLY, REFERENCE_MARGIN
+HM3 = "hm3"
+PARAM_ONLY = "param_only"
+ARCH_ONLY = "arch_only"
+# Baseline methods in report order, with their row labels (HM3 full comes last).
+METHODS = {
+    "task_arithmetic": "Task Arithmetic",
+    "ties": "TIES",
+    "dare_ties": "DARE-TIES",
+    "random_path": "Random path search",
+    "evolutionary_path": "Evolutionary path search",
+    PARAM_ONLY: "HM3 parameter level only",
+    ARCH_ONLY: "HM3 architecture level only",
+}
+HM3_LABEL = "HM3 full"
+MERGE = "merge"  # the upper-level merged model's name in a path (pipeline.MERGE)
+REFERENCE_MARGIN = 0.1  # the reference point lies this fraction of each objective's range below the nadir
 
 
 def _centre(solutions: Sequence[Mapping], k: int) -> Mapping | None:
