@@ -16,6 +16,7 @@ AUTO = "auto"
 REWARDS = ("weighted_sum", "tchebycheff")
 REWARD_TIMINGS = ("spread", "end")
 ACTIONS = ("free", "edit")
+SEARCH_SCORES = ("objective", "answer_prob")
 HEADS = ("categorical", "wolpertinger")
 MODES = ("per_preference", "conditioned")
 BASELINES = ("critic", "pomo")
@@ -104,6 +105,13 @@ class EnvConfig:
     """Rows of the search split that score every candidate path, split evenly over the tasks: one
     fixed stratified draw for the whole search, so a path's score never changes and a path sampled
     again is read from the search's cache (search.cache) instead of scored."""
+    search_score: str = "objective"
+    """Per-task score of a candidate path on the search rows: "objective" (lower.objective itself)
+    or "answer_prob" (the probability of the whole answer under teacher forcing, exp of the sum of
+    its token log-probabilities: the expected exact match under sampling, in [0, 1], a smooth
+    stand-in for exact match on which every row tells how near a path is, where exact match on a
+    few rows mostly ties). Its Tchebycheff ideal point is the best expert's on the search split.
+    The search's answer is still chosen by lower.objective on the whole search split."""
     rescore_top: int = 2
     """Per preference, how many of the best paths found (by their search-row reward) are re-scored on
     the whole search split at the end of a search, with the upper level's own answer (the identity
@@ -121,6 +129,8 @@ class EnvConfig:
         _require(self.length_penalty >= 0.0, "lower.env.length_penalty", ">= 0", self.length_penalty)
         _require(isinstance(self.search_minibatch, int) and self.search_minibatch >= 1,
                  "lower.env.search_minibatch", "an integer >= 1", self.search_minibatch)
+        _require(self.search_score in SEARCH_SCORES, "lower.env.search_score",
+                 f"one of {', '.join(SEARCH_SCORES)}", self.search_score)
         _require(isinstance(self.rescore_top, int) and self.rescore_top >= 1, "lower.env.rescore_top",
                  "an integer >= 1", self.rescore_top)
 

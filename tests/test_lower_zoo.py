@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hm3jax.models import LayerPool
+from hm3jax.models import LayerPool, forward_path
 from hm3jax.objectives import TASK_NAMES, make_path_scorer, make_suite_batch
 from hm3jax.search.agent import AgentConfig
 from hm3jax.search.env import EnvConfig
@@ -103,3 +103,57 @@ def test_conditioned_agent_answers_an_unseen_preference_with_a_fresh_forward_sco
                              chunk_size=lc.score_chunk)
     _, loglik = score(jnp.asarray(glob))
     np.testing.assert_allclose(np.asarray(loglik), got.scores, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # ~1 min: a short conditioned run scored on answer probabilities
+def test_search_rows_scored_by_answer_probability_and_the_answer_by_exact_match(small_zoo_loaded):
+    """lower.env.search_score answer_prob: every cached search-row score is the mean probability of
+    the answers on the fixed search rows (a fresh forward pass's), its reward uses the experts' best
+    answer probability as z*, and the search's answer carries exact-match scores on the whole
+    search split, never answer probabilities."""
+    from hm3jax.objectives.scoring import answer_prob, make_params_scorer, task_means
+    from hm3jax.search import env as en
+
+    cfg, models, tokenizer = small_zoo_loaded
+    batch = make_suite_batch(SMALL.suite(), "search", tokenizer)
+    experts = [models[t] for t in TASK_NAMES]
+    merged = [merge_for_preference("task_arithmetic", models[BASE], experts, p, jax.random.key(0)) for p in PREFS]
+    lc = LowerConfig(env=EnvConfig(actions="edit", search_minibatch=48, search_score="answer_prob",
+                                   reward="tchebycheff", length_penalty=0.0),
+                     agent=AgentConfig(embed_dim=16, hidden_dim=32, mlp_dim=32, identity_prob=0.8),
+                     ppo=PPOConfig(mode="conditioned", num_envs=16, new_paths=8, minibatches=2, iterations=8,
+                                   chunk_iterations=4, baseline="pomo", sil_coef=0.5, explore=16,
+                                   local_share=0.5, lr=3e-3, critic_lr=3e-3))
+    ideal = np.ones(3, np.float32)
+    data, problems, layout = build_search(cfg, experts, merged, batch, PREFS, ideal, lc, base=models[BASE])
+    prob = jax.jit(make_params_scorer(cfg, batch, 3, "answer_prob", 128))
+    want_ideal = np.stack([np.asarray(prob(e)) for e in experts]).max(0)
+    np.testing.assert_allclose(np.asarray(problems.search_ideal[0]), want_ideal, rtol=1e-5)
+    assert np.all(want_ideal > 0) and np.all(want_ideal < 1)  # a probability, not exact match's 0/1 means
+    scorer = make_model_scorer(cfg, len(TASK_NAMES), lc)
+    trainer = make_lower_train(lc, layout, scorer)
+    res = run_lower(trainer, layout, problems, data, jax.random.key(0), lc.ppo.num_chunks)
+    # the search rows: the scorer's own fixed draw, re-made here by a fresh forward pass
+    n = data.task_rows.shape[1]
+    keys = jax.random.split(jax.random.key(en._ROWS_SEED), 3)
+    rows = np.concatenate([np.asarray(data.task_rows[k])[np.asarray(jax.random.permutation(keys[k], n))[:16]]
+                           for k in range(3)])
+    sub = jax.tree.map(lambda x: x[rows], data.batch)
+    for i in range(len(PREFS)):
+        cache = jax.tree.map(lambda x, i=i: np.asarray(x[i]), res.state.cache)
+        assert int(cache.count) >= 8
+        path = cache.paths[0]
+        shell = jax.tree.map(lambda x, i=i: x[i], data.shells)
+        glob = en.to_global(layout, jnp.asarray(path), jnp.asarray(i))
+        fwd = jax.jit(lambda g, shell=shell: forward_path(cfg, shell, LayerPool(data.layers, (), ()), g, sub.tokens,
+                                                        sub.attention_mask))
+        logits = fwd(glob)
+        fresh = np.asarray(task_means(answer_prob(logits, sub), sub, 3))
+        np.testing.assert_allclose(cache.scores[0], fresh, rtol=1e-4, atol=1e-6)
+        want = -np.max(PREFS[i] * np.abs(want_ideal - fresh))
+        np.testing.assert_allclose(cache.reward[0], want, rtol=1e-4, atol=1e-6)
+        # the answer: exact match on the whole split (a fresh scoring pass's)
+        score = make_path_scorer(cfg, shell, LayerPool(data.layers, (), ()), batch, len(TASK_NAMES),
+                                 chunk_size=lc.score_chunk)
+        em, _ = score(jnp.asarray(res.global_paths[i]))
+        np.testing.assert_allclose(np.asarray(em), res.best.scores[i], rtol=1e-5, atol=1e-6)

@@ -68,6 +68,21 @@ def answer_loglik(logits: jax.Array, batch: Batch) -> jax.Array:
     return total / jnp.maximum(mask.sum(axis=-1), 1).astype(jnp.float32)
 
 
+def answer_prob(logits: jax.Array, batch: Batch) -> jax.Array:
+    """Per-example probability of the whole answer (and EOS) under teacher forcing.
+
+    Args:
+      logits: [N, S, V] next-token logits for batch.tokens.
+      batch: Batch from objectives.batch.
+
+    Returns:
+      [N] float32 exp(sum of the answer's token log-probabilities), in [0, 1]: the chance that
+      sampling reproduces the answer, a smooth stand-in for exact_match (1.0 for a row with no
+      scored positions; task_means gives such rows zero weight).
+    """
+    return jnp.exp(token_logprobs(logits, batch).sum(axis=-1))
+
+
 def task_means(values: jax.Array, batch: Batch, num_tasks: int | None = None) -> jax.Array:
     """Mean of per-example values, overall or per task; rows without scored targets are ignored.
 
@@ -146,7 +161,7 @@ def make_path_scorer(
     return score
 
 
-SCORE_OBJECTIVES = ("exact_match", "loglik")
+SCORE_OBJECTIVES = ("exact_match", "loglik", "answer_prob")
 
 
 def make_params_scorer(cfg, batch: Batch, num_tasks: int, objective: str = "exact_match",
@@ -156,8 +171,9 @@ def make_params_scorer(cfg, batch: Batch, num_tasks: int, objective: str = "exac
 
     Args:
       cfg: ModelConfig (static). batch: the rows to score (rows tagged by task_id).
-      objective: "exact_match" (teacher-forced, in [0, 1]) or "loglik" (mean answer
-        log-likelihood per example, <= 0; smooth, so it still ranks models whose exact match is ~0).
+      objective: "exact_match" (teacher-forced, in [0, 1]), "loglik" (mean answer
+        log-likelihood per example, <= 0; smooth, so it still ranks models whose exact match is ~0)
+        or "answer_prob" (the probability of the whole answer, in [0, 1]; see answer_prob).
       chunk_size: score the rows in chunks of this many (lax.map) to bound activation memory; None
         scores all rows at once.
     """
@@ -165,7 +181,7 @@ def make_params_scorer(cfg, batch: Batch, num_tasks: int, objective: str = "exac
 
     if objective not in SCORE_OBJECTIVES:
         raise ValueError(f"objective {objective!r} is not supported; supported: {', '.join(SCORE_OBJECTIVES)}")
-    per_example = exact_match if objective == "exact_match" else answer_loglik
+    per_example = {"exact_match": exact_match, "loglik": answer_loglik, "answer_prob": answer_prob}[objective]
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"make_params_scorer: chunk_size must be >= 1 or None, got {chunk_size}")

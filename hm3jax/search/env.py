@@ -23,6 +23,9 @@ of paths), at the end of the episode or spread evenly over its steps.
 
 `Scorer` is the only contact with a model: scores of a batch of global paths on a random minibatch of
 the search split (rollouts) or on the whole search split (best paths). Tests plug in synthetic ones.
+The minibatch may use another per-task score than the whole split (EnvConfig.search_score, e.g. the
+answer's probability where the objective is exact match); its reward then uses the problem's
+`search_ideal`.
 """
 
 from __future__ import annotations
@@ -123,13 +126,16 @@ class PathProblem(NamedTuple):
 
     preference: [K] λ; ideal: [K] z* of the Tchebycheff reward; block: int32 [] index of this
     preference's merged block in the global pool; summary: [(K+1)·L, S] fixed per-layer weight
-    statistics of the local layer actions (experts, then this preference's merged model).
+    statistics of the local layer actions (experts, then this preference's merged model);
+    search_ideal: [K] z* of the reward on the search rows where they are scored by another score
+    than the objective (EnvConfig.search_score), None where they are not.
     """
 
     preference: jax.Array
     ideal: jax.Array
     block: jax.Array
     summary: jax.Array
+    search_ideal: jax.Array | None = None
 
 
 class Scorer(NamedTuple):
@@ -218,12 +224,15 @@ def append(layout: PathLayout, path: jax.Array, t: jax.Array, action: jax.Array,
     return path, now_done
 
 
-def terminal_reward(cfg: EnvConfig, scores: jax.Array, problem: PathProblem, length: jax.Array) -> jax.Array:
-    """R for paths of `scores` [..., K] and `length` [...] layers under problem's λ (and z*)."""
+def terminal_reward(cfg: EnvConfig, scores: jax.Array, problem: PathProblem, length: jax.Array,
+                    search_rows: bool = False) -> jax.Array:
+    """R for paths of `scores` [..., K] and `length` [...] layers under problem's λ (and z*: the
+    search rows' own where `search_rows` and the problem has one)."""
     if cfg.reward == "weighted_sum":
         value = jnp.sum(scores * problem.preference, axis=-1)
     else:
-        value = -tchebycheff(scores, problem.preference, problem.ideal)
+        ideal = problem.search_ideal if search_rows and problem.search_ideal is not None else problem.ideal
+        value = -tchebycheff(scores, problem.preference, ideal)
     return value - cfg.length_penalty * length
 
 
@@ -244,7 +253,7 @@ def score_paths(cfg: EnvConfig, layout: PathLayout, scorer: Scorer, data, proble
         scores = scorer.full(data, g, problem.block)
     else:
         scores = scorer.minibatch(data, g, problem.block, key)
-    return scores, terminal_reward(cfg, scores, problem, path_length(layout, paths))
+    return scores, terminal_reward(cfg, scores, problem, path_length(layout, paths), key is not None)
 
 
 # The search rows: one fixed stratified draw of the search split for every path a search scores.

@@ -27,7 +27,7 @@ from hm3jax.models.params import iter_leaves
 from hm3jax.models.pool import LayerPool, build_pool, shell_of
 from hm3jax.moo import tchebycheff
 from hm3jax.objectives.batch import Batch, pad_rows
-from hm3jax.objectives.scoring import answer_loglik, exact_match, task_means
+from hm3jax.objectives.scoring import answer_loglik, answer_prob, exact_match, make_params_scorer, task_means
 from hm3jax.search import env as en
 from hm3jax.search.env import (
     BestPaths,
@@ -99,8 +99,14 @@ def build_search(model_cfg, experts: Sequence[dict], merged: Sequence[dict], bat
     summ = layer_summary(pool.layers, base["layers"] if base is not None else None)
     local = np.stack([np.concatenate([summ[:K * L], summ[K * L + i * L: K * L + (i + 1) * L]])
                       for i in range(N)])
+    search_ideal = None
+    if cfg.env.search_score == "answer_prob":
+        # z* of the search rows' score: the best expert's answer probability on the search split
+        score = jax.jit(make_params_scorer(model_cfg, batch, K, "answer_prob", cfg.score_chunk))
+        best = np.stack([np.asarray(score(e)) for e in experts]).max(0)
+        search_ideal = jnp.broadcast_to(jnp.asarray(best, jnp.float32), (N, K))
     problems = PathProblem(jnp.asarray(prefs), jnp.broadcast_to(jnp.asarray(ideal, jnp.float32), (N, K)),
-                           jnp.arange(N, dtype=jnp.int32), jnp.asarray(local))
+                           jnp.arange(N, dtype=jnp.int32), jnp.asarray(local), search_ideal)
     task_id = np.asarray(batch.task_id)
     counts = [int((task_id == k).sum()) for k in range(K)]
     if min(counts) == 0:
@@ -116,10 +122,11 @@ def build_search(model_cfg, experts: Sequence[dict], merged: Sequence[dict], bat
 
 def make_model_scorer(model_cfg, num_tasks: int, cfg: LowerConfig = LowerConfig()) -> Scorer:
     """Scorer over SearchData: per-task means of exact match / answer log-likelihood of paths."""
-    per_example = exact_match if cfg.objective == "exact_match" else answer_loglik
+    objective = exact_match if cfg.objective == "exact_match" else answer_loglik
+    search_rows = answer_prob if cfg.env.search_score == "answer_prob" else objective
     per_task = max(1, cfg.env.search_minibatch // num_tasks)
 
-    def rows_score(data: SearchData, paths, block, rows: Batch):
+    def rows_score(data: SearchData, paths, block, rows: Batch, per_example=objective):
         shell = jax.tree.map(lambda x: x[block], data.shells)
         pool = LayerPool(data.layers, (), ())
 
@@ -134,7 +141,7 @@ def make_model_scorer(model_cfg, num_tasks: int, cfg: LowerConfig = LowerConfig(
         keys = jax.random.split(key, num_tasks)
         pick = jax.vmap(lambda k, r: r[jax.random.permutation(k, n)[:min(per_task, n)]])(keys, data.task_rows)
         rows = jax.tree.map(lambda x: x[pick.reshape(-1)], data.batch)
-        vals = rows_score(data, paths, block, rows)
+        vals = rows_score(data, paths, block, rows, search_rows)
         return jax.vmap(lambda v: task_means(v, rows, num_tasks))(vals)
 
     def full(data: SearchData, paths, block):
