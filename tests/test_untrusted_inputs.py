@@ -562,7 +562,7 @@ def test_fifos_as_recipe_task_file_and_front_are_refused(run_copy, tmp_path, cap
     ({"merge_method": "linear", "models": 5}, "models must be a list of models, got int 5"),
     ({"merge_method": "passthrough", "slices": 7}, "slices must be a list of slices, got int 7"),
     ({"merge_method": "karcher", "models": ["A", "B"], "parameters": {"max_iter": float("inf")}},
-     r"inf is not a valid finite int"),
+     r"parameter max_iter: inf is not a valid finite int"),
     ({"merge_method": "linear", "models": [{"model": "A", "parameters": {"weight": 2**70}}, "B"],
       "parameters": {"normalize": True}}, None),
     ({"merge_method": "linear", "models": ["A", "B"], "tokenizer": {"pad_to_multiple_of": 10**11}},
