@@ -174,5 +174,19 @@ def plan_table(num_experts: int = 3, preferences: int = 20, rows: int = 8, seq: 
     return "\n".join(out)
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    """`python -m hm3jax.memplan`: print plan_table(). It takes no arguments, and refuses any (exit 2)
+    rather than ignoring them."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m hm3jax.memplan", description="Print the memory plan of "
+                                 "every model of MODELS on every device of DEVICES (a Markdown table).")
+    ap.parse_args(argv)
     print(plan_table())
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
