@@ -275,7 +275,8 @@ def export_path(out_dir: str | os.PathLike, cfg: ModelConfig, models: Mapping[st
                                      if isinstance(tokenizer_from, (str, os.PathLike)) else [])
     check_output_path(out_dir, inputs)
     # the export is staged beside out_dir: its parent must take new files (before any tensor is built)
-    check_writable(os.path.dirname(os.path.abspath(os.fspath(out_dir))), f"export output {os.fspath(out_dir)}: its directory")
+    target = os.path.abspath(os.fspath(out_dir))
+    check_writable(os.path.dirname(target) if os.path.isdir(target) else target, "export output")
     out_cfg, params = path_params(cfg, models, path, shell)  # validates the path
     check_finite(params)
     steps = [(str(s[0]), int(s[1])) for s in path if s is not None]
