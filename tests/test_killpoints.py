@@ -1,11 +1,19 @@
 """Issue 24, deliverable 1: a run killed right after ANY commit to its run directory (config.yaml,
 each stage's arrays and digest, each search chunk's checkpoint, front.json, front.png, report.md),
-then started again with the same command, ends with the same front.json as an unbroken run.
+then started again with the same command, continues to the same results and front.json as an
+unbroken run.
 
 The commit points are not listed here: tests/killpoints.py wraps the functions that commit and an
-unbroken smoke run enumerates them, so a new stage or search is swept as soon as it saves. Each
-kill point is the run directory copied as it was right after that commit (what a SIGKILL there
-leaves), resumed in-process to the end. One case also raises the kill inside the run itself.
+unbroken smoke run enumerates them, so a new stage or search is swept as soon as it saves. Each kill
+point is the run directory copied as it was right after that commit (what a SIGKILL there leaves);
+the last test also raises the kill inside a run.
+
+To keep the sweep at about one run's cost, each kill point's resumed run is stopped at ITS next
+commit, and what it committed (a stage's arrays, read back digest-checked; a chunk checkpoint's
+state and history; front.json) must equal the unbroken run's. That run's later work
+starts from exactly the directory of a later kill point (stage results are read back bit for bit,
+and a search continues from the state and history it saved), which is itself swept; the kill points
+from the last stage on run to the end and compare front.json.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from killpoints import Killed, commit_points
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
 
-pytestmark = pytest.mark.slow  # one smoke run and one resume per commit point (~3 min on 2 CPU cores)
+pytestmark = pytest.mark.slow  # a smoke run, then about one more in resumes
 
 
 def _args(run, zoo) -> list[str]:
@@ -64,51 +72,50 @@ def test_the_sweep_finds_every_kind_of_commit(swept_run):
 
 
 def test_a_kill_after_any_commit_resumes_to_the_same_front(swept_run, small_zoo, tmp_path, capsys):
+    from killpoints import committed, differences, item
+
     from hm3jax.train import main as train
 
     run, snaps, _ = swept_run
-    want = json.loads((run / "front.json").read_text())
+    names = [w for w, _ in snaps]
+    want = committed(run)
+    last_stage = max(i for i, w in enumerate(names) if w.startswith("stage "))
     start, failed = time.perf_counter(), []
-    for what, snap in snaps:
+    for i, (what, snap) in enumerate(snaps):
         work = tmp_path / "resume"
         shutil.copytree(snap, work, symlinks=True)
-        rc = train(_args(work, small_zoo[0]))
-        out = capsys.readouterr()
-        if rc != 0 or json.loads((work / "front.json").read_text()) != want:
-            failed.append((what, rc, out.err[-400:]))
+        to_end = i >= last_stage
+        try:
+            with pytest.MonkeyPatch.context() as mp, commit_points(mp, kill_at=None if to_end else 1) as seen:
+                rc = train(_args(work, small_zoo[0]))
+        except Killed:
+            rc = "killed"
+        err = capsys.readouterr().err
+        new = {item(w) for w in seen} - {None}  # what this run wrote (what it found is the unbroken run's)
+        got = committed(work, new)
+        if to_end and (rc != 0 or "front.json" not in got):
+            failed.append((what, rc, err[-400:]))
+        elif not to_end and (rc != "killed" or names.index(seen[0]) <= i):  # went on to a later commit
+            failed.append((what, rc, seen[:1], err[-400:]))
+        elif differences(got, want):
+            failed.append((what, "differs", differences(got, want)))
         shutil.rmtree(work)
     print(f"{len(snaps)} kill points resumed in {time.perf_counter() - start:.0f}s")
     assert not failed, failed
 
 
-def test_a_kill_raised_inside_the_run_after_the_last_chunk(swept_run, small_zoo, tmp_path, monkeypatch, capsys):
-    """The case of the issue: killed after a search's last chunk checkpoint, before its stage result
-    is saved; the same command in the same directory continues to the same front."""
-    from hm3jax.rundir import LOCK_FILE
-    from hm3jax.train import main as train
-
-    run, snaps, _ = swept_run
-    seen = [w for w, _ in snaps]
-    last_chunk = max(i for i, w in enumerate(seen) if w.startswith("chunk lower "))
-    work = tmp_path / "run"
-    with pytest.MonkeyPatch.context() as mp, commit_points(mp, kill_at=last_chunk + 1):
-        with pytest.raises(Killed, match="chunk lower"):
-            train(_args(work, small_zoo[0]))
-    assert not (work / "front.json").exists() and not os.path.exists(work / "checkpoints" / "stages" / "lower")
-    assert (work / LOCK_FILE).read_text() == ""  # released, as the kernel drops a killed owner's flock
-    capsys.readouterr()
-    assert train(_args(work, small_zoo[0])) == 0
-    assert json.loads((work / "front.json").read_text()) == json.loads((run / "front.json").read_text())
-
-
-def test_a_full_disk_at_a_chunk_checkpoint_is_one_line_and_resumable(swept_run, small_zoo, tmp_path, capsys):
-    """ENOSPC while the lower level saves its second chunk: one line naming the checkpoint (exit 1,
-    the run directory kept), the first chunk's checkpoint intact, and the same command afterwards
-    ends with the unbroken run's front."""
+def test_a_full_disk_then_a_kill_after_the_last_chunk_then_the_same_command(swept_run, small_zoo, tmp_path,
+                                                                             capsys):
+    """From the kill point after the lower level's first chunk: ENOSPC while saving the second chunk
+    is one line naming that checkpoint (exit 1, the run directory kept, chunk 1 intact); the next run
+    is killed right after its last chunk is saved and before the stage result is (the case of the
+    issue: the lock is released, no stage result); the same command then ends with the unbroken
+    run's front.json."""
     import errno
 
     import orbax.checkpoint as ocp
 
+    from hm3jax.rundir import LOCK_FILE
     from hm3jax.train import main as train
 
     run, snaps, _ = swept_run
@@ -130,5 +137,12 @@ def test_a_full_disk_at_a_chunk_checkpoint_is_one_line_and_resumable(swept_run, 
     ckpt = work / "checkpoints" / "lower"
     assert lines[0].startswith(f"error: no space left on device while writing {ckpt}/2; the run directory"), lines[0]
     assert sorted(os.listdir(ckpt)) == sorted(os.listdir(snap / "checkpoints" / "lower"))  # chunk 1 only
+
+    with pytest.MonkeyPatch.context() as mp, commit_points(mp, kill_at=1):
+        with pytest.raises(Killed, match="chunk lower 2"):
+            train(_args(work, small_zoo[0]))
+    assert (ckpt / "2").is_dir() and not os.path.exists(work / "checkpoints" / "stages" / "lower")
+    assert (work / LOCK_FILE).read_text() == ""  # released, as the kernel drops a killed owner's flock
+    capsys.readouterr()
     assert train(_args(work, small_zoo[0])) == 0
     assert json.loads((work / "front.json").read_text()) == json.loads((run / "front.json").read_text())
