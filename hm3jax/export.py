@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from hm3jax.io.atomic import atomic_output_dir, check_output_path, first_nonfinite
+from hm3jax.io.atomic import atomic_output_dir, check_output_path, check_writable, first_nonfinite
 from hm3jax.io.hf import save_pretrained
 from hm3jax.io.paths import TOKENIZER_FILES
 from hm3jax.models.config import ModelConfig
@@ -266,8 +266,8 @@ def export_path(out_dir: str | os.PathLike, cfg: ModelConfig, models: Mapping[st
       overwrite: replace an existing `out_dir`.
       dtype: storage dtype (default: each tensor's own).
     Returns the absolute path of the export.
-    Raises ExportError (bad path, shell, models, solution), OutputExistsError, UnsafeOutputError;
-    nothing is written when any is raised.
+    Raises ExportError (bad path, shell, models, solution), OutputExistsError, UnsafeOutputError,
+    UnwritableOutputError (out_dir's directory takes no new files); nothing is written when any is raised.
     """
     ckpts = {n: os.fspath(p) for n, p in (checkpoints or {}).items()}
     if tokenizer_from is None:
@@ -275,6 +275,9 @@ def export_path(out_dir: str | os.PathLike, cfg: ModelConfig, models: Mapping[st
     inputs = list(ckpts.values()) + ([os.fspath(tokenizer_from)]
                                      if isinstance(tokenizer_from, (str, os.PathLike)) else [])
     check_output_path(out_dir, inputs)
+    # the export is staged beside out_dir: its parent must take new files (before any tensor is built)
+    target = os.path.abspath(os.fspath(out_dir))
+    check_writable(os.path.dirname(target) if os.path.isdir(target) else target, "export output")
     out_cfg, params = path_params(cfg, models, path, shell)  # validates the path
     check_finite(params)
     steps = [(str(s[0]), int(s[1])) for s in path if s is not None]

@@ -175,7 +175,8 @@ def plan_table(num_experts: int = 3, preferences: int = 20, rows: int = 8, seq: 
 
 
 def main(argv=None) -> int:
-    """python -m hm3jax.memplan [-v | -q]: print the planning table (markdown) on stdout."""
+    """python -m hm3jax.memplan [-v | -q]: print the planning table (markdown) on stdout; any other
+    argument is refused (exit 2) rather than ignored."""
     import argparse
 
     from hm3jax.log import add_verbosity_flags, setup_logging

@@ -27,6 +27,8 @@ import numpy as np
 
 from hm3jax.config import RunConfig, RunConfigError
 from hm3jax.cost import path_cost
+from hm3jax.io.atomic import CheckpointWriteError as CheckpointWriteError  # raised by StageStore.save
+from hm3jax.io.atomic import checkpoint_write_error
 from hm3jax.models.config import ModelConfig
 from hm3jax.objectives.batch import Batch, make_suite_batch
 from hm3jax.search.lower import build_search, make_lower_train, make_model_scorer, run_lower
@@ -70,13 +72,6 @@ class CorruptCheckpointError(RunConfigError):
     def __init__(self, path: str, why: str):
         super().__init__(f"checkpoint {path} is corrupt or incomplete ({why}); remove it to recompute that stage")
         self.path, self.why = path, why
-
-
-class CheckpointWriteError(OSError):
-    """A stage checkpoint that could not be written (a full disk, lost permissions); nothing of it is kept."""
-
-    def __str__(self) -> str:
-        return self.args[0]
 
 
 def _digest(tree: dict) -> str:
@@ -151,7 +146,8 @@ class StageStore:
 
     def save(self, name: str, tree: dict) -> dict:
         """Save stage `name` (orbax writes a temporary directory, then renames it) and its digest.
-        Raises CheckpointWriteError, leaving no partial checkpoint, when the disk refuses it."""
+        Raises CheckpointWriteError ("no space left on device while writing <path>" for a full
+        disk), leaving no partial checkpoint, when the disk refuses it."""
         import orbax.checkpoint as ocp
 
         p = self._stage_path(name)
@@ -168,9 +164,7 @@ class StageStore:
             os.replace(tmp, p + ".sha256")
         except Exception as e:
             self._clean_partial(name)
-            raise CheckpointWriteError(f"checkpoint {p} could not be written ({type(e).__name__}: "
-                                       f"{str(e).splitlines()[0][:160] if str(e) else ''}); is the disk full? "
-                                       "Free space and run the same command again to resume") from None
+            raise checkpoint_write_error(p, e) from None
         return tree
 
     def _clean_partial(self, name: str) -> None:

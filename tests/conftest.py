@@ -71,3 +71,39 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(_FIRST)))  # stable: file order otherwise kept
+
+
+@pytest.fixture(scope="module")
+def ckpt_run(tmp_path_factory):
+    """A run directory over tiny checkpoints (base + 3 experts): config.yaml and a valid front.json
+    (the untrusted-input tests; one per test module)."""
+    import numpy as np
+    from reliability_helpers import CFG, TASKS, solution, write_front
+
+    from hm3jax.config import CheckpointSource, ModelsConfig, RunConfig, to_yaml, validate
+    from hm3jax.io import save_pretrained
+    from hm3jax.models import init_params
+
+    root = tmp_path_factory.mktemp("untrusted")
+    base = init_params(CFG, jax.random.key(0))
+    rng = np.random.default_rng(1)
+    experts = [jax.tree.map(lambda a: np.asarray(a) + 0.01 * rng.standard_normal(a.shape, np.float32), base)
+               for _ in TASKS]
+    ck = {n: save_pretrained(root / "models" / n, CFG, p) for n, p in zip(["base", *TASKS], [base, *experts])}
+    run = root / "run"
+    run.mkdir()
+    cfg = validate(RunConfig(output_dir=str(run), models=ModelsConfig(checkpoints=CheckpointSource(
+        base=ck["base"], experts={t: ck[t] for t in TASKS}))))
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    write_front(run, [solution()])
+    return root, run
+
+
+@pytest.fixture
+def run_copy(ckpt_run, tmp_path):
+    """A fresh copy of the module's run directory (its models shared), per test."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(ckpt_run[1], run)
+    return run

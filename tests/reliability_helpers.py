@@ -1,15 +1,19 @@
-"""Small checkpoints written directly (no torch) and file-tree hashing for the reliability tests."""
+"""Small checkpoints written directly (no torch), file-tree hashing, a FIFO watchdog and the solution
+records / one-line error checks shared by the reliability tests."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import stat
+import threading
 
 import numpy as np
 
 from hm3jax.io.safetensors_writer import ShardedWriter
+from hm3jax.models import ModelConfig
 
 
 def llama_config(layers: int = 2, hidden: int = 16, inter: int = 32, vocab: int = 32, **over) -> dict:
@@ -73,3 +77,60 @@ def tree_hashes(root) -> dict[str, str]:
                 with open(p, "rb") as f:
                     out[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()
     return out
+
+
+TASKS = ["math", "code", "translation"]
+CFG = ModelConfig(model_type="llama", vocab_size=40, hidden_size=16, intermediate_size=32,
+                  num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+
+
+def one_line_error(capsys, *words) -> str:
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert len(lines) == 1, err
+    for w in words:
+        assert re.search(w, lines[0]), (w, lines[0])
+    return lines[0]
+
+
+def solution(pref=(0.2, 0.5, 0.3), path=(("merge", 0), ("code", 2), ("merge", 2)), shell="merge",
+             scores=(0.7, 0.7, 0.7), **upper):
+    up = {"method": "task_arithmetic", "density": 1.0, "scale": 0.8, "seed": 5,
+          "key_data": [0, 5], **upper}
+    return {"preference": list(pref), "upper": up, "path": [list(s) for s in path], "shell": shell,
+            "scores": {"search": list(scores), "heldout": list(scores)},
+            "cost": {"layers": len(path), "parameters": 1, "flops_per_token": 1.0}, "dominated": False}
+
+
+def write_front(run, solutions, ideal=(1.0, 1.0, 1.0), tasks=TASKS):
+    doc = {"tasks": list(tasks), "ideal": list(ideal) if isinstance(ideal, tuple) else ideal, "solutions": solutions}
+    (run / "front.json").write_text(json.dumps(doc))  # NaN / Infinity written on purpose
+
+
+class FifoWatchdog:
+    """Opens the given FIFOs for writing after `seconds`, so a reader stuck in open() returns and the
+    test fails on `fired` instead of hanging the suite (the CLIs install signal handlers, so they
+    must run in the main thread)."""
+
+    def __init__(self, *fifos, seconds: float = 20):
+        self.fifos, self.fired = fifos, False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(seconds,), daemon=True)
+
+    def _run(self, seconds):
+        if self._stop.wait(seconds):
+            return
+        self.fired = True
+        for f in self.fifos:
+            try:
+                os.close(os.open(f, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()

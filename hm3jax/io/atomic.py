@@ -9,6 +9,7 @@ run (`clean_stale_temp_dirs`). Temporary siblings are named `.<name>.tmp-<pid>-<
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -55,6 +56,24 @@ class UnwritableOutputError(OSError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk, lost permissions); nothing of it is kept."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def checkpoint_write_error(path: str, e: BaseException) -> CheckpointWriteError:
+    """The one-line CheckpointWriteError for a failed write of checkpoint `path`. A full disk
+    (ENOSPC, or tensorstore's RESOURCE_EXHAUSTED / "No space left" text) reads "no space left on
+    device while writing <path>"; anything else names the error."""
+    text = str(e).strip()
+    first = text.splitlines()[0][:160] if text else ""
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in text or "RESOURCE_EXHAUSTED" in text:
+        return CheckpointWriteError(f"no space left on device while writing {path}")
+    return CheckpointWriteError(f"checkpoint {path} could not be written ({type(e).__name__}: {first})")
 
 
 class StaleTempWarning(UserWarning):

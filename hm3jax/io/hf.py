@@ -20,7 +20,12 @@ from hm3jax.io.assemble import EMBED, check_params, float_dtype, hf_order, param
 from hm3jax.io.atomic import atomic_output_dir, check_output_path
 from hm3jax.io.errors import CheckpointError, CheckpointNotFoundError, PickleCheckpointError
 from hm3jax.io.gguf import load_gguf_tokenizer
-from hm3jax.io.paths import GENERATION_CONFIG_FILE, TOKENIZER_FILES, check_regular, model_file
+from hm3jax.io.paths import (
+    GENERATION_CONFIG_FILE,
+    TOKENIZER_FILES,
+    check_tokenizer_files,
+    model_file,
+)
 from hm3jax.io.safetensors_io import CONFIG_FILE, CheckpointReader, parse_size, read_json_object
 from hm3jax.io.safetensors_writer import ShardedWriter
 from hm3jax.models.config import ConfigError, ModelConfig
@@ -174,10 +179,7 @@ def load_tokenizer(path: str | os.PathLike):
     if not os.path.isdir(path) or not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
         raise CheckpointError(f"{path}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}) "
                               "and not a .gguf file")
-    for f in TOKENIZER_FILES:  # transformers would block in open() on a FIFO
-        p = os.path.join(path, f)
-        if os.path.lexists(p) and os.path.exists(p) and not os.path.isfile(p):
-            check_regular(p, "tokenizer file")
+    check_tokenizer_files(path)  # transformers would block in open() on a FIFO
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)

@@ -92,6 +92,21 @@ def check_regular(path: str | os.PathLike, what: str = "file") -> None:
                                   path)
 
 
+def check_tokenizer_files(path: str | os.PathLike) -> None:
+    """Refuse a tokenizer directory holding a FIFO, socket or device where transformers opens a file
+    (the tokenizer files, config.json, any other top-level *.json / *.txt / *.model / *.jinja): its
+    open() would block forever on a FIFO. A path that is not a local directory is left alone."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return
+    names = set(TOKENIZER_FILES) | {"config.json", GENERATION_CONFIG_FILE}
+    with os.scandir(path) as entries:
+        for e in entries:
+            if e.name in names or e.name.endswith((".json", ".txt", ".model", ".jinja")):
+                if os.path.exists(e.path) and not os.path.isdir(e.path) and not os.path.isfile(e.path):
+                    check_regular(e.path, "tokenizer file")
+
+
 def open_regular(path: str | os.PathLike, mode: str = "rb", what: str = "file", **kwargs):
     """`open(path, mode)` for reading, refusing anything but a regular file before reading from it.
 

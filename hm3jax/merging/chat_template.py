@@ -48,6 +48,9 @@ def _named(value: str) -> str | None:
 def _template_of(path: str) -> str | None:
     import transformers
 
+    from hm3jax.io.paths import check_tokenizer_files
+
+    check_tokenizer_files(path)  # refused, not skipped: a FIFO would block from_pretrained
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path)
     except Exception as e:  # mergekit skips a model whose tokenizer does not load
@@ -75,6 +78,9 @@ def save_with_template(tokenizer_or_path, template: str | None, out_dir: str) ->
     if isinstance(tok, str):
         import transformers
 
+        from hm3jax.io.paths import check_tokenizer_files
+
+        check_tokenizer_files(tok)
         try:
             tok = transformers.AutoTokenizer.from_pretrained(tok)
         except Exception as e:  # the merge is still written, as mergekit does

@@ -413,7 +413,7 @@ def resolve(method: MergeMethod, name: str, scopes: list[Mapping[str, Any]], ten
     typ = value_type(method, name)
     for scope in scopes:
         if name in scope:
-            v = evaluate(scope[name], tensor_name, t, typ, where)
+            v = evaluate(scope[name], tensor_name, t, typ, f"{where}: parameter {name}")
             if v is not None:
                 return v
     default = method.params[name].default

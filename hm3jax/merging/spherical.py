@@ -173,6 +173,9 @@ multislerp = MergeMethod(
 
 
 # --------------------------------------------------------------------------------------- karcher
+MAX_KARCHER_ITER = 100_000  # steps of a while_loop per tensor: more would only look like a hang
+
+
 def karcher_tensor(base, models: Sequence[jax.Array], weights=None, key=None, *, max_iter: int = 10,
                    tol: float = 1e-5) -> jax.Array:
     """Karcher (Riemannian) mean of the tensors' directions, scaled by their mean norm.
@@ -184,6 +187,8 @@ def karcher_tensor(base, models: Sequence[jax.Array], weights=None, key=None, *,
     more input). models: M arrays `[*S]` -> `[*S]`.
     """
     del base, weights, key
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or not 0 <= max_iter <= MAX_KARCHER_ITER:
+        raise ValueError(f"karcher: parameter max_iter must be an integer in [0, {MAX_KARCHER_ITER}], got {max_iter!r:.40}")
     models = list(models)
     m = len(models)
     if m == 1:

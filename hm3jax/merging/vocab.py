@@ -124,6 +124,9 @@ def vocab_size(config: Mapping[str, Any] | None) -> int | None:
 def _load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    from hm3jax.io.paths import check_tokenizer_files
+
+    check_tokenizer_files(path)  # a FIFO named like a tokenizer file would block from_pretrained
     try:
         return AutoTokenizer.from_pretrained(path, use_fast=True)
     except Exception as e:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hm3jax.io.atomic import UnsafeOutputError, check_output_path, write_json_atomic
+from hm3jax.io.atomic import check_output_path, write_json_atomic
 from hm3jax.log import add_verbosity_flags, setup_logging
 from hm3jax.moo import das_dennis, dirichlet, hypervolume, pareto_mask
 from hm3jax.objectives import make_suite_batch
@@ -79,6 +79,34 @@ def format_table(names: Sequence[str], rows: dict[str, np.ndarray], hv: dict[str
     return "\n".join(lines)
 
 
+MAX_PREFERENCES = 100_000
+
+
+class BaselineArgError(ValueError):
+    """A command-line value of the baselines CLI that cannot be used (names the flag)."""
+
+
+def check_args(args) -> None:
+    """Refuse non-finite or out-of-range flags and an unusable --out, before any model is loaded."""
+    import math
+
+    from hm3jax.io.atomic import check_writable
+
+    if not (math.isfinite(args.density) and 0.0 < args.density <= 1.0):
+        raise BaselineArgError(f"--density: expected a finite number in (0, 1], got {args.density}")
+    if not (math.isfinite(args.scale) and args.scale > 0.0):
+        raise BaselineArgError(f"--scale: expected a finite number > 0, got {args.scale}")
+    if not 1 <= args.preferences <= MAX_PREFERENCES:
+        raise BaselineArgError(f"--preferences: expected an integer in [1, {MAX_PREFERENCES}], got {args.preferences}")
+    if not 0 <= args.seed < 2**32:
+        raise BaselineArgError(f"--seed: expected an integer in [0, 4294967296), got {args.seed}")
+    if args.out:
+        check_output_path(args.out, [args.zoo_dir], what="--out")
+        if os.path.isdir(args.out):
+            raise BaselineArgError(f"--out {args.out} is a directory; give the path of a JSON file")
+        check_writable(args.out, "--out")  # its directory (or the nearest existing one) takes new files
+
+
 def main(argv=None) -> int:
     from hm3jax.zoo import load_zoo
 
@@ -97,22 +125,20 @@ def main(argv=None) -> int:
     add_verbosity_flags(ap)
     args = ap.parse_args(argv)
     setup_logging(args.verbose, args.quiet)
-    if args.out:  # checked before the minutes of scoring, not at the end
-        try:
-            check_output_path(args.out, [args.zoo_dir], what="--out")
-        except UnsafeOutputError as e:
-            raise SystemExit(f"error: {e}") from None
-        if os.path.isdir(args.out):
-            raise SystemExit(f"error: --out {args.out} is a directory; give the path of a JSON file")
-
-    t0 = time.perf_counter()
-    cfg, models, tokenizer = load_zoo(args.zoo_dir)
+    try:  # every value and the output checked before the minutes of scoring, not at the end
+        check_args(args)
+        t0 = time.perf_counter()
+        cfg, models, tokenizer = load_zoo(args.zoo_dir)
+    except (ValueError, OSError, RuntimeError, OverflowError) as e:  # ZooError is a RuntimeError
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        return 2
     log.info(f"[baselines] loaded the zoo {args.zoo_dir} ({time.perf_counter() - t0:.1f}s)")
     suite = task_suite()
     names = [t.name for t in suite]
     missing = [n for n in ["base", *names] if n not in models]
     if missing:
-        raise SystemExit(f"{args.zoo_dir}: no checkpoint for {', '.join(missing)}")
+        print(f"error: {args.zoo_dir}: no checkpoint for {', '.join(missing)}", file=sys.stderr)
+        return 2
     base, experts = models["base"], [models[n] for n in names]
     score = jax.jit(make_scorer(cfg, make_suite_batch(suite, "heldout", tokenizer), len(names),
                                 args.objective))

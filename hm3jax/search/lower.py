@@ -14,6 +14,7 @@ the scorer: rollouts see a random stratified minibatch of it, best paths the who
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -201,8 +202,10 @@ def run_lower(trainer: Trainer, layout: PathLayout, problems: PathProblem, data,
     if checkpoint_dir is not None:
         import orbax.checkpoint as ocp
 
-        mngr = ocp.CheckpointManager(os.path.abspath(checkpoint_dir),
-                                     options=ocp.CheckpointManagerOptions(max_to_keep=2))
+        # synchronous saves: a chunk counts as saved once save() returns, and a failed write is
+        # reported here, for this chunk, rather than by a background thread later
+        mngr = ocp.CheckpointManager(os.path.abspath(checkpoint_dir), options=ocp.CheckpointManagerOptions(
+            max_to_keep=2, enable_async_checkpointing=False))
         if mngr.latest_step() is not None:
             start = int(mngr.latest_step())
             target = {"state": state, "history": history}
@@ -226,7 +229,7 @@ def run_lower(trainer: Trainer, layout: PathLayout, problems: PathProblem, data,
         for h, m in zip(jax.tree.leaves(history), jax.tree.leaves(metrics)):
             h[c] = m
         if mngr is not None:
-            mngr.save(c + 1, args=ocp.args.StandardSave({"state": state, "history": history}))
+            _save_chunk(mngr, c + 1, {"state": state, "history": history})
         if log is not None:
             log(c, metrics)
         if bar is not None:
@@ -244,6 +247,28 @@ def run_lower(trainer: Trainer, layout: PathLayout, problems: PathProblem, data,
     hist = jax.tree.map(lambda x: x[:done].reshape((-1,) + x.shape[2:]), history) if done else None
     glob = np.asarray(en.to_global(layout, jnp.asarray(best.path), jnp.asarray(problems.block)[:, None]))
     return LowerResult(best, glob, hist, state)
+
+
+def _save_chunk(mngr, step: int, tree) -> None:
+    """Save chunk checkpoint `step`; on a failed write (a full disk...) remove what orbax left of it
+    and raise CheckpointWriteError naming it. The checkpoints of earlier chunks are kept."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    from hm3jax.io.atomic import checkpoint_write_error
+
+    try:
+        mngr.save(step, args=ocp.args.StandardSave(tree))
+        mngr.wait_until_finished()
+    except Exception as e:
+        root = os.fspath(mngr.directory)
+        for entry in os.listdir(root) if os.path.isdir(root) else ():
+            if entry == str(step) or entry.startswith(f"{step}.orbax-checkpoint-tmp"):
+                shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+        with contextlib.suppress(Exception):
+            mngr.close()
+        raise checkpoint_write_error(os.path.join(root, str(step)), e) from None
 
 
 def propose(trainer: Trainer, layout: PathLayout, cfg: EnvConfig, scorer: Scorer, params,
