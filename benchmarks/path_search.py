@@ -8,7 +8,7 @@ Every method scores candidates on the same fixed search rows (`--rows`, stratifi
 keeps every distinct path it scored in a path cache (a path drawn again costs nothing) and scores at
 most `--per-it` new distinct paths per iteration; the budget is the count of distinct paths. The
 upper level picks its method per preference ("auto"); the reward is -Tchebycheff, no length penalty.
-A method's answer after b paths is its 2 best (search-row reward) among its first b distinct paths,
+A method's answer after b paths is its `--rescore-top` best (search-row reward; default 2) among its first b distinct paths,
 re-scored on the whole search split; the table gives that value (lower is better), and the JSON
 holds the held-out value of the same path (never seen by any search).
 
@@ -220,7 +220,8 @@ def full_tcheby(scorer, layout, data, problems, cands, env):
 def per_preference(cfg, models, batch, heldout, args, seed):
     """Regime (a): each method searches the 3 preferences with `args.budget` distinct paths each;
     the best path after 64 / 256 / 1024 paths, re-scored on the whole search split (and held out)."""
-    env = EnvConfig(actions=args.actions, reward="tchebycheff", search_minibatch=args.rows, length_penalty=0.0)
+    env = EnvConfig(actions=args.actions, reward="tchebycheff", search_minibatch=args.rows, length_penalty=0.0,
+                    rescore_top=args.rescore_top, search_score=args.search_score)
     lc = LowerConfig(env=env)
     data, held, problems, layout, up = search_setup(cfg, models, batch, heldout, PREFS3, lc, jax.random.key(seed))
     scorer = make_model_scorer(cfg, len(TASK_NAMES), lc)
@@ -235,14 +236,20 @@ def per_preference(cfg, models, batch, heldout, args, seed):
         jax.block_until_ready(state)
         secs = time.perf_counter() - t0
         row = {"seconds": secs, "distinct": np.asarray(m.paths_scored[-1]).tolist()}
-        for b, cands in best_at(state, budgets, layout).items():
-            ts, _, pick = full_tcheby(scorer, layout, data, problems, cands, env)
-            chosen = np.stack([cands[i, j] for i, j in enumerate(pick)])
-            th, _, _ = full_tcheby(scorer, layout, held, problems, chosen[:, None], env)
-            row[str(b)] = {"search": ts.tolist(), "heldout": th.tolist(), "paths": chosen.tolist()}
+        tops = [args.rescore_top, *args.also_rescore_top]
+        for top in tops:  # the same searches, answered with `top` paths re-scored on the whole split
+            for b, cands in best_at(state, budgets, layout, top).items():
+                ts, _, pick = full_tcheby(scorer, layout, data, problems, cands, env)
+                chosen = np.stack([cands[i, j] for i, j in enumerate(pick)])
+                th, _, _ = full_tcheby(scorer, layout, held, problems, chosen[:, None], env)
+                key = str(b) if top == args.rescore_top else f"{b}/top{top}"
+                row[key] = {"search": ts.tolist(), "heldout": th.tolist(), "paths": chosen.tolist()}
         res[name] = row
-        print(f"  seed {seed} {name}: {secs:.0f} s; " + "; ".join(
-            f"{b}: {np.round(row[str(b)]['search'], 4).tolist()}" for b in budgets), flush=True)
+        for top in tops:
+            suffix = "" if top == args.rescore_top else f"/top{top}"
+            print(f"  seed {seed} {name} (top {top}): {secs:.0f} s; " + "; ".join(
+                f"{b}: {np.round(row[str(b) + suffix]['search'], 4).tolist()} (held-out "
+                f"{np.round(row[str(b) + suffix]['heldout'], 4).tolist()})" for b in budgets), flush=True)
     return res
 
 
@@ -254,7 +261,8 @@ def amortised(cfg, models, batch, heldout, args, seed):
     K = len(TASK_NAMES)
     train_p = np.asarray(dirichlet(args.train_prefs, K, 1000 + seed), np.float32)
     test_p = np.asarray(dirichlet(8, K, 2000 + seed), np.float32)
-    env = EnvConfig(actions=args.actions, reward="tchebycheff", search_minibatch=args.rows, length_penalty=0.0)
+    env = EnvConfig(actions=args.actions, reward="tchebycheff", search_minibatch=args.rows, length_penalty=0.0,
+                    rescore_top=args.rescore_top, search_score=args.search_score)
     lc = LowerConfig(env=env)
     prefs = np.concatenate([train_p, test_p])
     data, held, problems, layout, up = search_setup(cfg, models, batch, heldout, prefs, lc, jax.random.key(seed))
@@ -286,7 +294,7 @@ def amortised(cfg, models, batch, heldout, args, seed):
         s1 = ft.init(jax.random.key(400 + seed), test_probs)._replace(params=state.params, opt_state=state.opt_state)
         s1, _ = ft.chunk(s1, test_probs, data)
         # the zero-shot path counts as a candidate too (it is the agent's answer before the search)
-        cands = np.concatenate([best_at(s1, [extra], layout)[extra], zero[:, None]], axis=1)
+        cands = np.concatenate([best_at(s1, [extra], layout, args.rescore_top)[extra], zero[:, None]], axis=1)
         ts, _, pick = full_tcheby(scorer, layout, data, test_probs, cands, env)
         chosen = np.stack([cands[i, j] for i, j in enumerate(pick)])
         th, _, _ = full_tcheby(scorer, layout, held, test_probs, chosen[:, None], env)
@@ -295,7 +303,7 @@ def amortised(cfg, models, batch, heldout, args, seed):
                               chunk_iterations=its)
         ev = make_path_search(sc, env, layout, scorer)
         s2, _ = ev.chunk(ev.init(jax.random.key(500 + seed), test_probs), test_probs, data)
-        cands = best_at(s2, [extra], layout)[extra]
+        cands = best_at(s2, [extra], layout, args.rescore_top)[extra]
         ts, _, pick = full_tcheby(scorer, layout, data, test_probs, cands, env)
         chosen = np.stack([cands[i, j] for i, j in enumerate(pick)])
         th, _, _ = full_tcheby(scorer, layout, held, test_probs, chosen[:, None], env)
@@ -338,6 +346,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="")
     ap.add_argument("--throughput", action="store_true", help="also run the vmapped-vs-loop throughput part")
     ap.add_argument("--minibatch", type=int, default=48)
+    ap.add_argument("--rescore-top", type=int, default=2,
+                    help="best paths (by search-row reward) re-scored on the whole search split for the answer")
+    ap.add_argument("--also-rescore-top", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                    help="regime (a): also answer the same searches with these re-scoring counts, e.g. 8")
+    ap.add_argument("--search-score", choices=("objective", "answer_prob"), default="objective",
+                    help="lower.env.search_score: what scores a path on the search rows")
     ap.add_argument("--envs", type=int, default=16)
     ap.add_argument("--t-max", type=int, default=None)
     args = ap.parse_args(argv)
