@@ -5,9 +5,9 @@ peak RSS, on a synthetic Llama (default ~370M parameters, bfloat16) with a base 
 
 Both tools run the same YAML recipe in a fresh subprocess each (so start-up, imports and compilation
 count), on the same warm page cache (every input file is read once before timing). Peak RSS is the
-child's ru_maxrss (memory-mapped pages that were touched count for both tools). The recipes compute in
-float32 (`dtype: float32`) and write the input dtype. For ties the two outputs are compared, and
-the differing entries are counted outside the trim ties (see max_diff).
+child's ru_maxrss (memory-mapped pages that were touched count for both tools). The synthetic recipes
+compute in float32 (`dtype: float32`, `--compute-dtype`) and write the input dtype. For ties the two
+outputs are compared, and the differing entries are counted outside the trim ties (see max_diff).
 
 With `--gguf`, the GGUF file is dequantised (hm3jax.io.load_gguf, float32) and saved as an HF
 safetensors checkpoint in `--dtype` (the base); each fine-tune i = 1, 2, 3 is base + Gaussian noise of
