@@ -60,7 +60,7 @@ def swept_run(small_zoo, tmp_path_factory):
 def test_the_sweep_finds_every_kind_of_commit(swept_run):
     _, snaps, _ = swept_run
     seen = [w for w, _ in snaps]
-    assert seen[0] == "config.yaml" and seen[-3:] == ["front.json", "front.png", "report.md"]
+    assert seen[0] == "config.yaml" and seen[-4:] == ["front.json", "front.png", "front.svg", "report.md"]
     from hm3jax.pipeline import STAGES
 
     for stage in set(STAGES) - {"generated"}:  # generated: tasks.kind files only
