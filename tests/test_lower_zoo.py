@@ -15,6 +15,7 @@ from hm3jax.search.lower import (
     build_search,
     make_lower_train,
     make_model_scorer,
+    minibatch_rows,
     run_lower,
 )
 from hm3jax.search.ppo import PPOConfig
@@ -134,11 +135,7 @@ def test_search_rows_scored_by_answer_probability_and_the_answer_by_exact_match(
     trainer = make_lower_train(lc, layout, scorer)
     res = run_lower(trainer, layout, problems, data, jax.random.key(0), lc.ppo.num_chunks)
     # the search rows: the scorer's own fixed draw, re-made here by a fresh forward pass
-    n = data.task_rows.shape[1]
-    keys = jax.random.split(jax.random.key(en._ROWS_SEED), 3)
-    rows = np.concatenate([np.asarray(data.task_rows[k])[np.asarray(jax.random.permutation(keys[k], n))[:16]]
-                           for k in range(3)])
-    sub = jax.tree.map(lambda x: x[rows], data.batch)
+    sub = minibatch_rows(data, jax.random.key(en._ROWS_SEED), 16)
     for i in range(len(PREFS)):
         cache = jax.tree.map(lambda x, i=i: np.asarray(x[i]), res.state.cache)
         assert int(cache.count) >= 8

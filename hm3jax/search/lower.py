@@ -125,6 +125,15 @@ def build_search(model_cfg, experts: Sequence[dict], merged: Sequence[dict], bat
     return data, problems, layout
 
 
+def minibatch_rows(data: SearchData, key: jax.Array, per_task: int) -> Batch:
+    """The stratified minibatch of data.batch that `key` draws: `per_task` rows of each task (at
+    most the smallest task's count), task by task; with env._ROWS_SEED's key, the search rows."""
+    n = data.task_rows.shape[1]
+    keys = jax.random.split(key, data.task_rows.shape[0])
+    pick = jax.vmap(lambda k, r: r[jax.random.permutation(k, n)[:min(per_task, n)]])(keys, data.task_rows)
+    return jax.tree.map(lambda x: x[pick.reshape(-1)], data.batch)
+
+
 def make_model_scorer(model_cfg, num_tasks: int, cfg: LowerConfig = LowerConfig()) -> Scorer:
     """Scorer over SearchData: per-task means of exact match / answer log-likelihood of paths."""
     objective = exact_match if cfg.objective == "exact_match" else answer_loglik
@@ -142,10 +151,7 @@ def make_model_scorer(model_cfg, num_tasks: int, cfg: LowerConfig = LowerConfig(
         return jax.vmap(one)(paths)  # [B, rows]
 
     def minibatch(data: SearchData, paths, block, key):
-        n = data.task_rows.shape[1]
-        keys = jax.random.split(key, num_tasks)
-        pick = jax.vmap(lambda k, r: r[jax.random.permutation(k, n)[:min(per_task, n)]])(keys, data.task_rows)
-        rows = jax.tree.map(lambda x: x[pick.reshape(-1)], data.batch)
+        rows = minibatch_rows(data, key, per_task)
         vals = rows_score(data, paths, block, rows, search_rows)
         return jax.vmap(lambda v: task_means(v, rows, num_tasks))(vals)
 
