@@ -49,6 +49,41 @@ def small_zoo(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def smoke_sweep(small_zoo, tmp_path_factory):
+    """One unbroken smoke run (configs/smoke.yaml on the session's SMALL zoo), run in-process with a
+    copy of its run directory taken right after each commit (tests/killpoints.py):
+    (run dir, [(commit name, copy)], zoo dir). The test files that need a finished smoke run
+    (test_train, test_killpoints) share it: under pytest-xdist the first worker to get the lock runs
+    it, the other reads its listing. Tests must not modify it (copy it first)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from filelock import FileLock
+    from killpoints import commit_points, smoke_args
+
+    from hm3jax.train import main as train
+
+    root = _run_dir(tmp_path_factory)
+    home, listing = root / "smoke", root / "smoke" / "commits.json"
+    with FileLock(str(root / "smoke.lock")):
+        if not listing.exists():
+            shutil.rmtree(home, ignore_errors=True)  # a run that failed part way
+            run, snaps = home / "run", []
+
+            def snapshot(what):
+                dest = home / "snap" / f"{len(snaps):02d}"
+                shutil.copytree(run, dest, symlinks=True)
+                snaps.append((what, str(dest)))
+
+            with pytest.MonkeyPatch.context() as mp, commit_points(mp, on_commit=snapshot) as seen:
+                assert train(smoke_args(run, small_zoo[0])) == 0
+            assert [w for w, _ in snaps] == seen
+            listing.write_text(json.dumps(snaps))
+    return home / "run", [(w, Path(p)) for w, p in json.loads(listing.read_text())], small_zoo[0]
+
+
+@pytest.fixture(scope="session")
 def small_zoo_loaded(small_zoo):
     """load_zoo of the session's SMALL zoo: (ModelConfig, {name: params}, tokenizer)."""
     return load_zoo(small_zoo[0])

@@ -14,6 +14,13 @@ from __future__ import annotations
 import contextlib
 import os
 
+SMOKE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smoke.yaml")
+
+
+def smoke_args(run, zoo) -> list[str]:
+    """The train command line of a smoke run into `run` on the zoo at `zoo`."""
+    return ["--config_path", SMOKE_CONFIG, "--output_dir", str(run), "--models.zoo.dir", str(zoo)]
+
 
 class Killed(BaseException):
     """A simulated kill: a BaseException, so no `except Exception` of the code under test sees it."""

@@ -24,37 +24,20 @@ import shutil
 import time
 
 import pytest
-from killpoints import Killed, commit_points
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
+from killpoints import Killed, commit_points, smoke_args
 
 pytestmark = pytest.mark.slow  # a smoke run, then about one more in resumes
 
 
 def _args(run, zoo) -> list[str]:
-    return ["--config_path", SMOKE, "--output_dir", str(run), "--models.zoo.dir", str(zoo)]
+    return smoke_args(run, zoo)
 
 
-@pytest.fixture(scope="module")
-def swept_run(small_zoo, tmp_path_factory):
-    """An unbroken smoke run with a copy of its run directory taken at each commit:
-    (run dir, [(commit name, copy)], seconds)."""
-    from hm3jax.train import main as train
-
-    root = tmp_path_factory.mktemp("killpoints")
-    run, snaps = root / "run", []
-
-    def snapshot(what):
-        dest = root / "snap" / f"{len(snaps):02d}"
-        shutil.copytree(run, dest, symlinks=True)
-        snaps.append((what, dest))
-
-    start = time.perf_counter()
-    with pytest.MonkeyPatch.context() as mp, commit_points(mp, on_commit=snapshot) as seen:
-        assert train(_args(run, small_zoo[0])) == 0
-    assert [w for w, _ in snaps] == seen
-    return run, snaps, time.perf_counter() - start
+@pytest.fixture
+def swept_run(smoke_sweep):
+    """The session's unbroken smoke run and the copies of its run directory taken at each commit
+    (conftest.smoke_sweep): (run dir, [(commit name, copy)], zoo dir)."""
+    return smoke_sweep
 
 
 def test_the_sweep_finds_every_kind_of_commit(swept_run):
