@@ -24,6 +24,8 @@ import numpy as np
 # the sections come from hm3jax.settings, which imports no JAX: a config is parsed and checked first
 from hm3jax.confighelp import suggest_key, tidy_help
 from hm3jax.settings import (
+    OBJECTIVES,
+    SCORERS,
     AgentConfig,
     EnvConfig,
     LowerConfig,
@@ -36,9 +38,6 @@ from hm3jax.settings import (
 CONFIG_FILE = "config.yaml"
 ZOO_CONFIGS = ("default", "small")
 TASK_KINDS = ("embedded", "files")
-# Scorers of hm3jax.objectives.realtasks, by the name a task file entry gives.
-SCORERS = ("gsm8k", "chrf", "pass_at_k")  # of generated answers: hm3jax.objectives.taskfiles
-OBJECTIVES = ("exact_match", "loglik")
 PREFERENCE_KINDS = ("dirichlet", "grid")
 SIMPLEX_TOL = 1e-6
 
@@ -242,11 +241,11 @@ def parse_run_config(args: Sequence[str] | None = None, config_path: str | os.Pa
     try:
         parser = draccus.argparsing.ArgumentParser(config_class=RunConfig, config_path=config_path, exit_on_error=False,
                                         prog=prog)
-        tidy_help(parser.parser)
+        tidy_help(parser.parser, RunConfig())  # a run's defaults (DEFAULT_UPPER, DEFAULT_LOWER)
         return parser.parse_args(args)
     except (draccus.utils.DraccusException, draccus.utils.ParsingError, ValueError, TypeError) as e:
         src = f"{where}: " if where else ""
-        raise RunConfigError(f"{src}{suggest_key(_draccus_message(e))}") from None
+        raise RunConfigError(f"{src}{suggest_key(_draccus_message(e), RunConfig)}") from None
 
 
 def load_run_config(path: str | os.PathLike) -> RunConfig:

@@ -59,6 +59,8 @@ def search_preference(run_dir: str | os.PathLike, preference: Sequence[float], i
       seed: seeds the sampling and the continued training (the upper-level merge uses the run's seed).
     Returns the solution record (preference, upper, path, shell, scores, cost, dominated False).
     """
+    # JAX and the pipeline load here, not at the top: recommend imports this module for its check
+    # and its error type, and answers a plain pick without loading JAX
     import jax
     import jax.numpy as jnp
 
@@ -66,7 +68,8 @@ def search_preference(run_dir: str | os.PathLike, preference: Sequence[float], i
     from hm3jax.cost import path_cost
     from hm3jax.moo import tchebycheff
     from hm3jax.report import make_solution
-    from hm3jax.search.lower import build_search, make_lower_train, propose, run_lower
+    from hm3jax.search import env as en
+    from hm3jax.search.lower import make_lower_train, propose, restore_lower_state, with_batch
     from hm3jax.search.upper import AUTO, UPPER_METHODS, merge_for_preference
     from hm3jax.train import load_context
 
@@ -77,24 +80,14 @@ def search_preference(run_dir: str | os.PathLike, preference: Sequence[float], i
     cfg = dataclasses.replace(cfg, output_dir=run_dir,
                               log=dataclasses.replace(cfg.log, tensorboard=False, progress=False))
     lam = np.asarray(preference, np.float32)
+    ppo = cfg.lower.ppo
     # The stages print one line each; stdout is recommend's JSON, so they go to stderr.
     with contextlib.redirect_stdout(sys.stderr):
         ctx = load_context(cfg)._replace(log=lambda record: None)  # nothing is logged into the run
         if lam.shape != (len(ctx.tasks),):
             raise OnlineSearchError(f"preference has {lam.size} weights for {len(ctx.tasks)} tasks")
-        ideal = pl.references(ctx)["ideal"]
+        ideal = pl.references(ctx)["ideal"]  # both restored from the run's stage store
         up = pl.upper(ctx, ideal)
-        # The run's agent: restore the finished lower level's state (no chunk left to run).
-        merged = pl.merged_models(ctx, up["density"], up["scale"], pl.upper_methods(ctx, up))
-        data, problems, layout = build_search(ctx.model_cfg, ctx.experts, merged, ctx.search, ctx.prefs, ideal,
-                                              cfg.lower, ctx.base)
-        scorer = pl._model_scorer(ctx)
-        trainer = make_lower_train(cfg.lower, layout, scorer)
-        ppo = cfg.lower.ppo
-        done = run_lower(trainer, layout, problems, data, jax.random.key(cfg.seed),
-                         ppo.iterations // ppo.chunk_iterations, checkpoint_dir=ctx.store.path("lower"))
-        params, opt_state = done.state.params, done.state.opt_state
-        del merged, data, problems
 
         # The new preference's upper-level merge: the run's method, density and scale (the first
         # preference's when the run tuned them per preference), a key of its own.
@@ -102,7 +95,7 @@ def search_preference(run_dir: str | os.PathLike, preference: Sequence[float], i
         key = jax.random.fold_in(pl.upper_key(ctx), 10_000 + seed)
         method = cfg.upper.method
         if method == AUTO:  # the method whose merge for this λ scores best on the search split
-            score = jax.jit(pl._params_scorer(ctx, ctx.search))
+            score = jax.jit(pl.params_scorer(ctx, ctx.search))
             merge = jax.jit(merge_for_preference, static_argnums=0)
             values = [float(tchebycheff(score(merge(m, ctx.base, ctx.experts, jnp.asarray(lam), key,
                                                      jnp.float32(density), jnp.float32(scale))),
@@ -110,29 +103,29 @@ def search_preference(run_dir: str | os.PathLike, preference: Sequence[float], i
             method = UPPER_METHODS[int(np.argmin(values))]
         new = merge_for_preference(method, ctx.base, ctx.experts, jnp.asarray(lam), key,
                                    jnp.float32(density), jnp.float32(scale))
-        data1, problems1, layout1 = build_search(ctx.model_cfg, ctx.experts, [new], ctx.search, lam[None], ideal,
-                                                 cfg.lower, ctx.base)
-        fitted = pl.alignment(ctx, [new])  # maps for the new merge's pool (None unless lower.align)
-        if fitted is not None:
-            data1 = data1._replace(align=fitted.alignment)
-        trainer1 = make_lower_train(cfg.lower, layout1, scorer)
-        k_run = jax.random.key(seed)
-        if iterations:
-            state = trainer1.init(k_run, problems1)._replace(params=params, opt_state=opt_state)
-            for _ in range(math.ceil(iterations / ppo.chunk_iterations)):
-                state, _ = trainer1.chunk(state, problems1, data1)
-            state = trainer1.finish(state, problems1, data1)
-            best = jax.tree.map(lambda x: np.asarray(x)[0], trainer1.best(state))
-        else:
-            one = jax.tree.map(lambda x: x[0], problems1)
-            best = jax.tree.map(np.asarray, propose(trainer1, layout1, cfg.lower.env, scorer, params, one, data1))
-        # Held-out scores of the best path, as the run scores its own.
-        held, _, _ = build_search(ctx.model_cfg, ctx.experts, [new], ctx.heldout, lam[None], ideal, cfg.lower,
-                                  ctx.base)
-        held = held._replace(align=data1.align)
-        from hm3jax.search import env as en
 
-        glob = np.asarray(en.to_global(layout1, jnp.asarray(best.path)[None], jnp.asarray(problems1.block)[:, None]))
+        # The one search of this λ (the pool: the experts' layers and the new merge's)...
+        data, problems, layout, fitted = pl.setup_search(ctx, [new], lam[None], ideal, blocks="online")
+        scorer = pl.model_scorer(ctx)
+        trainer = make_lower_train(cfg.lower, layout, scorer)
+        # ...and the run's agent: the finished lower level's state, restored from its last chunk
+        # checkpoint (its shapes are those of the run's N preferences; the agent's params are not).
+        run_problems = jax.tree.map(lambda x: jnp.repeat(x, len(ctx.prefs), axis=0), problems)
+        saved = restore_lower_state(trainer, run_problems, data, jax.random.key(cfg.seed), ppo.num_chunks,
+                                    ctx.store.path("lower"))
+        params, opt_state = saved.params, saved.opt_state
+        if iterations:
+            state = trainer.init(jax.random.key(seed), problems)._replace(params=params, opt_state=opt_state)
+            for _ in range(math.ceil(iterations / ppo.chunk_iterations)):
+                state, _ = trainer.chunk(state, problems, data)
+            state = trainer.finish(state, problems, data)
+            best = jax.tree.map(lambda x: np.asarray(x)[0], trainer.best(state))
+        else:
+            one = jax.tree.map(lambda x: x[0], problems)
+            best = jax.tree.map(np.asarray, propose(trainer, layout, cfg.lower.env, scorer, params, one, data))
+        # Held-out scores of the best path, as the run scores its own: the same pool, the held-out rows.
+        held = with_batch(data, ctx.heldout, len(ctx.tasks), cfg.lower.score_chunk)
+        glob = np.asarray(en.to_global(layout, jnp.asarray(best.path)[None], jnp.asarray(problems.block)[:, None]))
         heldout = np.asarray(jax.jit(scorer.full)(held, jnp.asarray(glob[0])[None], jnp.int32(0)))[0]
     path = pl.describe_path(ctx, best.path, pl.MERGE)
     upper = {"method": method, "density": density, "scale": scale, "seed": cfg.seed,

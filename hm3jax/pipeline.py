@@ -13,9 +13,11 @@ are small arrays; merged models are recomputed from them (merges are determinist
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,16 +26,24 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
 
 from hm3jax.config import RunConfig, RunConfigError
 from hm3jax.cost import path_cost
 from hm3jax.io.atomic import CheckpointWriteError as CheckpointWriteError  # raised by StageStore.save
 from hm3jax.io.atomic import checkpoint_write_error
+from hm3jax.models import build_pool, generate, generate_path
 from hm3jax.models.config import ModelConfig
-from hm3jax.objectives.batch import Batch, make_suite_batch
+from hm3jax.models.pool import shell_of
+from hm3jax.objectives.batch import Batch, make_suite_batch, special_ids
+from hm3jax.objectives.scoring import make_params_scorer
+from hm3jax.objectives.taskfiles import decode_answers, generated_score, graded_prompts
+from hm3jax.rundoc import round_floats
+from hm3jax.search.align import fit_alignment, pool_alignment
 from hm3jax.search.lower import build_search, make_lower_train, make_model_scorer, run_lower
 from hm3jax.search.path_baselines import PathSearchConfig, make_path_search
-from hm3jax.search.upper import UPPER_METHODS, _merge_key, merge_for_preference, run_upper_many
+from hm3jax.search.upper import UPPER_METHODS, dare_key, merge_for_preference, run_upper_many
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +87,6 @@ class CorruptCheckpointError(RunConfigError):
 def _digest(tree: dict) -> str:
     """sha256 of a tree of numpy arrays: key paths, dtypes, shapes and bytes (orbax keeps no checksum
     of its own that a restore verifies, so flipped bytes would otherwise come back as results)."""
-    import hashlib
-
     h = hashlib.sha256()
     for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(tree)[0], key=lambda kv: jax.tree_util.keystr(kv[0])):
         a = np.ascontiguousarray(np.asarray(leaf))
@@ -106,8 +114,6 @@ class StageStore:
         Raises CorruptCheckpointError when the checkpoint exists but cannot be restored (truncated
         or emptied metadata, an empty directory, unreadable arrays) or its arrays differ from the
         digest written with them."""
-        import orbax.checkpoint as ocp
-
         p = self._stage_path(name)
         if not os.path.lexists(p):
             return None
@@ -133,8 +139,6 @@ class StageStore:
 
     def discard(self, name: str) -> None:
         """Remove stage `name`'s checkpoint and digest (to recompute it)."""
-        import shutil
-
         p = self._stage_path(name)
         if os.path.isdir(p) and not os.path.islink(p):
             shutil.rmtree(p)
@@ -148,8 +152,6 @@ class StageStore:
         """Save stage `name` (orbax writes a temporary directory, then renames it) and its digest.
         Raises CheckpointWriteError ("no space left on device while writing <path>" for a full
         disk), leaving no partial checkpoint, when the disk refuses it."""
-        import orbax.checkpoint as ocp
-
         p = self._stage_path(name)
         tree = jax.tree.map(np.asarray, tree)
         try:
@@ -168,8 +170,6 @@ class StageStore:
         return tree
 
     def _clean_partial(self, name: str) -> None:
-        import shutil
-
         folder = os.path.join(self.root, "stages")
         for entry in os.listdir(folder) if os.path.isdir(folder) else ():
             if entry.startswith((f"{name}.orbax-checkpoint-tmp", f".{name}.sha256.")):
@@ -213,10 +213,8 @@ def _fmt(scores) -> str:
 
 
 # ---------------------------------------------------------------------------------- scoring
-def _params_scorer(ctx: Context, batch: Batch):
+def params_scorer(ctx: Context, batch: Batch):
     """params -> [K] per-task scores on `batch` (jittable, vmappable; batch is a jit argument)."""
-    from hm3jax.objectives.scoring import make_params_scorer
-
     return make_params_scorer(ctx.model_cfg, batch, len(ctx.tasks), ctx.cfg.tasks.objective,
                               ctx.cfg.eval.batch_rows)
 
@@ -243,7 +241,7 @@ def upper_key(ctx: Context) -> jax.Array:
 
 def merge_keys(ctx: Context) -> list[jax.Array]:
     """The DARE key each preference's upper-level merge used (as run_upper_many derives them)."""
-    return [_merge_key(k) for k in jax.random.split(upper_key(ctx), len(ctx.prefs))]
+    return [dare_key(k) for k in jax.random.split(upper_key(ctx), len(ctx.prefs))]
 
 
 # ---------------------------------------------------------------------------------- stages
@@ -252,7 +250,7 @@ def references(ctx: Context, stop_after=None) -> dict:
         models = [ctx.base] + ctx.experts
         out = {}
         for split, batch in (("search", ctx.search), ("heldout", ctx.heldout)):
-            score = jax.jit(_params_scorer(ctx, batch))
+            score = jax.jit(params_scorer(ctx, batch))
             out[split] = np.stack([np.asarray(score(m)) for m in models])  # [1 + K, K]
         out["ideal"] = out["search"][1:].max(axis=0)
         return out
@@ -265,7 +263,7 @@ def references(ctx: Context, stop_after=None) -> dict:
 def upper(ctx: Context, ideal, stop_after=None) -> dict:
     def compute():
         res = run_upper_many(ctx.cfg.upper, ctx.base, ctx.experts, ctx.prefs, ideal,
-                             _params_scorer(ctx, ctx.search), upper_key(ctx))
+                             params_scorer(ctx, ctx.search), upper_key(ctx), with_params=False)
         return {"density": res.density, "scale": res.scale, "search": res.scores, "tcheby": res.tcheby,
                 "method": np.asarray(res.method, np.int32).reshape(-1)}
 
@@ -277,18 +275,37 @@ def upper(ctx: Context, ideal, stop_after=None) -> dict:
     return _stage(ctx, "upper", compute, summary, stop_after)
 
 
-def _path_search(ctx: Context, name: str, merged: list[dict], ideal, make_trainer, num_chunks: int,
+class SearchSetup(NamedTuple):
+    """What a path search runs on, built once (setup_search): the scorer's data (search.lower.
+    SearchData, with the switch maps when lower.align is on), the PathProblem of each preference,
+    the PathLayout, and the alignment fit (search.align.AlignFit) or None."""
+
+    data: Any
+    problems: Any
+    layout: Any
+    alignment: Any
+
+
+def setup_search(ctx: Context, merged: list[dict], prefs, ideal, blocks: str) -> SearchSetup:
+    """A search over the experts' layers and `merged` (one merged block per preference of `prefs`)
+    on the search split. `blocks` names what the merged blocks are (MERGE: the upper level's merges,
+    BASE: the base, for the ablation; another name for other pools): searches over the same blocks
+    share one alignment fit."""
+    data, problems, layout = build_search(ctx.model_cfg, ctx.experts, merged, ctx.search, prefs, ideal,
+                                          ctx.cfg.lower, ctx.base)
+    fitted = alignment(ctx, merged, blocks)
+    if fitted is not None:
+        data = data._replace(align=fitted.alignment)
+    return SearchSetup(data, problems, layout, fitted)
+
+
+def _path_search(ctx: Context, name: str, merged: list[dict], blocks: str, ideal, make_trainer, num_chunks: int,
                  key: jax.Array, stop_after=None) -> dict:
     """One search over layer paths (PPO or a baseline), resumable chunk by chunk."""
-    lower = ctx.cfg.lower
 
     def compute():
-        data, problems, layout = build_search(ctx.model_cfg, ctx.experts, merged, ctx.search, ctx.prefs,
-                                              ideal, lower, ctx.base)
-        fitted = alignment(ctx, merged)
-        if fitted is not None:
-            data = data._replace(align=fitted.alignment)
-        scorer = _model_scorer(ctx)
+        data, problems, layout, fitted = setup_search(ctx, merged, ctx.prefs, ideal, blocks)
+        scorer = model_scorer(ctx)
         trainer = make_trainer(layout, scorer)
         stop_chunk = None
         if stop_after and stop_after.startswith(f"{name}:"):
@@ -322,36 +339,35 @@ def _path_search(ctx: Context, name: str, merged: list[dict], ideal, make_traine
                   "per preference", stop_after)
 
 
-def alignment(ctx: Context, merged: list[dict]):
+def alignment(ctx: Context, merged: list[dict], blocks: str):
     """The switch maps of searches over `merged` (search.align.AlignFit), or None when
-    lower.align is off. Fitted once per list of merged models and process; the same key for every
+    lower.align is off. Fitted once per Context for each kind of merged blocks (`blocks`: MERGE,
+    BASE, ...: the pool's blocks are a function of the run and that name); the same key for every
     search, so searches over one pool run with the same maps."""
     if not ctx.cfg.lower.align.enabled:
         return None
-    from hm3jax.search.align import fit_alignment
-
-    cache = ctx.cache.setdefault("align", {})
-    if id(merged) not in cache:
+    fits = ctx.cache.setdefault("align", {})
+    if blocks not in fits:
         key = jax.random.fold_in(jax.random.key(ctx.cfg.seed), 100)
         fit = fit_alignment(ctx.model_cfg, ctx.cfg.lower.align, ctx.experts, merged, ctx.search, key)
-        cache[id(merged)] = (merged, fit)  # the list is held so its id is not reused
+        fits[blocks] = fit
         line = f"switch statistics gap {fit.gap_before:.4f} -> {fit.gap_after:.4f} (search split)"
         log.info(f"[align] {line}")
         ctx.log({"stage": "align", "summary": line, "gap_before": fit.gap_before, "gap_after": fit.gap_after})
-    return cache[id(merged)][1]
+    return fits[blocks]
 
 
 def stage_alignment(ctx: Context, stage: dict, num_blocks: int):
     """The Alignment a finished path search ran with (from its saved maps), or None."""
     if "align" not in stage:
         return None
-    from hm3jax.search.align import pool_alignment
-
     K = len(ctx.tasks)
     return pool_alignment(stage["align"], K, ctx.model_cfg.num_hidden_layers, K + num_blocks)
 
 
-def lower_stage(ctx: Context, name: str, merged: list[dict], ideal, stop_after=None) -> dict:
+def lower_stage(ctx: Context, name: str, merged: list[dict], ideal, stop_after=None, blocks: str = MERGE) -> dict:
+    """The PPO search over the experts' layers and `merged` (`blocks` names them: MERGE, or BASE for
+    the architecture-only ablation)."""
     lower = ctx.cfg.lower
     key = jax.random.fold_in(jax.random.key(ctx.cfg.seed), 2 + STAGES.index(name))
     def trainer(layout, scorer):  # the HM3 search and its ablation share one compiled trainer
@@ -359,7 +375,7 @@ def lower_stage(ctx: Context, name: str, merged: list[dict], ideal, stop_after=N
             ctx.cache["ppo"] = make_lower_train(lower, layout, scorer)
         return ctx.cache["ppo"]
 
-    return _path_search(ctx, name, merged, ideal, trainer, lower.ppo.iterations // lower.ppo.chunk_iterations,
+    return _path_search(ctx, name, merged, blocks, ideal, trainer, lower.ppo.iterations // lower.ppo.chunk_iterations,
                         key, stop_after)
 
 
@@ -374,7 +390,7 @@ def baseline_search(ctx: Context, name: str, method: str, merged: list[dict], id
     pcfg = PathSearchConfig(method=method, population=per_it, candidates=max(ppo.num_envs, per_it),
                             iterations=iterations, chunk_iterations=ppo.chunk_iterations)
     key = jax.random.fold_in(jax.random.key(ctx.cfg.seed), 2 + STAGES.index(name))
-    return _path_search(ctx, name, merged, ideal,
+    return _path_search(ctx, name, merged, MERGE, ideal,
                         lambda layout, scorer: make_path_search(pcfg, ctx.cfg.lower.env, layout, scorer),
                         pcfg.num_chunks, key, stop_after)
 
@@ -385,8 +401,6 @@ def param_baselines(ctx: Context, stop_after=None) -> dict:
         k = len(ctx.tasks)
         key = jax.random.fold_in(jax.random.key(ctx.cfg.seed), 3)
         both = concat_batches(ctx.search, ctx.heldout)  # one compiled program scores both splits
-        from hm3jax.objectives.scoring import make_params_scorer
-
         score = make_params_scorer(ctx.model_cfg, both, 2 * k, ctx.cfg.tasks.objective, ctx.cfg.eval.batch_rows)
         for method in UPPER_METHODS:
             @jax.jit
@@ -416,7 +430,9 @@ def concat_batches(a: Batch, b: Batch) -> Batch:
     return Batch(*fields)
 
 
-def _model_scorer(ctx: Context):
+def model_scorer(ctx: Context):
+    """The lower level's path scorer (search.env.Scorer over SearchData), built once per Context so
+    every search of the run shares its compiled programs."""
     if "model_scorer" not in ctx.cache:
         ctx.cache["model_scorer"] = make_model_scorer(ctx.model_cfg, len(ctx.tasks), ctx.cfg.lower)
     return ctx.cache["model_scorer"]
@@ -426,7 +442,7 @@ def heldout_scores(ctx: Context, searches: dict[str, tuple[dict, list[dict]]], i
     """Held-out scores of every search's best paths: {search name: [N, K]}."""
     def compute():
         out = {}
-        full = jax.jit(_model_scorer(ctx).full)
+        full = jax.jit(model_scorer(ctx).full)
         for name, (res, merged) in searches.items():
             data, _, _ = build_search(ctx.model_cfg, ctx.experts, merged, ctx.heldout, ctx.prefs, ideal,
                                       ctx.cfg.lower, ctx.base)
@@ -448,12 +464,7 @@ def generated_scores(ctx: Context, lower: dict, merged: list[dict], stop_after=N
     t = ctx.cfg.tasks
     if t.kind != "files" or t.generate_rows == 0:
         return None
-    from hm3jax.models import build_pool, generate, generate_path
-    from hm3jax.models.pool import shell_of
-    from hm3jax.objectives.batch import _special_ids
-    from hm3jax.objectives.taskfiles import decode_answers, generated_score, graded_prompts
-
-    eos, pad = _special_ids(ctx.tokenizer)
+    eos, pad = special_ids(ctx.tokenizer)
     K, L = len(ctx.tasks), ctx.model_cfg.num_hidden_layers
 
     bar = None
@@ -471,8 +482,6 @@ def generated_scores(ctx: Context, lower: dict, merged: list[dict], stop_after=N
     def compute():
         nonlocal bar
         if ctx.cfg.log.progress:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=(1 + K + len(ctx.prefs)) * K, desc="generated", unit="task")
         kw = {"max_new_tokens": t.max_new_tokens, "eos_token_id": eos, "pad_token_id": pad}
         refs = [grade(lambda x, m, p=p: generate(ctx.model_cfg, p, x, m, **kw)) for p in [ctx.base] + ctx.experts]
@@ -590,8 +599,6 @@ def metrics_logger(run_dir: str, tensorboard: bool) -> Callable[[dict], None]:
     is its "iteration" (the PPO iteration of a search's per-iteration record), else its "step", else
     0 for a stage's own record. `tensorboard` without tensorboardX installed: one warning per process,
     metrics.jsonl only."""
-    from hm3jax.rundoc import round_floats
-
     path = os.path.join(run_dir, "metrics.jsonl")
     writer = None
     if tensorboard:
@@ -639,7 +646,7 @@ def check_models(tasks: Sequence[str], models: dict) -> None:
 
 def upper_heldout(ctx: Context, merged: list[dict]) -> np.ndarray:
     """[N, K] held-out scores of the upper level's merges (one forward per preference)."""
-    score = jax.jit(_params_scorer(ctx, ctx.heldout))
+    score = jax.jit(params_scorer(ctx, ctx.heldout))
     return np.stack([np.asarray(score(m)) for m in merged])
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from hm3jax.io.atomic import write_json_atomic
-from hm3jax.moo import hypervolume, pareto_mask
+from hm3jax.moo import hypervolume, pareto_mask, plot_pairs
 from hm3jax.report_text import (  # report.md's text; the method names and labels live there
     ARCH_ONLY,
     HM3,
@@ -258,8 +258,6 @@ def write_front(run_dir: str | os.PathLike, front: Mapping) -> dict[str, str]:
     temporary sibling renamed into place). Numpy and JAX numbers in the records are written as plain
     JSON numbers, floats rounded to 6 significant digits (rundoc.round_floats); report.md is made from the
     numbers as stored. Returns {file name: path}."""
-    from hm3jax.moo import plot_pairs
-
     run_dir = os.fspath(run_dir)
     front = round_floats(_plain(front))
     os.makedirs(run_dir, exist_ok=True)

@@ -111,10 +111,10 @@ def _check_lengths(cfg: RunConfig, model_cfg, suite, tokenizer, scored_len: int)
     if scored_len > limit:
         raise RunConfigError(f"tasks.files: the longest prompt + answer takes {scored_len} tokens (padded), "
                              f"more than the model's max_position_embeddings {limit}")
-    from hm3jax.objectives.batch import _special_ids
+    from hm3jax.objectives.batch import special_ids
     from hm3jax.objectives.taskfiles import graded_prompts
 
-    rows, pad = cfg.tasks.generate_rows, _special_ids(tokenizer)[1]
+    rows, pad = cfg.tasks.generate_rows, special_ids(tokenizer)[1]
     for task in suite if rows else ():
         need = graded_prompts(task, tokenizer, rows, pad)[1].shape[1] + cfg.tasks.max_new_tokens
         if need > limit:
@@ -146,7 +146,8 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> dict:
     base_blocks = [ctx.base] * len(ctx.prefs)  # "no parameter level": the base in the merged block
     searches = {"lower": (pl.lower_stage(ctx, "lower", merged, ideal, stop_after), merged)}
     if cfg.eval.baselines:
-        searches["arch_only"] = (pl.lower_stage(ctx, "arch_only", base_blocks, ideal, stop_after), base_blocks)
+        searches["arch_only"] = (pl.lower_stage(ctx, "arch_only", base_blocks, ideal, stop_after, blocks=pl.BASE),
+                                 base_blocks)
         searches["random_path"] = (pl.baseline_search(ctx, "random_path", "random", merged, ideal,
                                                       stop_after), merged)
         searches["evolutionary_path"] = (pl.baseline_search(ctx, "evolutionary_path", "evolution", merged,
@@ -207,13 +208,13 @@ def _loader(cfg: RunConfig):
     """path -> (ModelConfig, params): on a mesh of several devices, safetensors checkpoints are read
     straight into shards (io.sharded.load_sharded: each device reads its slice); else load_pretrained."""
     from hm3jax.io import load_pretrained
-    from hm3jax.io.hf import _has_safetensors
+    from hm3jax.io.hf import has_safetensors
     from hm3jax.io.sharded import load_sharded
 
     mesh = _search_mesh(cfg)
 
     def load(path: str):
-        if mesh is not None and os.path.isdir(path) and _has_safetensors(path):
+        if mesh is not None and os.path.isdir(path) and has_safetensors(path):
             return load_sharded(path, mesh, dtype=cfg.models.dtype, mesh_cfg=cfg.mesh)
         return load_pretrained(path, dtype=cfg.models.dtype)
 
