@@ -25,7 +25,7 @@ def check(name: str, cfg, mesh, paths: int, rows: int, seq: int, dtype) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from hm3jax import memplan
+    from hm3jax import cost, memplan
     from hm3jax.models.decoder import forward_layers
     from hm3jax.models.params import layer_shapes, shell_shapes
     from hm3jax.objectives.batch import Batch
@@ -62,7 +62,7 @@ def check(name: str, cfg, mesh, paths: int, rows: int, seq: int, dtype) -> dict:
     data, fsdp = mesh.shape["data"], mesh.shape["fsdp"]
     b = jnp.dtype(dtype).itemsize
     whole = memplan.scoring_bytes(cfg, pool_size, paths // data, rows, seq, b)
-    model = (pool_size * memplan.layer_params(cfg) + memplan.shell_params(cfg)) * b
+    model = (pool_size * cost.layer_parameters(cfg) + cost.shell_parameters(cfg)) * b
     plan_args = model / fsdp + (whole["arguments"] - model)
     return {"model": name, "mesh": f"{data} x {fsdp}", "paths": paths,
             "args_xla": ma.argument_size_in_bytes, "args_plan": plan_args,

@@ -24,13 +24,12 @@ import numpy as np
 # the sections come from hm3jax.settings, which imports no JAX: a config is parsed and checked first
 from hm3jax.confighelp import suggest_key, tidy_help
 from hm3jax.settings import (
+    DEFAULT_LOWER,
+    DEFAULT_UPPER,
     OBJECTIVES,
     SCORERS,
-    AgentConfig,
-    EnvConfig,
     LowerConfig,
     MeshConfig,
-    PPOConfig,
     ShardingError,
     UpperConfig,
 )
@@ -40,25 +39,6 @@ ZOO_CONFIGS = ("default", "small")
 TASK_KINDS = ("embedded", "files")
 PREFERENCE_KINDS = ("dirichlet", "grid")
 SIMPLEX_TOL = 1e-6
-
-
-# The default run's search, sized so `python -m hm3jax.train` finishes in minutes on a 2-core CPU:
-# edit actions around the upper level's merge; one λ-conditioned agent for every preference; 64
-# rollouts per preference per iteration of which at most 16 new distinct paths are scored (half of
-# them offered to neighbours of the best paths first), 24 iterations: 384 distinct paths per
-# preference, each scored on the same 48 search rows; reward -Tchebycheff (the value the upper level
-# minimises and the report compares); POMO baseline and self-imitation of the best. The answer is
-# the best of the 8 best paths (by search-row reward) re-scored on the whole search split: 48 rows
-# rank the edits that pay too noisily to trust their first pick, while their top 8 hold most of the
-# gain (benchmarks/README.md, sixth round).
-DEFAULT_LOWER = LowerConfig(
-    env=EnvConfig(actions="edit", reward="tchebycheff", search_minibatch=48, rescore_top=8),
-    agent=AgentConfig(identity_prob=0.8),
-    ppo=PPOConfig(mode="conditioned", num_envs=64, new_paths=16, iterations=24, chunk_iterations=8,
-                  minibatches=2, baseline="pomo", sil_coef=0.5, explore=64, local_share=0.5, lr=3e-3,
-                  critic_lr=3e-3))
-# The default upper level picks TA / TIES / DARE-TIES per preference on the search split.
-DEFAULT_UPPER = UpperConfig(method="auto")
 
 
 class RunConfigError(ValueError):
@@ -436,7 +416,8 @@ def _check_tasks(cfg: RunConfig) -> None:
 def validate(cfg: RunConfig) -> RunConfig:
     """Check everything that can be checked before any work; return the resolved config.
 
-    Resolution: `models` with neither source becomes the default embedded zoo. Checks: one model
+    Resolution: `models` with neither source becomes the default embedded zoo; `lower.objective`
+    unset becomes tasks.objective. Checks: one model
     source; zoo config name; checkpoint directories exist and share one layer layout (their
     config.json files only are read); one task per expert, named after it; task files and scorers;
     preferences on the simplex; every number finite and in range; the other enumerations and
@@ -458,6 +439,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check_checkpoints(m.checkpoints)
     _check_tasks(cfg)
     _check_preferences(cfg.preferences, len(task_names(cfg)))
+    if cfg.lower.objective is None:  # the search scores what the front reports
+        cfg = dataclasses.replace(cfg, lower=dataclasses.replace(cfg.lower, objective=cfg.tasks.objective))
     if cfg.lower.objective != cfg.tasks.objective:
         raise RunConfigError(f"lower.objective {cfg.lower.objective!r} differs from tasks.objective "
                              f"{cfg.tasks.objective!r}; the search must score what the front reports")

@@ -41,6 +41,7 @@ from hm3jax.io.paths import TOKENIZER_FILES
 from hm3jax.models.config import ModelConfig
 from hm3jax.models.pool import shell_of
 from hm3jax.rundoc import round_floats
+from hm3jax.settings import BASE, MERGE
 
 SOLUTION_FILE = "hm3jax_solution.json"
 PATH_RECIPE = "mergekit_path.yml"
@@ -49,8 +50,6 @@ README_FILE = "README.md"
 # Where the README's first command writes the upper-level merge. "./" marks it local for mergekit
 # (its model card would otherwise look a bare name up on the Hugging Face hub).
 UPPER_OUTPUT = "./upper_merge"
-MERGE = "merge"  # the name of the upper-level merged model among the source models
-BASE = "base"
 
 
 class ExportError(ValueError):

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from hm3jax.config import CONFIG_FILE, RunConfigError, load_run_config, validate
+from hm3jax.settings import MERGE
 
 
 class OnlineSearchError(ValueError):
@@ -127,9 +128,9 @@ def search_preference(run_dir: str | os.PathLike, preference: Sequence[float], i
         held = with_batch(data, ctx.heldout, len(ctx.tasks), cfg.lower.score_chunk)
         glob = np.asarray(en.to_global(layout, jnp.asarray(best.path)[None], jnp.asarray(problems.block)[:, None]))
         heldout = np.asarray(jax.jit(scorer.full)(held, jnp.asarray(glob[0])[None], jnp.int32(0)))[0]
-    path = pl.describe_path(ctx, best.path, pl.MERGE)
+    path = pl.describe_path(ctx, best.path, MERGE)
     upper = {"method": method, "density": density, "scale": scale, "seed": cfg.seed,
              "key_data": np.asarray(jax.random.key_data(key)).tolist()}
-    return make_solution(lam, upper, path, pl.MERGE, best.scores, heldout,
+    return make_solution(lam, upper, path, MERGE, best.scores, heldout,
                          path_cost(ctx.model_cfg, path, cfg.front.cost_seq_len).to_dict(),
-                         aligned=fitted is not None and pl.switches_models(path, pl.MERGE))
+                         aligned=fitted is not None and pl.switches_models(path, MERGE))

@@ -44,10 +44,10 @@ from hm3jax.search.align import fit_alignment, pool_alignment
 from hm3jax.search.lower import build_search, make_lower_train, make_model_scorer, run_lower
 from hm3jax.search.path_baselines import PathSearchConfig, make_path_search
 from hm3jax.search.upper import UPPER_METHODS, dare_key, merge_for_preference, run_upper_many
+from hm3jax.settings import BASE, MERGE
 
 log = logging.getLogger(__name__)
 
-MERGE, BASE = "merge", "base"
 STAGES = ("references", "upper", "lower", "arch_only", "random_path", "evolutionary_path",
           "param_baselines", "heldout", "generated")
 

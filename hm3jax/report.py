@@ -54,6 +54,7 @@ from hm3jax.report_text import (  # report.md's text; the method names and label
     winner_sentence,
 )
 from hm3jax.rundoc import round_floats
+from hm3jax.settings import BASE
 
 FRONT_FILE = "front.json"
 PLOT_FILE = "front.png"
@@ -203,7 +204,7 @@ def build_front(tasks: Sequence[str], solutions: Sequence[Mapping], baselines: M
     refs = {n: {**s, "dominated": bool(d)} for (n, s), d in
             zip(references.items(), _dominated_by(ref_objs, objs[HM3]))}
     if ideal is None:
-        experts = [s for n, s in references.items() if n != "base"]
+        experts = [s for n, s in references.items() if n != BASE]
         pool = heldout(experts, k, "references") if experts else objs[HM3][:, :k]
         ideal = pool.max(axis=0).tolist() if len(pool) else [1.0] * k
     if len(ideal) != k:
@@ -275,7 +276,7 @@ def write_front(run_dir: str | os.PathLike, front: Mapping) -> dict[str, str]:
     hm3 = objectives(front["solutions"], k, scale, "solutions")
     others = {METHODS.get(m, m): objectives(v, k, scale, m) for m, v in front["baselines"].items() if v}
     refs = front.get("references", {})
-    points = {("base" if n == "base" else f"expert: {n}"): objectives([s], k, scale, "references")[0]
+    points = {(BASE if n == BASE else f"expert: {n}"): objectives([s], k, scale, "references")[0]
               for n, s in refs.items()}
     if len(axes) >= 2:
         for name, fmt in ((PLOT_FILE, "png"), (SVG_FILE, "svg")):

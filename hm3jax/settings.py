@@ -25,6 +25,11 @@ OBJECTIVES = ("exact_match", "loglik")  # tasks.objective / lower.objective: wha
 # (tasks.files.<task>.scorer); hm3jax.objectives.taskfiles grades with them.
 SCORERS = ("gsm8k", "chrf", "pass_at_k")
 
+# The names of the two models a path may use besides the experts (whose names are their tasks'):
+# a front.json path step is [model, layer] with model one of these or a task name.
+BASE = "base"  # the base model (also the zoo's base checkpoint, and the ablation's merged block)
+MERGE = "merge"  # the upper-level merge of the path's preference
+
 DATA, FSDP = "data", "fsdp"
 MESH_AXES = (DATA, FSDP)
 # Logical axis -> mesh axis (None: replicated). FSDP over the hidden dimension of every matrix; the
@@ -321,18 +326,41 @@ class LowerConfig:
     """PPO (PPOConfig)."""
     align: AlignConfig = dataclasses.field(default_factory=AlignConfig)
     """Alignment at model switches (AlignConfig)."""
-    objective: str = "exact_match"
+    objective: str | None = None
     """Per-task score f_k: "exact_match" (teacher-forced, in [0, 1]) or "loglik" (mean answer
-    log-likelihood, <= 0; smooth where exact match is flat)."""
+    log-likelihood, <= 0; smooth where exact match is flat). None (the default): a run's
+    tasks.objective, which the search must score (a value given must equal it); exact_match for
+    a LowerConfig used outside a run."""
     score_chunk: int = 128
     """Rows per lax.map chunk when a path is scored on the whole search split (bounds activation
     memory; the split is padded with empty rows to a multiple)."""
 
     def __post_init__(self):
-        require(self.objective in OBJECTIVES, "lower.objective", f"one of {', '.join(OBJECTIVES)}",
-                 self.objective)
+        require(self.objective is None or self.objective in OBJECTIVES, "lower.objective",
+                f"None (tasks.objective) or one of {', '.join(OBJECTIVES)}", self.objective)
         require(isinstance(self.score_chunk, int) and self.score_chunk >= 1, "lower.score_chunk",
                  "an integer >= 1", self.score_chunk)
+
+
+# The default run's search (RunConfig's `lower` when a config has no `lower:` section at all; a
+# section given starts from LowerConfig's own field defaults, draccus's rule, as configs/smoke.yaml's
+# does), sized so `python -m hm3jax.train` finishes in minutes on a 2-core CPU:
+# edit actions around the upper level's merge; one λ-conditioned agent for every preference; 64
+# rollouts per preference per iteration of which at most 16 new distinct paths are scored (half of
+# them offered to neighbours of the best paths first), 24 iterations: 384 distinct paths per
+# preference, each scored on the same 48 search rows; reward -Tchebycheff (the value the upper level
+# minimises and the report compares); POMO baseline and self-imitation of the best. The answer is
+# the best of the 8 best paths (by search-row reward) re-scored on the whole search split: 48 rows
+# rank the edits that pay too noisily to trust their first pick, while their top 8 hold most of the
+# gain (benchmarks/README.md, sixth round).
+DEFAULT_LOWER = LowerConfig(
+    env=EnvConfig(actions="edit", reward="tchebycheff", search_minibatch=48, rescore_top=8),
+    agent=AgentConfig(identity_prob=0.8),
+    ppo=PPOConfig(mode="conditioned", num_envs=64, new_paths=16, iterations=24, chunk_iterations=8,
+                  minibatches=2, baseline="pomo", sil_coef=0.5, explore=64, local_share=0.5, lr=3e-3,
+                  critic_lr=3e-3))
+# The default upper level picks TA / TIES / DARE-TIES per preference on the search split.
+DEFAULT_UPPER = UpperConfig(method="auto")
 
 
 # ------------------------------------------------------------------------------------ mesh.

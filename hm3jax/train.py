@@ -29,6 +29,7 @@ from hm3jax.config import (
 )
 from hm3jax.log import pop_verbosity_flags, setup_logging
 from hm3jax.rundir import discard_new_run_dir, prepare_run_dir
+from hm3jax.settings import BASE, MERGE
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def load_context(cfg: RunConfig):
         ck = cfg.models.checkpoints
         load = _loader(cfg)
         model_cfg, base = load(ck.base)
-        models = {pl.BASE: base}
+        models = {BASE: base}
         for name, path in ck.experts.items():
             c, models[name] = load(path)
             if c.layer_signature != model_cfg.layer_signature or c.num_hidden_layers != model_cfg.num_hidden_layers:
@@ -79,7 +80,7 @@ def load_context(cfg: RunConfig):
         from hm3jax.sharding import param_shardings
 
         models = {k: jax.device_put(v, param_shardings(v, mesh, cfg.mesh)) for k, v in models.items()}
-    return pl.Context(cfg, model_cfg, tasks, models[pl.BASE], [models[t] for t in tasks], tokenizer,
+    return pl.Context(cfg, model_cfg, tasks, models[BASE], [models[t] for t in tasks], tokenizer,
                       search, heldout, preference_matrix(cfg), pl.StageStore(cfg.output_dir),
                       pl.metrics_logger(cfg.output_dir, cfg.log.tensorboard), {}, mesh, tuple(suite))
 
@@ -146,7 +147,7 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> dict:
     base_blocks = [ctx.base] * len(ctx.prefs)  # "no parameter level": the base in the merged block
     searches = {"lower": (pl.lower_stage(ctx, "lower", merged, ideal, stop_after), merged)}
     if cfg.eval.baselines:
-        searches["arch_only"] = (pl.lower_stage(ctx, "arch_only", base_blocks, ideal, stop_after, blocks=pl.BASE),
+        searches["arch_only"] = (pl.lower_stage(ctx, "arch_only", base_blocks, ideal, stop_after, blocks=BASE),
                                  base_blocks)
         searches["random_path"] = (pl.baseline_search(ctx, "random_path", "random", merged, ideal,
                                                       stop_after), merged)
@@ -156,16 +157,16 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> dict:
     held = pl.heldout_scores(ctx, searches, ideal, stop_after)
     generated = pl.generated_scores(ctx, searches["lower"][0], merged, stop_after)
 
-    hm3 = pl.solutions(ctx, searches["lower"][0], held["lower"], pl.MERGE, up, make_solution)
+    hm3 = pl.solutions(ctx, searches["lower"][0], held["lower"], MERGE, up, make_solution)
     baselines = {}
     up_held = pl.upper_heldout(ctx, merged)
     baselines["param_only"] = pl.identity_solutions(ctx, up["search"], up_held, up, cfg.upper.method,
                                                     make_solution)
     if cfg.eval.baselines:
-        baselines["arch_only"] = pl.solutions(ctx, searches["arch_only"][0], held["arch_only"], pl.BASE,
+        baselines["arch_only"] = pl.solutions(ctx, searches["arch_only"][0], held["arch_only"], BASE,
                                               None, make_solution, with_upper=False)
         for name in ("random_path", "evolutionary_path"):
-            baselines[name] = pl.solutions(ctx, searches[name][0], held[name], pl.MERGE, up, make_solution)
+            baselines[name] = pl.solutions(ctx, searches[name][0], held[name], MERGE, up, make_solution)
         for method in ("task_arithmetic", "ties", "dare_ties"):
             baselines[method] = pl.identity_solutions(ctx, params[f"{method}/search"], params[f"{method}/heldout"],
                                                       None, method, make_solution)

@@ -15,6 +15,7 @@ import numpy as np
 
 from hm3jax import models
 from hm3jax.objectives.batch import Batch, pad_rows
+from hm3jax.settings import OBJECTIVES
 
 
 def _shifted(logits: jax.Array, batch: Batch):
@@ -160,7 +161,7 @@ def make_path_scorer(
     return score
 
 
-SCORE_OBJECTIVES = ("exact_match", "loglik", "answer_prob")
+SCORE_OBJECTIVES = (*OBJECTIVES, "answer_prob")  # the run objectives, and the search rows' smooth stand-in
 
 
 def make_params_scorer(cfg, batch: Batch, num_tasks: int, objective: str = "exact_match",

@@ -147,7 +147,7 @@ def minibatch_rows(data: SearchData, key: jax.Array, per_task: int) -> Batch:
 
 def make_model_scorer(model_cfg, num_tasks: int, cfg: LowerConfig = LowerConfig()) -> Scorer:
     """Scorer over SearchData: per-task means of exact match / answer log-likelihood of paths."""
-    objective = exact_match if cfg.objective == "exact_match" else answer_loglik
+    objective = answer_loglik if cfg.objective == "loglik" else exact_match  # None: exact_match
     search_rows = answer_prob if cfg.env.search_score == "answer_prob" else objective
     per_task = max(1, cfg.env.search_minibatch // num_tasks)
 

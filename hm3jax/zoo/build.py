@@ -33,13 +33,13 @@ from hm3jax.models.config import ModelConfig
 from hm3jax.models.decoder import init_params
 from hm3jax.objectives.synthetic import TASK_NAMES
 from hm3jax.objectives.tokenizer import build_tokenizer, save_tokenizer
+from hm3jax.settings import BASE
 from hm3jax.zoo.config import ZooConfig
 from hm3jax.zoo.data import base_training_set, expert_training_set
 from hm3jax.zoo.probe import score_zoo, targets
 from hm3jax.zoo.train import fit
 
 MANIFEST = "zoo.json"
-BASE = "base"
 MODEL_NAMES = (BASE,) + TASK_NAMES
 _FORMAT = 2
 # Below this many expert steps in all, worker start-up costs more than parallel training saves.
