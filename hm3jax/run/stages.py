@@ -1,52 +1,40 @@
-"""The stages of `python -m hm3jax.train`, each a function of the run's context and earlier results.
+"""The stages of a run, each a function of the run's Context and earlier results, each saved in the
+stage store as soon as it is done (and the searches after every chunk of iterations), so a run
+killed at any point and started again redoes only the unfinished work:
 
-    models -> references (base and experts scored; the ideal point) -> preferences -> upper level
+    references (base and experts scored; the ideal point) -> upper level (one merge per preference)
     -> lower level (PPO over layer paths) -> baselines (parameter merges, random / evolutionary path
-    search, the two ablations) -> held-out evaluation -> front.json, front.png, report.md
-
-Every stage's result is saved under `checkpoints/` with orbax as soon as it is done, and the searches
-save their state after every chunk of iterations, so a run killed at any point and started again
-with the same command redoes only the unfinished work and ends with the same front. Stage results
-are small arrays; merged models are recomputed from them (merges are deterministic), never stored.
+    search, the architecture-only ablation) -> held-out evaluation -> generated answers (task files)
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from hm3jax.config import RunConfig, RunConfigError
-from hm3jax.cost import path_cost
-from hm3jax.io.atomic import CheckpointWriteError as CheckpointWriteError  # raised by StageStore.save
-from hm3jax.io.atomic import checkpoint_write_error
 from hm3jax.models import build_pool, generate, generate_path
-from hm3jax.models.config import ModelConfig
 from hm3jax.models.pool import shell_of
-from hm3jax.objectives.batch import Batch, make_suite_batch, special_ids
+from hm3jax.objectives.batch import Batch, special_ids
 from hm3jax.objectives.scoring import make_params_scorer
 from hm3jax.objectives.taskfiles import decode_answers, generated_score, graded_prompts
-from hm3jax.rundoc import round_floats
+from hm3jax.run.context import Context, merge_keys, upper_key, upper_methods
+from hm3jax.run.solutions import describe_path, switches_models
+from hm3jax.run.store import CorruptCheckpointError
 from hm3jax.search.align import fit_alignment, pool_alignment
 from hm3jax.search.lower import build_search, make_lower_train, make_model_scorer, run_lower
 from hm3jax.search.path_baselines import PathSearchConfig, make_path_search
-from hm3jax.search.upper import UPPER_METHODS, dare_key, merge_for_preference, run_upper_many
-from hm3jax.settings import BASE, MERGE
+from hm3jax.search.upper import UPPER_METHODS, merge_for_preference, run_upper_many
+from hm3jax.settings import MERGE
 
 log = logging.getLogger(__name__)
+
 
 STAGES = ("references", "upper", "lower", "arch_only", "random_path", "evolutionary_path",
           "param_baselines", "heldout", "generated")
@@ -56,134 +44,8 @@ class StopRun(Exception):
     """Raised by a stage when the run was asked to stop there (tests of resuming)."""
 
 
-class Context(NamedTuple):
-    """What every stage reads: the validated config, the models, the batches and the sinks."""
-
-    cfg: RunConfig
-    model_cfg: ModelConfig
-    tasks: tuple[str, ...]
-    base: dict
-    experts: list[dict]
-    tokenizer: Any
-    search: Batch
-    heldout: Batch
-    prefs: np.ndarray
-    store: StageStore
-    log: Callable[[dict], None]
-    cache: dict  # compiled trainers and scorers shared by the stages (same shapes, one compilation)
-    mesh: Any = None  # the device mesh of the searches (None: one device)
-    suite: tuple = ()  # the tasks (tasks.kind files: objectives.taskfiles.FileTask, with their records)
-
-
-# ---------------------------------------------------------------------------------- checkpoints
-class CorruptCheckpointError(RunConfigError):
-    """A stage checkpoint that exists but cannot be restored, or whose arrays fail their digest."""
-
-    def __init__(self, path: str, why: str):
-        super().__init__(f"checkpoint {path} is corrupt or incomplete ({why}); remove it to recompute that stage")
-        self.path, self.why = path, why
-
-
-def _digest(tree: dict) -> str:
-    """sha256 of a tree of numpy arrays: key paths, dtypes, shapes and bytes (orbax keeps no checksum
-    of its own that a restore verifies, so flipped bytes would otherwise come back as results)."""
-    h = hashlib.sha256()
-    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(tree)[0], key=lambda kv: jax.tree_util.keystr(kv[0])):
-        a = np.ascontiguousarray(np.asarray(leaf))
-        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-class StageStore:
-    """Stage results as orbax checkpoints under RUN_DIR/checkpoints/stages/<stage> (pytrees of
-    arrays), each with a digest beside it (<stage>.sha256) that `load` checks."""
-
-    def __init__(self, run_dir: str):
-        self.root = os.path.abspath(os.path.join(run_dir, "checkpoints"))
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.root, name)
-
-    def _stage_path(self, name: str) -> str:
-        return os.path.join(self.root, "stages", name)
-
-    def load(self, name: str) -> dict | None:
-        """The saved result of stage `name`, or None when it was never saved.
-
-        Raises CorruptCheckpointError when the checkpoint exists but cannot be restored (truncated
-        or emptied metadata, an empty directory, unreadable arrays) or its arrays differ from the
-        digest written with them."""
-        p = self._stage_path(name)
-        if not os.path.lexists(p):
-            return None
-        if not os.path.isdir(p):
-            raise CorruptCheckpointError(p, "not a directory")
-        try:
-            with ocp.StandardCheckpointer() as ckpt:
-                tree = jax.tree.map(np.asarray, ckpt.restore(p))
-        except Exception as e:  # orbax and tensorstore raise many types (JSON, OS, DATA_LOSS ValueError, ...)
-            raise CorruptCheckpointError(p, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
-        if not isinstance(tree, dict):
-            raise CorruptCheckpointError(p, f"restored a {type(tree).__name__}, not a mapping of arrays")
-        try:
-            with open(p + ".sha256") as f:
-                want = f.read().strip()
-        except FileNotFoundError:
-            return tree  # written before digests existed, or killed between the two writes
-        except OSError as e:
-            raise CorruptCheckpointError(p, f"its digest {p}.sha256 cannot be read: {e.strerror}") from None
-        if _digest(tree) != want:
-            raise CorruptCheckpointError(p, f"its arrays do not match the digest {p}.sha256")
-        return tree
-
-    def discard(self, name: str) -> None:
-        """Remove stage `name`'s checkpoint and digest (to recompute it)."""
-        p = self._stage_path(name)
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(p)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(p + ".sha256")
-
-    def save(self, name: str, tree: dict) -> dict:
-        """Save stage `name` (orbax writes a temporary directory, then renames it) and its digest.
-        Raises CheckpointWriteError ("no space left on device while writing <path>" for a full
-        disk), leaving no partial checkpoint, when the disk refuses it."""
-        p = self._stage_path(name)
-        tree = jax.tree.map(np.asarray, tree)
-        try:
-            os.makedirs(os.path.dirname(p), exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(p + ".sha256")  # a digest never outlives the checkpoint it was written for
-            with ocp.StandardCheckpointer() as ckpt:
-                ckpt.save(p, tree)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(p), prefix=f".{name}.sha256.")
-            with os.fdopen(fd, "w") as f:
-                f.write(_digest(tree) + "\n")
-            os.replace(tmp, p + ".sha256")
-        except Exception as e:
-            self._clean_partial(name)
-            raise checkpoint_write_error(p, e) from None
-        return tree
-
-    def _clean_partial(self, name: str) -> None:
-        folder = os.path.join(self.root, "stages")
-        for entry in os.listdir(folder) if os.path.isdir(folder) else ():
-            if entry.startswith((f"{name}.orbax-checkpoint-tmp", f".{name}.sha256.")):
-                full = os.path.join(folder, entry)
-                if os.path.isdir(full):
-                    shutil.rmtree(full, ignore_errors=True)
-                else:
-                    with contextlib.suppress(OSError):
-                        os.remove(full)
-        self.discard(name)
-
-
-def _stage(ctx: Context, name: str, compute: Callable[[], dict], summary: Callable[[dict], str],
-           stop_after: str | None) -> dict:
+def run_stage(ctx: Context, name: str, compute: Callable[[], dict], summary: Callable[[dict], str],
+              stop_after: str | None) -> dict:
     """Load stage `name` from its checkpoint or compute and save it; print its one-line summary.
 
     A checkpoint that is corrupt or incomplete is removed and the stage recomputed (stage results are
@@ -212,18 +74,18 @@ def _fmt(scores) -> str:
     return "/".join(f"{x:.3f}" for x in np.asarray(scores).reshape(-1))
 
 
-# ---------------------------------------------------------------------------------- scoring
 def params_scorer(ctx: Context, batch: Batch):
     """params -> [K] per-task scores on `batch` (jittable, vmappable; batch is a jit argument)."""
     return make_params_scorer(ctx.model_cfg, batch, len(ctx.tasks), ctx.cfg.tasks.objective,
                               ctx.cfg.eval.batch_rows)
 
 
-def upper_methods(ctx: Context, upper_out: dict | None) -> list[str]:
-    """The merge method of each preference's upper level (the pick of upper.method "auto")."""
-    if upper_out is not None and "method" in upper_out:
-        return [UPPER_METHODS[int(i)] for i in np.asarray(upper_out["method"]).reshape(-1)]
-    return [ctx.cfg.upper.method] * len(ctx.prefs)
+def model_scorer(ctx: Context):
+    """The lower level's path scorer (search.env.Scorer over SearchData), built once per Context so
+    every search of the run shares its compiled programs."""
+    if "model_scorer" not in ctx.cache:
+        ctx.cache["model_scorer"] = make_model_scorer(ctx.model_cfg, len(ctx.tasks), ctx.cfg.lower)
+    return ctx.cache["model_scorer"]
 
 
 def merged_models(ctx: Context, density, scale, methods: Sequence[str] | None = None) -> list[dict]:
@@ -234,17 +96,6 @@ def merged_models(ctx: Context, density, scale, methods: Sequence[str] | None = 
             for m, p, k, d, s in zip(methods, ctx.prefs, merge_keys(ctx), density, scale)]
 
 
-def upper_key(ctx: Context) -> jax.Array:
-    """The key of the upper level (run_upper_many splits it into one key per preference)."""
-    return jax.random.fold_in(jax.random.key(ctx.cfg.seed), 1)
-
-
-def merge_keys(ctx: Context) -> list[jax.Array]:
-    """The DARE key each preference's upper-level merge used (as run_upper_many derives them)."""
-    return [dare_key(k) for k in jax.random.split(upper_key(ctx), len(ctx.prefs))]
-
-
-# ---------------------------------------------------------------------------------- stages
 def references(ctx: Context, stop_after=None) -> dict:
     def compute():
         models = [ctx.base] + ctx.experts
@@ -255,7 +106,7 @@ def references(ctx: Context, stop_after=None) -> dict:
         out["ideal"] = out["search"][1:].max(axis=0)
         return out
 
-    return _stage(ctx, "references", compute, lambda o: f"held-out base {_fmt(o['heldout'][0])}; experts "
+    return run_stage(ctx, "references", compute, lambda o: f"held-out base {_fmt(o['heldout'][0])}; experts "
                   + ", ".join(f"{t} {_fmt(o['heldout'][1 + i])}" for i, t in enumerate(ctx.tasks)),
                   stop_after)
 
@@ -272,7 +123,7 @@ def upper(ctx: Context, ideal, stop_after=None) -> dict:
         return (f"{ctx.cfg.upper.method} for {len(ctx.prefs)} preferences ({picked}); mean Tchebycheff "
                 f"value {float(np.mean(o['tcheby'])):.4f}")
 
-    return _stage(ctx, "upper", compute, summary, stop_after)
+    return run_stage(ctx, "upper", compute, summary, stop_after)
 
 
 class SearchSetup(NamedTuple):
@@ -333,7 +184,7 @@ def _path_search(ctx: Context, name: str, merged: list[dict], blocks: str, ideal
             out["align_gap"] = np.asarray([fitted.gap_before, fitted.gap_after], np.float32)
         return out
 
-    return _stage(ctx, name, compute, lambda o: f"best paths' mean Tchebycheff value "
+    return run_stage(ctx, name, compute, lambda o: f"best paths' mean Tchebycheff value "
                   f"{float(np.mean(o['tcheby'])):.4f} (search split), "
                   f"{int(np.mean(o['paths_scored'])) if 'paths_scored' in o else '?'} distinct paths scored "
                   "per preference", stop_after)
@@ -412,7 +263,7 @@ def param_baselines(ctx: Context, stop_after=None) -> dict:
             out[f"{method}/search"], out[f"{method}/heldout"] = s[:, :k], s[:, k:]
         return out
 
-    return _stage(ctx, "param_baselines", compute, lambda o: ", ".join(
+    return run_stage(ctx, "param_baselines", compute, lambda o: ", ".join(
         f"{m} mean held-out {_fmt(np.mean(o[f'{m}/heldout'], axis=0))}" for m in UPPER_METHODS), stop_after)
 
 
@@ -430,14 +281,6 @@ def concat_batches(a: Batch, b: Batch) -> Batch:
     return Batch(*fields)
 
 
-def model_scorer(ctx: Context):
-    """The lower level's path scorer (search.env.Scorer over SearchData), built once per Context so
-    every search of the run shares its compiled programs."""
-    if "model_scorer" not in ctx.cache:
-        ctx.cache["model_scorer"] = make_model_scorer(ctx.model_cfg, len(ctx.tasks), ctx.cfg.lower)
-    return ctx.cache["model_scorer"]
-
-
 def heldout_scores(ctx: Context, searches: dict[str, tuple[dict, list[dict]]], ideal, stop_after=None) -> dict:
     """Held-out scores of every search's best paths: {search name: [N, K]}."""
     def compute():
@@ -452,7 +295,7 @@ def heldout_scores(ctx: Context, searches: dict[str, tuple[dict, list[dict]]], i
             out[name] = np.stack(rows)
         return out
 
-    return _stage(ctx, "heldout", compute, lambda o: ", ".join(
+    return run_stage(ctx, "heldout", compute, lambda o: ", ".join(
         f"{n} mean {_fmt(np.mean(v, axis=0))}" for n, v in o.items()), stop_after)
 
 
@@ -508,155 +351,10 @@ def generated_scores(ctx: Context, lower: dict, merged: list[dict], stop_after=N
         hm3 = f"HM3 mean {_fmt(graded.mean(axis=0))}" if len(graded) else "no HM3 path graded (all aligned)"
         return f"task scorers on generated held-out answers: base {_fmt(o['references'][0])}, {hm3}"
 
-    return _stage(ctx, "generated", compute, summary, stop_after)
-
-
-# ---------------------------------------------------------------------------------- solutions
-def describe_path(ctx: Context, local_path: np.ndarray, merged_name: str) -> list[tuple[str, int]]:
-    """(model name, layer) pairs of a local path (experts by task name; the merged block by
-    `merged_name`), stopping at STOP / the end."""
-    L, K = ctx.model_cfg.num_hidden_layers, len(ctx.tasks)
-    out = []
-    for a in np.asarray(local_path).tolist():
-        if a < 0 or a >= (K + 1) * L:
-            break
-        out.append((ctx.tasks[a // L], a % L) if a < K * L else (merged_name, a - K * L))
-    return out
-
-
-def solutions(ctx: Context, stage: dict, heldout: np.ndarray, merged_name: str, upper_out: dict | None,
-              make_solution, with_upper: bool = True) -> list[dict]:
-    recs = []
-    seq = ctx.cfg.front.cost_seq_len
-    keys = merge_keys(ctx)
-    methods = upper_methods(ctx, upper_out)
-    for i, pref in enumerate(ctx.prefs):
-        path = describe_path(ctx, stage["path"][i], merged_name)
-        up = None
-        if with_upper and upper_out is not None:
-            k = keys[i]
-            up = {"method": methods[i], "density": float(upper_out["density"][i]),
-                  "scale": float(upper_out["scale"][i]), "seed": ctx.cfg.seed,
-                  "key_data": np.asarray(jax.random.key_data(k)).tolist()}
-        recs.append(make_solution(pref, up, path, merged_name, stage["search"][i], heldout[i],
-                                  path_cost(ctx.model_cfg, path, seq).to_dict(),
-                                  aligned="align" in stage and switches_models(path, merged_name)))
-    return recs
-
-
-def switches_models(path, shell: str) -> bool:
-    """Whether a described path ever runs a layer of another model than the one before it (the
-    shell's model before the first layer): the steps where alignment maps apply."""
-    prev = shell
-    for step in path:
-        if step is not None:
-            if step[0] != prev:
-                return True
-            prev = step[0]
-    return False
-
-
-def identity_solutions(ctx: Context, search: np.ndarray, heldout: np.ndarray, upper_out: dict | None,
-                       method: str, make_solution) -> list[dict]:
-    """Parameter-level merges as solutions: the identity path over the merged model."""
-    L, seq = ctx.model_cfg.num_hidden_layers, ctx.cfg.front.cost_seq_len
-    path = [(MERGE, layer) for layer in range(L)]
-    recs = []
-    methods = upper_methods(ctx, upper_out) if upper_out is not None else [method] * len(ctx.prefs)
-    for i, pref in enumerate(ctx.prefs):
-        up = {"method": methods[i], "density": float(upper_out["density"][i]) if upper_out else ctx.cfg.upper.density,
-              "scale": float(upper_out["scale"][i]) if upper_out else ctx.cfg.upper.scale, "seed": ctx.cfg.seed}
-        recs.append(make_solution(pref, up, path, MERGE, search[i], heldout[i],
-                                  path_cost(ctx.model_cfg, path, seq).to_dict()))
-    return recs
-
-
-def load_batches(suite, tokenizer) -> tuple[Batch, Batch]:
-    return make_suite_batch(suite, "search", tokenizer), make_suite_batch(suite, "heldout", tokenizer)
-
-
-_TB_WARNED = [False]
-
-
-def _scalars(prefix: str, v):
-    """(tag, value) of every number in a record value: numbers as they are, lists per index
-    (`reward/0`: preference 0), mappings per key (`hypervolume/hm3`)."""
-    if isinstance(v, bool):
-        return
-    if isinstance(v, (int, float)):
-        yield prefix, float(v)
-    elif isinstance(v, Mapping):
-        for k, x in v.items():
-            yield from _scalars(f"{prefix}/{k}", x)
-    elif isinstance(v, list):
-        for i, x in enumerate(v):
-            yield from _scalars(f"{prefix}/{i}", x)
-
-
-def metrics_logger(run_dir: str, tensorboard: bool) -> Callable[[dict], None]:
-    """Append each record to metrics.jsonl (floats to 6 significant digits) and, with tensorboardX,
-    its numbers as scalars to tensorboard/ ("<stage>/<key>[/<index or name>]"). The step of a record
-    is its "iteration" (the PPO iteration of a search's per-iteration record), else its "step", else
-    0 for a stage's own record. `tensorboard` without tensorboardX installed: one warning per process,
-    metrics.jsonl only."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    writer = None
-    if tensorboard:
-        try:
-            from tensorboardX import SummaryWriter
-
-            writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-        except ImportError:
-            if not _TB_WARNED[0]:
-                _TB_WARNED[0] = True
-                log.warning("log.tensorboard is on but tensorboardX is not installed (pip install tensorboardX); "
-                            "metrics go to metrics.jsonl only. Set log.tensorboard false to silence this.")
-
-    def plain(x):
-        if isinstance(x, Mapping):
-            return {str(k): plain(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [plain(v) for v in x]
-        if isinstance(x, (np.ndarray, np.generic, jax.Array)):
-            return plain(np.asarray(x).tolist())
-        return x
-
-    def write(record: dict) -> None:
-        record = round_floats(plain({"time": time.time(), **record}))
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if writer is not None:
-            step = int(record.get("iteration", record.get("step", 0)))
-            stage = record.get("stage", "run")
-            for k, v in record.items():
-                if k in ("time", "iteration", "step", "chunk", "stage"):
-                    continue
-                for tag, x in _scalars(f"{stage}/{k}", v):
-                    writer.add_scalar(tag, x, step)
-            writer.flush()
-
-    return write
-
-
-def check_models(tasks: Sequence[str], models: dict) -> None:
-    missing = [n for n in [BASE, *tasks] if n not in models]
-    if missing:
-        raise RunConfigError(f"models: no checkpoint for {', '.join(missing)}")
+    return run_stage(ctx, "generated", compute, summary, stop_after)
 
 
 def upper_heldout(ctx: Context, merged: list[dict]) -> np.ndarray:
     """[N, K] held-out scores of the upper level's merges (one forward per preference)."""
     score = jax.jit(params_scorer(ctx, ctx.heldout))
     return np.stack([np.asarray(score(m)) for m in merged])
-
-
-def reference_records(ctx: Context, ref: dict, make_solution) -> dict:
-    """Solution records of the base and each expert (their own identity paths)."""
-    L, seq, k = ctx.model_cfg.num_hidden_layers, ctx.cfg.front.cost_seq_len, len(ctx.tasks)
-    out = {}
-    for i, name in enumerate((BASE,) + tuple(ctx.tasks)):
-        path = [(name, layer) for layer in range(L)]
-        pref = [1.0 / k] * k if name == BASE else [float(t == name) for t in ctx.tasks]
-        out[name] = make_solution(pref, None, path, name, ref["search"][i], ref["heldout"][i],
-                                  path_cost(ctx.model_cfg, path, seq).to_dict())
-    return out
