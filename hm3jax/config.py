@@ -246,6 +246,7 @@ def task_names(cfg: RunConfig) -> tuple[str, ...]:
         return tuple(ck.experts)
     if cfg.tasks.kind == "files":
         return tuple(cfg.tasks.files)
+    # loads JAX: imported where needed, so a config is parsed and refused before JAX loads
     from hm3jax.objectives.synthetic import TASK_NAMES
 
     return tuple(TASK_NAMES)
@@ -254,6 +255,7 @@ def task_names(cfg: RunConfig) -> tuple[str, ...]:
 def preference_matrix(cfg: RunConfig) -> np.ndarray:
     """[N, K] float32 preferences of a validated config: `preferences.n` generated ones (Dirichlet
     draws seeded by `seed`, or the smallest Das-Dennis grid with >= n points), then `extra`."""
+    # loads JAX: imported where needed, so a config is parsed and refused before JAX loads
     from hm3jax.moo import das_dennis, dirichlet
 
     p, k = cfg.preferences, len(task_names(cfg))
@@ -270,6 +272,7 @@ def preference_matrix(cfg: RunConfig) -> np.ndarray:
 
 
 def _width(path: str, key: str):
+    # loads JAX: imported where needed, so a config is parsed and refused before JAX loads
     from hm3jax.io import CheckpointError
     from hm3jax.io.hf import read_config
     from hm3jax.models.config import ConfigError
@@ -383,6 +386,7 @@ def _check_tasks(cfg: RunConfig) -> None:
     if t.kind == "embedded":
         if t.files:
             raise RunConfigError("tasks.files is set but tasks.kind is embedded; set tasks.kind: files")
+        # loads JAX: imported where needed, so a config is parsed and refused before JAX loads
         from hm3jax.objectives.synthetic import TASK_NAMES
 
         if len(experts) != len(TASK_NAMES) or set(experts) != set(TASK_NAMES):
@@ -404,6 +408,7 @@ def _check_tasks(cfg: RunConfig) -> None:
                 raise RunConfigError(f"tasks.files.{name}.{split}: no JSONL file given")
             if not os.path.exists(path):
                 raise RunConfigError(f"tasks.files.{name}.{split}: {path}: no such file")
+    # loads JAX: imported where needed, so a config is parsed and refused before JAX loads
     from hm3jax.objectives.taskfiles import FileTask, TaskFileError
 
     for name, f in t.files.items():  # every record is read and checked before any work
@@ -460,6 +465,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if m.checkpoints is not None:
         inputs += [m.checkpoints.base, *m.checkpoints.experts.values()]
     inputs += [p for f in cfg.tasks.files.values() for p in (f.search, f.heldout)]
+    # loads JAX: imported where needed, so a config is parsed and refused before JAX loads
     from hm3jax.io.atomic import UnsafeOutputError, check_output_path
 
     try:

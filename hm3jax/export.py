@@ -32,6 +32,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 import yaml
 
@@ -58,8 +59,6 @@ class ExportError(ValueError):
 
 # ------------------------------------------------------------------------------------ pure parts
 def _num_layers(params: dict) -> int:
-    import jax
-
     return int(jax.tree.leaves(params["layers"])[0].shape[0])
 
 
@@ -111,8 +110,6 @@ def path_params(cfg: ModelConfig, models: Mapping[str, dict], path: Sequence,
     if shell not in models:
         raise ExportError(f"shell model {shell!r} is not among the source models ({', '.join(models)})")
     steps = check_path(path, {n: _num_layers(p) for n, p in models.items()})
-    import jax
-
     stacked = jax.tree.map(
         lambda *leaves: np.stack([np.asarray(leaf)[layer] for leaf, (_, layer) in zip(leaves, steps)]),
         *[models[name]["layers"] for name, _ in steps])
@@ -124,8 +121,6 @@ def path_params(cfg: ModelConfig, models: Mapping[str, dict], path: Sequence,
 def check_finite(params: dict) -> None:
     """Raise ExportError naming the first tensor holding NaN or ±Inf (the merge CLI's rule: a
     non-finite weight is never written; e.g. an upper-level merge with an infinite scale)."""
-    import jax
-
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         a = np.asarray(leaf)
         floating = np.issubdtype(a.dtype, np.inexact) or a.dtype.kind == "V"  # ml_dtypes' bfloat16 is "V"

@@ -13,10 +13,12 @@ formula that tests/test_memplan.py checks against `jax.jit(...).lower(...).compi
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 
 from hm3jax.cost import layer_parameters, shell_parameters
+from hm3jax.log import add_verbosity_flags, setup_logging
 from hm3jax.models.config import ModelConfig
 
 GiB = 2**30
@@ -79,6 +81,7 @@ def scoring_bytes(cfg: ModelConfig, pool_layers: int, paths: int, rows: int, seq
 def agent_bytes(cfg: ModelConfig, num_experts: int, preferences: int) -> int:
     """Agents of the lower level (one per preference): float32 params, gradients and Adam's two
     moments, from the agent's own init (jax.eval_shape: nothing is allocated)."""
+    # JAX loads only to measure a scorer's memory: the plan itself is arithmetic (JAX-free CLI)
     import jax
 
     from hm3jax.search.agent import AgentConfig, init_agent
@@ -167,10 +170,6 @@ def plan_table(num_experts: int = 3, preferences: int = 20, rows: int = 8, seq: 
 def main(argv=None) -> int:
     """python -m hm3jax.memplan [-v | -q]: print the planning table (markdown) on stdout; any other
     argument is refused (exit 2) rather than ignored."""
-    import argparse
-
-    from hm3jax.log import add_verbosity_flags, setup_logging
-
     ap = argparse.ArgumentParser(prog="python -m hm3jax.memplan", description=__doc__.splitlines()[0])
     add_verbosity_flags(ap)
     args = ap.parse_args(argv)

@@ -80,6 +80,7 @@ class _TorchSource:
 
     def __init__(self, files: list[str], root: str):
         try:
+            # heavy (torch, transformers): loaded only for the files that need it
             import torch
         except ModuleNotFoundError:
             raise CheckpointError(
@@ -179,6 +180,7 @@ def load_tokenizer(path: str | os.PathLike):
         raise CheckpointError(f"{path}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}) "
                               "and not a .gguf file")
     check_tokenizer_files(path)  # transformers would block in open() on a FIFO
+    # heavy (torch, transformers): loaded only for the files that need it
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)

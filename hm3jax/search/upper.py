@@ -87,6 +87,7 @@ def _tune(cfg: UpperConfig, base: dict, experts: Sequence[dict], score_fn, pref,
     (pref, ideal, key). Keys: merge (shared by every candidate), ES init, and one per generation,
     all split from `key` (none is used twice).
     """
+    # evosax loads only when upper.tune is on
     from evosax.algorithms import CMA_ES  # optional dependency of the tuner only
 
     k_merge, k_init, k_gens = jax.random.split(key, 3)

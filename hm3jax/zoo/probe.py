@@ -62,6 +62,7 @@ def score_zoo(cfg: ModelConfig, models: dict[str, dict], zc: ZooConfig, tokenize
     Returns:
       ({model name: {task: exact match}}, the probe: see `probe_mergeability`).
     """
+    # the search package (flax, optax) loads only when the probe runs, not with hm3jax.zoo
     from hm3jax.search.upper import UPPER_METHODS, merge_for_preference
 
     k, n_layers = len(TASK_NAMES), zc.num_hidden_layers
