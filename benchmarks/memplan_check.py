@@ -1,7 +1,7 @@
 """The memory plan against XLA's own memory analysis at paper scale, with no weights allocated.
 
 For each paper model (hm3jax.memplan.MODELS) on an 8-device (data x fsdp) mesh of fake CPU devices,
-the sharded path scorer of hm3jax.objectives.sharded_scoring (the same function: `_forward_path`
+the sharded path scorer of hm3jax.objectives.sharded_scoring (the same function: `forward_layers`
 vmapped over paths, the pool over `fsdp`, paths over `data`) is lowered with abstract inputs
 (jax.ShapeDtypeStruct with the rules' shardings) and compiled; `memory_analysis()` then gives the
 per-device argument and temporary bytes, set next to the plan's formula (memplan.scoring_bytes:
@@ -25,8 +25,8 @@ def check(name: str, cfg, mesh, paths: int, rows: int, seq: int, dtype) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from hm3jax import memplan
-    from hm3jax.models.decoder import _forward_path
+    from hm3jax import cost, memplan
+    from hm3jax.models.decoder import forward_layers
     from hm3jax.models.params import layer_shapes, shell_shapes
     from hm3jax.objectives.batch import Batch
     from hm3jax.objectives.scoring import answer_loglik, exact_match, task_means
@@ -51,7 +51,7 @@ def check(name: str, cfg, mesh, paths: int, rows: int, seq: int, dtype) -> dict:
 
     def score_paths(shell, layers, rows, paths):
         def one(path):
-            logits = _forward_path(cfg, shell, layers, path, rows.tokens, rows.attention_mask)
+            logits = forward_layers(cfg, shell, layers, path, rows.tokens, rows.attention_mask)
             return task_means(exact_match(logits, rows), rows, None), task_means(answer_loglik(logits, rows), rows, None)
 
         return jax.vmap(one)(paths)
@@ -62,7 +62,7 @@ def check(name: str, cfg, mesh, paths: int, rows: int, seq: int, dtype) -> dict:
     data, fsdp = mesh.shape["data"], mesh.shape["fsdp"]
     b = jnp.dtype(dtype).itemsize
     whole = memplan.scoring_bytes(cfg, pool_size, paths // data, rows, seq, b)
-    model = (pool_size * memplan.layer_params(cfg) + memplan.shell_params(cfg)) * b
+    model = (pool_size * cost.layer_parameters(cfg) + cost.shell_parameters(cfg)) * b
     plan_args = model / fsdp + (whole["arguments"] - model)
     return {"model": name, "mesh": f"{data} x {fsdp}", "paths": paths,
             "args_xla": ma.argument_size_in_bytes, "args_plan": plan_args,

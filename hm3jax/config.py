@@ -24,11 +24,12 @@ import numpy as np
 # the sections come from hm3jax.settings, which imports no JAX: a config is parsed and checked first
 from hm3jax.confighelp import suggest_key, tidy_help
 from hm3jax.settings import (
-    AgentConfig,
-    EnvConfig,
+    DEFAULT_LOWER,
+    DEFAULT_UPPER,
+    OBJECTIVES,
+    SCORERS,
     LowerConfig,
     MeshConfig,
-    PPOConfig,
     ShardingError,
     UpperConfig,
 )
@@ -36,30 +37,8 @@ from hm3jax.settings import (
 CONFIG_FILE = "config.yaml"
 ZOO_CONFIGS = ("default", "small")
 TASK_KINDS = ("embedded", "files")
-# Scorers of hm3jax.objectives.realtasks, by the name a task file entry gives.
-SCORERS = ("gsm8k", "chrf", "pass_at_k")  # of generated answers: hm3jax.objectives.taskfiles
-OBJECTIVES = ("exact_match", "loglik")
 PREFERENCE_KINDS = ("dirichlet", "grid")
 SIMPLEX_TOL = 1e-6
-
-
-# The default run's search, sized so `python -m hm3jax.train` finishes in minutes on a 2-core CPU:
-# edit actions around the upper level's merge; one λ-conditioned agent for every preference; 64
-# rollouts per preference per iteration of which at most 16 new distinct paths are scored (half of
-# them offered to neighbours of the best paths first), 24 iterations: 384 distinct paths per
-# preference, each scored on the same 48 search rows; reward -Tchebycheff (the value the upper level
-# minimises and the report compares); POMO baseline and self-imitation of the best. The answer is
-# the best of the 8 best paths (by search-row reward) re-scored on the whole search split: 48 rows
-# rank the edits that pay too noisily to trust their first pick, while their top 8 hold most of the
-# gain (benchmarks/README.md, sixth round).
-DEFAULT_LOWER = LowerConfig(
-    env=EnvConfig(actions="edit", reward="tchebycheff", search_minibatch=48, rescore_top=8),
-    agent=AgentConfig(identity_prob=0.8),
-    ppo=PPOConfig(mode="conditioned", num_envs=64, new_paths=16, iterations=24, chunk_iterations=8,
-                  minibatches=2, baseline="pomo", sil_coef=0.5, explore=64, local_share=0.5, lr=3e-3,
-                  critic_lr=3e-3))
-# The default upper level picks TA / TIES / DARE-TIES per preference on the search split.
-DEFAULT_UPPER = UpperConfig(method="auto")
 
 
 class RunConfigError(ValueError):
@@ -242,11 +221,11 @@ def parse_run_config(args: Sequence[str] | None = None, config_path: str | os.Pa
     try:
         parser = draccus.argparsing.ArgumentParser(config_class=RunConfig, config_path=config_path, exit_on_error=False,
                                         prog=prog)
-        tidy_help(parser.parser)
+        tidy_help(parser.parser, RunConfig())  # a run's defaults (DEFAULT_UPPER, DEFAULT_LOWER)
         return parser.parse_args(args)
     except (draccus.utils.DraccusException, draccus.utils.ParsingError, ValueError, TypeError) as e:
         src = f"{where}: " if where else ""
-        raise RunConfigError(f"{src}{suggest_key(_draccus_message(e))}") from None
+        raise RunConfigError(f"{src}{suggest_key(_draccus_message(e), RunConfig)}") from None
 
 
 def load_run_config(path: str | os.PathLike) -> RunConfig:
@@ -267,6 +246,7 @@ def task_names(cfg: RunConfig) -> tuple[str, ...]:
         return tuple(ck.experts)
     if cfg.tasks.kind == "files":
         return tuple(cfg.tasks.files)
+    # loads JAX: imported where needed, so a config is parsed and refused before JAX loads
     from hm3jax.objectives.synthetic import TASK_NAMES
 
     return tuple(TASK_NAMES)
@@ -275,6 +255,7 @@ def task_names(cfg: RunConfig) -> tuple[str, ...]:
 def preference_matrix(cfg: RunConfig) -> np.ndarray:
     """[N, K] float32 preferences of a validated config: `preferences.n` generated ones (Dirichlet
     draws seeded by `seed`, or the smallest Das-Dennis grid with >= n points), then `extra`."""
+    # loads JAX: imported where needed, so a config is parsed and refused before JAX loads
     from hm3jax.moo import das_dennis, dirichlet
 
     p, k = cfg.preferences, len(task_names(cfg))
@@ -291,6 +272,7 @@ def preference_matrix(cfg: RunConfig) -> np.ndarray:
 
 
 def _width(path: str, key: str):
+    # loads JAX: imported where needed, so a config is parsed and refused before JAX loads
     from hm3jax.io import CheckpointError
     from hm3jax.io.hf import read_config
     from hm3jax.models.config import ConfigError
@@ -404,6 +386,7 @@ def _check_tasks(cfg: RunConfig) -> None:
     if t.kind == "embedded":
         if t.files:
             raise RunConfigError("tasks.files is set but tasks.kind is embedded; set tasks.kind: files")
+        # loads JAX: imported where needed, so a config is parsed and refused before JAX loads
         from hm3jax.objectives.synthetic import TASK_NAMES
 
         if len(experts) != len(TASK_NAMES) or set(experts) != set(TASK_NAMES):
@@ -425,6 +408,7 @@ def _check_tasks(cfg: RunConfig) -> None:
                 raise RunConfigError(f"tasks.files.{name}.{split}: no JSONL file given")
             if not os.path.exists(path):
                 raise RunConfigError(f"tasks.files.{name}.{split}: {path}: no such file")
+    # loads JAX: imported where needed, so a config is parsed and refused before JAX loads
     from hm3jax.objectives.taskfiles import FileTask, TaskFileError
 
     for name, f in t.files.items():  # every record is read and checked before any work
@@ -437,7 +421,8 @@ def _check_tasks(cfg: RunConfig) -> None:
 def validate(cfg: RunConfig) -> RunConfig:
     """Check everything that can be checked before any work; return the resolved config.
 
-    Resolution: `models` with neither source becomes the default embedded zoo. Checks: one model
+    Resolution: `models` with neither source becomes the default embedded zoo; `lower.objective`
+    unset becomes tasks.objective. Checks: one model
     source; zoo config name; checkpoint directories exist and share one layer layout (their
     config.json files only are read); one task per expert, named after it; task files and scorers;
     preferences on the simplex; every number finite and in range; the other enumerations and
@@ -459,6 +444,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check_checkpoints(m.checkpoints)
     _check_tasks(cfg)
     _check_preferences(cfg.preferences, len(task_names(cfg)))
+    if cfg.lower.objective is None:  # the search scores what the front reports
+        cfg = dataclasses.replace(cfg, lower=dataclasses.replace(cfg.lower, objective=cfg.tasks.objective))
     if cfg.lower.objective != cfg.tasks.objective:
         raise RunConfigError(f"lower.objective {cfg.lower.objective!r} differs from tasks.objective "
                              f"{cfg.tasks.objective!r}; the search must score what the front reports")
@@ -478,6 +465,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if m.checkpoints is not None:
         inputs += [m.checkpoints.base, *m.checkpoints.experts.values()]
     inputs += [p for f in cfg.tasks.files.values() for p in (f.search, f.heldout)]
+    # loads JAX: imported where needed, so a config is parsed and refused before JAX loads
     from hm3jax.io.atomic import UnsafeOutputError, check_output_path
 
     try:

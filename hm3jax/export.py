@@ -32,6 +32,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 import yaml
 
@@ -41,6 +42,7 @@ from hm3jax.io.paths import TOKENIZER_FILES
 from hm3jax.models.config import ModelConfig
 from hm3jax.models.pool import shell_of
 from hm3jax.rundoc import round_floats
+from hm3jax.settings import BASE, MERGE
 
 SOLUTION_FILE = "hm3jax_solution.json"
 PATH_RECIPE = "mergekit_path.yml"
@@ -49,8 +51,6 @@ README_FILE = "README.md"
 # Where the README's first command writes the upper-level merge. "./" marks it local for mergekit
 # (its model card would otherwise look a bare name up on the Hugging Face hub).
 UPPER_OUTPUT = "./upper_merge"
-MERGE = "merge"  # the name of the upper-level merged model among the source models
-BASE = "base"
 
 
 class ExportError(ValueError):
@@ -59,8 +59,6 @@ class ExportError(ValueError):
 
 # ------------------------------------------------------------------------------------ pure parts
 def _num_layers(params: dict) -> int:
-    import jax
-
     return int(jax.tree.leaves(params["layers"])[0].shape[0])
 
 
@@ -112,8 +110,6 @@ def path_params(cfg: ModelConfig, models: Mapping[str, dict], path: Sequence,
     if shell not in models:
         raise ExportError(f"shell model {shell!r} is not among the source models ({', '.join(models)})")
     steps = check_path(path, {n: _num_layers(p) for n, p in models.items()})
-    import jax
-
     stacked = jax.tree.map(
         lambda *leaves: np.stack([np.asarray(leaf)[layer] for leaf, (_, layer) in zip(leaves, steps)]),
         *[models[name]["layers"] for name, _ in steps])
@@ -125,8 +121,6 @@ def path_params(cfg: ModelConfig, models: Mapping[str, dict], path: Sequence,
 def check_finite(params: dict) -> None:
     """Raise ExportError naming the first tensor holding NaN or ±Inf (the merge CLI's rule: a
     non-finite weight is never written; e.g. an upper-level merge with an infinite scale)."""
-    import jax
-
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         a = np.asarray(leaf)
         floating = np.issubdtype(a.dtype, np.inexact) or a.dtype.kind == "V"  # ml_dtypes' bfloat16 is "V"

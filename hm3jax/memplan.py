@@ -13,11 +13,13 @@ formula that tests/test_memplan.py checks against `jax.jit(...).lower(...).compi
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 
+from hm3jax.cost import layer_parameters, shell_parameters
+from hm3jax.log import add_verbosity_flags, setup_logging
 from hm3jax.models.config import ModelConfig
-from hm3jax.models.params import layer_shapes, shell_shapes
 
 GiB = 2**30
 
@@ -50,16 +52,6 @@ LLAMA2_13B = ModelConfig(model_type="llama", vocab_size=32000, hidden_size=5120,
 MODELS = {"Qwen2.5-1.5B": QWEN25_15B, "Llama-2-7B": LLAMA2_7B, "Llama-2-13B": LLAMA2_13B}
 
 
-def layer_params(cfg: ModelConfig) -> int:
-    """Parameters of one decoder layer."""
-    return sum(math.prod(s) for s in layer_shapes(cfg).values())
-
-
-def shell_params(cfg: ModelConfig) -> int:
-    """Parameters of the shell: embeddings, final norm, untied head."""
-    return sum(math.prod(s) for s in shell_shapes(cfg).values())
-
-
 def activation_bytes_per_path(cfg: ModelConfig, rows: int, seq: int, dtype_bytes: int) -> int:
     """Peak working memory of one path scored on `rows` x `seq` tokens: the gathered layer slice
     plus the larger of one layer's live activations and the head's float32 logits (with their
@@ -71,7 +63,7 @@ def activation_bytes_per_path(cfg: ModelConfig, rows: int, seq: int, dtype_bytes
     per_token = (2 * D + (2 * hq + 2 * hkv) * hd + 3 * F) * dtype_bytes + 2 * hq * seq * 4
     layer = rows * seq * per_token
     logits = 2 * rows * seq * cfg.vocab_size * 4
-    return layer_params(cfg) * dtype_bytes + max(layer, logits)
+    return layer_parameters(cfg) * dtype_bytes + max(layer, logits)
 
 
 def scoring_bytes(cfg: ModelConfig, pool_layers: int, paths: int, rows: int, seq: int, dtype_bytes: int,
@@ -81,7 +73,7 @@ def scoring_bytes(cfg: ModelConfig, pool_layers: int, paths: int, rows: int, seq
     activations: `paths` x activation_bytes_per_path) and "outputs" (two float32 per path)."""
     T = cfg.num_hidden_layers if path_len is None else path_len
     batch = rows * seq * (4 + 4 + 1) + rows * 4
-    args = (pool_layers * layer_params(cfg) + shell_params(cfg)) * dtype_bytes + batch + paths * T * 4
+    args = (pool_layers * layer_parameters(cfg) + shell_parameters(cfg)) * dtype_bytes + batch + paths * T * 4
     return {"arguments": args, "temp": paths * activation_bytes_per_path(cfg, rows, seq, dtype_bytes),
             "outputs": 2 * paths * 4}
 
@@ -89,6 +81,7 @@ def scoring_bytes(cfg: ModelConfig, pool_layers: int, paths: int, rows: int, seq
 def agent_bytes(cfg: ModelConfig, num_experts: int, preferences: int) -> int:
     """Agents of the lower level (one per preference): float32 params, gradients and Adam's two
     moments, from the agent's own init (jax.eval_shape: nothing is allocated)."""
+    # JAX loads only to measure a scorer's memory: the plan itself is arithmetic (JAX-free CLI)
     import jax
 
     from hm3jax.search.agent import AgentConfig, init_agent
@@ -133,7 +126,7 @@ def plan(cfg: ModelConfig, device: DeviceSpec, num_experts: int = 3, preferences
     Paths are split over `data` = chips / fsdp, activations not assumed to shrink with fsdp:
     max_paths = data x floor((headroom·HBM - static per chip) / activation bytes per path).
     """
-    lp, sp = layer_params(cfg), shell_params(cfg)
+    lp, sp = layer_parameters(cfg), shell_parameters(cfg)
     L, b = cfg.num_hidden_layers, dtype_bytes
     experts = num_experts * (L * lp + sp) * b + sp * b  # the experts and the base's shell
     merged = (L * lp + sp) * b
@@ -177,10 +170,6 @@ def plan_table(num_experts: int = 3, preferences: int = 20, rows: int = 8, seq: 
 def main(argv=None) -> int:
     """python -m hm3jax.memplan [-v | -q]: print the planning table (markdown) on stdout; any other
     argument is refused (exit 2) rather than ignored."""
-    import argparse
-
-    from hm3jax.log import add_verbosity_flags, setup_logging
-
     ap = argparse.ArgumentParser(prog="python -m hm3jax.memplan", description=__doc__.splitlines()[0])
     add_verbosity_flags(ap)
     args = ap.parse_args(argv)

@@ -37,7 +37,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from hm3jax.config import CONFIG_FILE, RunConfigError, ZooSource, check_numbers, load_run_config, task_names
 from hm3jax.log import add_verbosity_flags, setup_logging
+from hm3jax.report_text import best_for, label
+from hm3jax.rundoc import RunDocError, check_front, check_solution, check_upper, read_json, round_floats, zoo_models
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +79,6 @@ def parse_preference(text: str | Sequence[float], tasks: Sequence[str]) -> np.nd
 def read_front(run_dir: str | os.PathLike) -> dict:
     """front.json of a run directory, checked as untrusted input (hm3jax.rundoc.check_front: tasks,
     ideal and every solution record); RecommendError naming the file and field otherwise."""
-    from hm3jax.rundoc import RunDocError, check_front, read_json
-
     path = os.path.join(os.fspath(run_dir), FRONT_FILE)
     if not os.path.lexists(path):
         raise RecommendError(f"{path}: no such file (is {os.fspath(run_dir)} a finished hm3jax run?)")
@@ -92,6 +93,7 @@ def pick_solution(front: Mapping, preference: Sequence[float]) -> tuple[int, dic
 
     f = held-out scores, z* = front["ideal"], λ = `preference` (already on the simplex).
     """
+    # JAX (and what loads it) only for the commands that need it: a plain pick reads JSON
     import jax.numpy as jnp
 
     from hm3jax.moo import tchebycheff
@@ -116,9 +118,8 @@ def comparison(front: Mapping, preference: Sequence[float], picks: Mapping[str, 
     """(label, held-out scores, Tchebycheff value under `preference`) of each of `picks` ({label:
     solution}), the base, each expert and each baseline method's best solution for the preference
     (lowest Tchebycheff value among its solutions). Malformed records are a ValueError naming them."""
+    # JAX (and what loads it) only for the commands that need it: a plain pick reads JSON
     from hm3jax.report import heldout
-    from hm3jax.report_text import best_for, label
-
     k, ideal = len(front["tasks"]), front["ideal"]
     rows = [(name, list(s["scores"]["heldout"]), tchebycheff_value(s, preference, front)) for name, s in picks.items()]
     refs = front.get("references") or {}
@@ -160,10 +161,8 @@ def comparison_text(front: Mapping, rows: Sequence[tuple], first: int = 1) -> st
 # ------------------------------------------------------------------------------------ export
 def source_checkpoints(run_dir: str | os.PathLike) -> tuple[object, dict[str, str]]:
     """(RunConfig of RUN_DIR/config.yaml, {"base" | task name: checkpoint directory})."""
-    from hm3jax.config import CONFIG_FILE, RunConfigError, check_numbers, load_run_config, task_names
+    # JAX (and what loads it) only for the commands that need it: a plain pick reads JSON
     from hm3jax.io.paths import NotRegularFileError, check_regular
-    from hm3jax.rundoc import RunDocError, zoo_models
-
     path = os.path.join(os.fspath(run_dir), CONFIG_FILE)
     if not os.path.lexists(path):
         raise RecommendError(f"{path}: no such file; --export needs the run's config to find its models")
@@ -181,7 +180,7 @@ def source_checkpoints(run_dir: str | os.PathLike) -> tuple[object, dict[str, st
             if not isinstance(p, str) or not p:
                 raise RecommendError(f"{path}: models.checkpoints.{key}: expected a checkpoint directory, got {p!r}")
         return cfg, {"base": ck.base, **ck.experts}
-    from hm3jax.config import ZooSource
+    # JAX (and what loads it) only for the commands that need it: a plain pick reads JSON
     from hm3jax.zoo import CONFIGS, ZooError, check_zoo_dir
 
     zoo = cfg.models.zoo or ZooSource()
@@ -208,9 +207,8 @@ def merge_key(upper: Mapping):
     """The PRNG key the upper-level merge used: `jax.random.wrap_key_data(upper["key_data"])` when the
     record carries the key's raw data (e.g. the merge key `run_upper` split off its key), else
     `jax.random.key(upper["seed"])`."""
+    # JAX (and what loads it) only for the commands that need it: a plain pick reads JSON
     import jax
-
-    from hm3jax.rundoc import RunDocError, check_upper
 
     try:
         upper = check_upper(upper, "solution's upper")
@@ -227,14 +225,12 @@ def merge_key(upper: Mapping):
 def export_solution(run_dir: str | os.PathLike, solution: Mapping, out_dir: str | os.PathLike,
                     overwrite: bool = False) -> str:
     """Write `solution` (a record of RUN_DIR's front) as an HF checkpoint with recipes (hm3jax.export)."""
+    # JAX (and what loads it) only for the commands that need it: a plain pick reads JSON
     import jax
 
-    from hm3jax.config import task_names
     from hm3jax.export import MERGE, export_path
     from hm3jax.io import load_pretrained
     from hm3jax.io.atomic import UnwritableOutputError, check_output_path, check_writable
-    from hm3jax.rundoc import RunDocError, check_solution
-
     if isinstance(solution, dict) and solution.get("aligned") is True:  # refused before anything is read
         raise RecommendError("this solution's scores were measured with alignment maps at model switches "
                              "(lower.align.enabled), which a transformers checkpoint cannot hold; export a "
@@ -263,6 +259,7 @@ def export_solution(run_dir: str | os.PathLike, solution: Mapping, out_dir: str 
     for name in sorted(needed - {MERGE}):
         model_cfg, models[name] = load_pretrained(ckpts[name], dtype=cfg.models.dtype)
     if uses_merge:
+        # JAX (and what loads it) only for the commands that need it: a plain pick reads JSON
         from hm3jax.search.upper import merge_for_preference
 
         up = solution.get("upper") or {}
@@ -297,15 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.quiet)
+    # JAX (and what loads it) only for the commands that need it: a plain pick reads JSON
     from hm3jax.io.atomic import OutputExistsError, UnsafeOutputError
-    from hm3jax.rundoc import round_floats
-
     try:
         front = read_front(args.run_dir)
         lam = parse_preference(args.preference, front["tasks"])
         if args.search_iterations < 0:
             raise RecommendError(f"--search-iterations must be >= 0, got {args.search_iterations}")
         if args.search_iterations:
+            # JAX (and what loads it) only for the commands that need it: a plain pick reads JSON
             from hm3jax.online import OnlineSearchError, check_run, search_preference
 
             try:
@@ -320,8 +317,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{i} of {len(front['solutions'])}, held-out {sol['scores']['heldout']}, Tchebycheff "
               f"{value:.4f}, {len([s for s in sol['path'] if s is not None])} layers", file=sys.stderr)
         if args.search_iterations:
-            from hm3jax.rundoc import RunDocError, check_solution
-
             try:  # a NaN score of the new search is an error, never printed or exported
                 sol = check_solution(search_preference(args.run_dir, lam, args.search_iterations),
                                      len(front["tasks"]), "the online search's solution")

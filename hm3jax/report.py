@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from hm3jax.io.atomic import write_json_atomic
-from hm3jax.moo import hypervolume, pareto_mask
+from hm3jax.moo import hypervolume, pareto_mask, plot_pairs
 from hm3jax.report_text import (  # report.md's text; the method names and labels live there
     ARCH_ONLY,
     HM3,
@@ -54,6 +54,7 @@ from hm3jax.report_text import (  # report.md's text; the method names and label
     winner_sentence,
 )
 from hm3jax.rundoc import round_floats
+from hm3jax.settings import BASE
 
 FRONT_FILE = "front.json"
 PLOT_FILE = "front.png"
@@ -203,7 +204,7 @@ def build_front(tasks: Sequence[str], solutions: Sequence[Mapping], baselines: M
     refs = {n: {**s, "dominated": bool(d)} for (n, s), d in
             zip(references.items(), _dominated_by(ref_objs, objs[HM3]))}
     if ideal is None:
-        experts = [s for n, s in references.items() if n != "base"]
+        experts = [s for n, s in references.items() if n != BASE]
         pool = heldout(experts, k, "references") if experts else objs[HM3][:, :k]
         ideal = pool.max(axis=0).tolist() if len(pool) else [1.0] * k
     if len(ideal) != k:
@@ -258,8 +259,6 @@ def write_front(run_dir: str | os.PathLike, front: Mapping) -> dict[str, str]:
     temporary sibling renamed into place). Numpy and JAX numbers in the records are written as plain
     JSON numbers, floats rounded to 6 significant digits (rundoc.round_floats); report.md is made from the
     numbers as stored. Returns {file name: path}."""
-    from hm3jax.moo import plot_pairs
-
     run_dir = os.fspath(run_dir)
     front = round_floats(_plain(front))
     os.makedirs(run_dir, exist_ok=True)
@@ -277,7 +276,7 @@ def write_front(run_dir: str | os.PathLike, front: Mapping) -> dict[str, str]:
     hm3 = objectives(front["solutions"], k, scale, "solutions")
     others = {METHODS.get(m, m): objectives(v, k, scale, m) for m, v in front["baselines"].items() if v}
     refs = front.get("references", {})
-    points = {("base" if n == "base" else f"expert: {n}"): objectives([s], k, scale, "references")[0]
+    points = {(BASE if n == BASE else f"expert: {n}"): objectives([s], k, scale, "references")[0]
               for n, s in refs.items()}
     if len(axes) >= 2:
         for name, fmt in ((PLOT_FILE, "png"), (SVG_FILE, "svg")):

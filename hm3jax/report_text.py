@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from hm3jax.settings import BASE, MERGE
+
 HM3 = "hm3"
 PARAM_ONLY = "param_only"
 ARCH_ONLY = "arch_only"
@@ -26,7 +28,6 @@ METHODS = {
     ARCH_ONLY: "HM3 architecture level only",
 }
 HM3_LABEL = "HM3 full"
-MERGE = "merge"  # the upper-level merged model's name in a path (pipeline.MERGE)
 REFERENCE_MARGIN = 0.1  # the reference point lies this fraction of each objective's range below the nadir
 
 
@@ -86,9 +87,9 @@ def table_rows(front: Mapping) -> list[tuple[str, list[float] | None, float | No
     k = len(tasks)
     rows = []
     refs = front.get("references", {})
-    for name in ["base", *tasks]:
+    for name in [BASE, *tasks]:
         if name in refs:
-            rows.append(("Base" if name == "base" else f"Expert: {name}",
+            rows.append(("Base" if name == BASE else f"Expert: {name}",
                          list(refs[name]["scores"]["heldout"]), None))
     for m in _ordered_methods(front):
         c = _centre(front["baselines"][m], k)
@@ -179,9 +180,9 @@ def tchebycheff_rows(front: Mapping) -> tuple[list[list[float]], list[tuple[str,
     ideal = front["ideal"]
     rows = []
     refs = front.get("references", {})
-    for name in ["base", *front["tasks"]]:
+    for name in [BASE, *front["tasks"]]:
         if name in refs:
-            rows.append(("Base" if name == "base" else f"Expert: {name}",
+            rows.append(("Base" if name == BASE else f"Expert: {name}",
                          [tchebycheff(refs[name]["scores"]["heldout"], p, ideal) for p in prefs]))
     for m in [*_ordered_methods(front), HM3]:
         group = front["solutions"] if m == HM3 else front["baselines"][m]
@@ -230,7 +231,7 @@ def where_hm3_does_not_win(front: Mapping) -> str:
     notes = []
     for name in undominated.get("references", []):
         s = front["references"][name]
-        who = "the base model" if name == "base" else f"the {name} expert"
+        who = "the base model" if name == BASE else f"the {name} expert"
         notes.append(f"{who} (held-out {', '.join(_fmt(x) for x in s['scores']['heldout'])}) is not "
                      "dominated by any HM3 solution")
     for m, idx in undominated.get("baselines", {}).items():
@@ -286,7 +287,7 @@ def report_markdown(front: Mapping, title: str = "HM3 run report") -> str:
 def generated_section(front: Mapping) -> list[str]:
     """report.md lines for the task scorers on generated held-out answers (tasks.kind files), or []."""
     refs = front.get("references") or {}
-    rows = [(("Base" if name == "base" else f"Expert: {name}"), r["scores"].get("generated"))
+    rows = [(("Base" if name == BASE else f"Expert: {name}"), r["scores"].get("generated"))
             for name, r in refs.items()]
     rows += [(f"HM3 λ = {_lam(s['preference'])}", s["scores"].get("generated")) for s in front["solutions"]]
     if not any(g is not None for _, g in rows):

@@ -152,6 +152,7 @@ class RunDirLock:
         """Take the lock (creating the run directory when missing). Raises RunDirBusyError when a
         live process holds it."""
         os.makedirs(self.run_dir, exist_ok=True)
+        # loaded where used: rundir is read by JAX-free entry points (hm3jax.io loads JAX; fcntl is Unix-only)
         import fcntl
 
         existed = os.path.lexists(self.path)
@@ -172,6 +173,7 @@ class RunDirLock:
         return self
 
     def _acquire_exclusive(self) -> RunDirLock:
+        # loaded where used: rundir is read by JAX-free entry points (hm3jax.io loads JAX; fcntl is Unix-only)
         from hm3jax.io.atomic import pid_alive
 
         for _ in range(3):

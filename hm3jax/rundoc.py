@@ -16,6 +16,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from hm3jax.settings import UPPER_METHODS
+
 SEED_LIMIT = 2**32  # as config.SEED_LIMIT: jax.random.key wraps larger seeds
 INDEX_LIMIT = 2**31
 JSON_DIGITS = 6  # significant digits of the floats written to a run directory's JSON files
@@ -29,6 +31,7 @@ class RunDocError(ValueError):
 def read_json(path: str | os.PathLike, what: str) -> Any:
     """The JSON document of `path`, refusing a non-regular file before opening it (a FIFO would
     block), bad UTF-8, bad JSON and nesting too deep to parse, each as one RunDocError."""
+    # loaded where used: recommend reads run documents without JAX (hm3jax.io and the search load it)
     from hm3jax.io.paths import NotRegularFileError, open_regular
 
     path = os.fspath(path)
@@ -127,6 +130,7 @@ def _mapping(v: Any, where: str) -> Mapping:
 # ------------------------------------------------------------------------------------ front.json
 def key_data_shape() -> tuple[int, ...]:
     """The shape of the raw data of this JAX's default PRNG key (threefry: (2,))."""
+    # loaded where used: recommend reads run documents without JAX (hm3jax.io and the search load it)
     import jax
 
     return tuple(jax.random.key_data(jax.random.key(0)).shape)
@@ -135,8 +139,6 @@ def key_data_shape() -> tuple[int, ...]:
 def check_upper(up: Any, where: str) -> dict | None:
     """A solution's "upper" settings: None, or {"method", "density" in (0, 1], "scale" > 0,
     "seed" in [0, 2**32), "key_data" of the default key's shape with uint32 entries}."""
-    from hm3jax.search.upper import UPPER_METHODS
-
     if up is None:
         return None
     up = _mapping(up, where)
@@ -236,6 +238,7 @@ def zoo_models(zoo_dir: str, manifest: Any, needed: list[str]) -> dict[str, str]
     """{model name: directory} of a zoo manifest's "models", every directory a plain relative path
     that resolves inside `zoo_dir` (no absolute paths, no `..`, no symlink out), every name of
     `needed` present."""
+    # loaded where used: recommend reads run documents without JAX (hm3jax.io and the search load it)
     from hm3jax.io import CheckpointError
     from hm3jax.io.paths import model_file
 

@@ -20,7 +20,15 @@ SEARCH_SCORES = ("objective", "answer_prob")
 HEADS = ("categorical", "wolpertinger")
 MODES = ("per_preference", "conditioned")
 BASELINES = ("critic", "pomo")
-OBJECTIVES = ("exact_match", "loglik")
+OBJECTIVES = ("exact_match", "loglik")  # tasks.objective / lower.objective: what every score is
+# Scorers of generated answers (hm3jax.objectives.realtasks), by the name a task file entry gives
+# (tasks.files.<task>.scorer); hm3jax.objectives.taskfiles grades with them.
+SCORERS = ("gsm8k", "chrf", "pass_at_k")
+
+# The names of the two models a path may use besides the experts (whose names are their tasks'):
+# a front.json path step is [model, layer] with model one of these or a task name.
+BASE = "base"  # the base model (also the zoo's base checkpoint, and the ablation's merged block)
+MERGE = "merge"  # the upper-level merge of the path's preference
 
 DATA, FSDP = "data", "fsdp"
 MESH_AXES = (DATA, FSDP)
@@ -33,8 +41,9 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
-def _require(ok: bool, field: str, allowed: str, value) -> None:
-    """Raise ValueError naming `field` (a config key), the accepted range and the value given."""
+def require(ok: bool, field: str, allowed: str, value) -> None:
+    """The config sections' one validation idiom: unless `ok`, raise ValueError naming `field` (a
+    dotted config key), what it accepts and the value given ("lower.ppo.lr must be > 0, got -1")."""
     if not ok:
         raise ValueError(f"{field} must be {allowed}, got {value!r}")
 
@@ -118,20 +127,20 @@ class EnvConfig:
     path); the best of them there is the search's answer."""
 
     def __post_init__(self):
-        _require(self.actions in ACTIONS, "lower.env.actions", f"one of {', '.join(ACTIONS)}", self.actions)
-        _require(self.actions == "free" or self.t_max is None, "lower.env.t_max",
+        require(self.actions in ACTIONS, "lower.env.actions", f"one of {', '.join(ACTIONS)}", self.actions)
+        require(self.actions == "free" or self.t_max is None, "lower.env.t_max",
                  "None with lower.env.actions edit (one step per layer of the merged model)", self.t_max)
-        _require(self.t_max is None or (isinstance(self.t_max, int) and self.t_max >= 1),
+        require(self.t_max is None or (isinstance(self.t_max, int) and self.t_max >= 1),
                  "lower.env.t_max", "None or an integer >= 1", self.t_max)
-        _require(self.reward in REWARDS, "lower.env.reward", f"one of {', '.join(REWARDS)}", self.reward)
-        _require(self.reward_timing in REWARD_TIMINGS, "lower.env.reward_timing",
+        require(self.reward in REWARDS, "lower.env.reward", f"one of {', '.join(REWARDS)}", self.reward)
+        require(self.reward_timing in REWARD_TIMINGS, "lower.env.reward_timing",
                  f"one of {', '.join(REWARD_TIMINGS)}", self.reward_timing)
-        _require(self.length_penalty >= 0.0, "lower.env.length_penalty", ">= 0", self.length_penalty)
-        _require(isinstance(self.search_minibatch, int) and self.search_minibatch >= 1,
+        require(self.length_penalty >= 0.0, "lower.env.length_penalty", ">= 0", self.length_penalty)
+        require(isinstance(self.search_minibatch, int) and self.search_minibatch >= 1,
                  "lower.env.search_minibatch", "an integer >= 1", self.search_minibatch)
-        _require(self.search_score in SEARCH_SCORES, "lower.env.search_score",
+        require(self.search_score in SEARCH_SCORES, "lower.env.search_score",
                  f"one of {', '.join(SEARCH_SCORES)}", self.search_score)
-        _require(isinstance(self.rescore_top, int) and self.rescore_top >= 1, "lower.env.rescore_top",
+        require(isinstance(self.rescore_top, int) and self.rescore_top >= 1, "lower.env.rescore_top",
                  "an integer >= 1", self.rescore_top)
 
 
@@ -160,14 +169,14 @@ class AgentConfig:
     """Initial standard deviation of the Gaussian proto-action."""
 
     def __post_init__(self):
-        _require(self.head in HEADS, "lower.agent.head", f"one of {', '.join(HEADS)}", self.head)
+        require(self.head in HEADS, "lower.agent.head", f"one of {', '.join(HEADS)}", self.head)
         for name in ("embed_dim", "hidden_dim", "mlp_dim", "knn"):
             v = getattr(self, name)
-            _require(isinstance(v, int) and v >= 1, f"lower.agent.{name}", "an integer >= 1", v)
-        _require(0.0 <= self.identity_prob < 1.0, "lower.agent.identity_prob", "in [0, 1)",
+            require(isinstance(v, int) and v >= 1, f"lower.agent.{name}", "an integer >= 1", v)
+        require(0.0 <= self.identity_prob < 1.0, "lower.agent.identity_prob", "in [0, 1)",
                  self.identity_prob)
-        _require(0.0 <= self.epsilon <= 1.0, "lower.agent.epsilon", "in [0, 1]", self.epsilon)
-        _require(self.proto_std > 0.0, "lower.agent.proto_std", "> 0", self.proto_std)
+        require(0.0 <= self.epsilon <= 1.0, "lower.agent.epsilon", "in [0, 1]", self.epsilon)
+        require(self.proto_std > 0.0, "lower.agent.proto_std", "> 0", self.proto_std)
 
 
 # ------------------------------------------------------------------------------------ lower.ppo.
@@ -229,29 +238,29 @@ class PPOConfig:
     """Global gradient-norm clip."""
 
     def __post_init__(self):
-        _require(self.mode in MODES, "lower.ppo.mode", f"one of {', '.join(MODES)}", self.mode)
-        _require(self.baseline in BASELINES, "lower.ppo.baseline", f"one of {', '.join(BASELINES)}",
+        require(self.mode in MODES, "lower.ppo.mode", f"one of {', '.join(MODES)}", self.mode)
+        require(self.baseline in BASELINES, "lower.ppo.baseline", f"one of {', '.join(BASELINES)}",
                  self.baseline)
         for name in ("num_envs", "iterations", "chunk_iterations", "epochs", "minibatches", "sil_elites"):
             v = getattr(self, name)
-            _require(isinstance(v, int) and v >= 1, f"lower.ppo.{name}", "an integer >= 1", v)
-        _require(self.new_paths is None or (isinstance(self.new_paths, int) and 1 <= self.new_paths <= self.num_envs),
+            require(isinstance(v, int) and v >= 1, f"lower.ppo.{name}", "an integer >= 1", v)
+        require(self.new_paths is None or (isinstance(self.new_paths, int) and 1 <= self.new_paths <= self.num_envs),
                  "lower.ppo.new_paths", f"None or an integer in [1, num_envs={self.num_envs}]", self.new_paths)
-        _require(self.iterations % self.chunk_iterations == 0, "lower.ppo.iterations",
+        require(self.iterations % self.chunk_iterations == 0, "lower.ppo.iterations",
                  f"a multiple of lower.ppo.chunk_iterations={self.chunk_iterations}", self.iterations)
-        _require(self.num_envs % self.minibatches == 0, "lower.ppo.num_envs",
+        require(self.num_envs % self.minibatches == 0, "lower.ppo.num_envs",
                  f"a multiple of lower.ppo.minibatches={self.minibatches}", self.num_envs)
         for name in ("gamma", "gae_lambda"):
             v = getattr(self, name)
-            _require(0.0 <= v <= 1.0, f"lower.ppo.{name}", "in [0, 1]", v)
-        _require(0.0 < self.clip_eps < 1.0, "lower.ppo.clip_eps", "in (0, 1)", self.clip_eps)
-        _require(isinstance(self.explore, int) and self.explore >= 0, "lower.ppo.explore", "an integer >= 0",
+            require(0.0 <= v <= 1.0, f"lower.ppo.{name}", "in [0, 1]", v)
+        require(0.0 < self.clip_eps < 1.0, "lower.ppo.clip_eps", "in (0, 1)", self.clip_eps)
+        require(isinstance(self.explore, int) and self.explore >= 0, "lower.ppo.explore", "an integer >= 0",
                  self.explore)
-        _require(0.0 <= self.local_share <= 1.0, "lower.ppo.local_share", "in [0, 1]", self.local_share)
+        require(0.0 <= self.local_share <= 1.0, "lower.ppo.local_share", "in [0, 1]", self.local_share)
         for name in ("vf_coef", "ent_coef", "sil_coef"):
-            _require(getattr(self, name) >= 0.0, f"lower.ppo.{name}", ">= 0", getattr(self, name))
+            require(getattr(self, name) >= 0.0, f"lower.ppo.{name}", ">= 0", getattr(self, name))
         for name in ("lr", "critic_lr", "max_grad_norm"):
-            _require(getattr(self, name) > 0.0, f"lower.ppo.{name}", "> 0", getattr(self, name))
+            require(getattr(self, name) > 0.0, f"lower.ppo.{name}", "> 0", getattr(self, name))
 
     @property
     def num_chunks(self) -> int:
@@ -297,11 +306,11 @@ class AlignConfig:
     def __post_init__(self):
         for name in ("width", "embed", "steps", "paths", "rows"):
             v = getattr(self, name)
-            _require(isinstance(v, int) and v >= 1, f"lower.align.{name}", "an integer >= 1", v)
-        _require(isinstance(self.rank, int) and self.rank >= 0, "lower.align.rank", "an integer >= 0",
+            require(isinstance(v, int) and v >= 1, f"lower.align.{name}", "an integer >= 1", v)
+        require(isinstance(self.rank, int) and self.rank >= 0, "lower.align.rank", "an integer >= 0",
                  self.rank)
-        _require(self.learning_rate > 0.0, "lower.align.learning_rate", "> 0", self.learning_rate)
-        _require(0.0 < self.swap_prob <= 1.0, "lower.align.swap_prob", "in (0, 1]", self.swap_prob)
+        require(self.learning_rate > 0.0, "lower.align.learning_rate", "> 0", self.learning_rate)
+        require(0.0 < self.swap_prob <= 1.0, "lower.align.swap_prob", "in (0, 1]", self.swap_prob)
 
 
 # ------------------------------------------------------------------------------------ lower.
@@ -317,18 +326,41 @@ class LowerConfig:
     """PPO (PPOConfig)."""
     align: AlignConfig = dataclasses.field(default_factory=AlignConfig)
     """Alignment at model switches (AlignConfig)."""
-    objective: str = "exact_match"
+    objective: str | None = None
     """Per-task score f_k: "exact_match" (teacher-forced, in [0, 1]) or "loglik" (mean answer
-    log-likelihood, <= 0; smooth where exact match is flat)."""
+    log-likelihood, <= 0; smooth where exact match is flat). None (the default): a run's
+    tasks.objective, which the search must score (a value given must equal it); exact_match for
+    a LowerConfig used outside a run."""
     score_chunk: int = 128
     """Rows per lax.map chunk when a path is scored on the whole search split (bounds activation
     memory; the split is padded with empty rows to a multiple)."""
 
     def __post_init__(self):
-        _require(self.objective in OBJECTIVES, "lower.objective", f"one of {', '.join(OBJECTIVES)}",
-                 self.objective)
-        _require(isinstance(self.score_chunk, int) and self.score_chunk >= 1, "lower.score_chunk",
+        require(self.objective is None or self.objective in OBJECTIVES, "lower.objective",
+                f"None (tasks.objective) or one of {', '.join(OBJECTIVES)}", self.objective)
+        require(isinstance(self.score_chunk, int) and self.score_chunk >= 1, "lower.score_chunk",
                  "an integer >= 1", self.score_chunk)
+
+
+# The default run's search (RunConfig's `lower` when a config has no `lower:` section at all; a
+# section given starts from LowerConfig's own field defaults, draccus's rule, as configs/smoke.yaml's
+# does), sized so `python -m hm3jax.train` finishes in minutes on a 2-core CPU:
+# edit actions around the upper level's merge; one λ-conditioned agent for every preference; 64
+# rollouts per preference per iteration of which at most 16 new distinct paths are scored (half of
+# them offered to neighbours of the best paths first), 24 iterations: 384 distinct paths per
+# preference, each scored on the same 48 search rows; reward -Tchebycheff (the value the upper level
+# minimises and the report compares); POMO baseline and self-imitation of the best. The answer is
+# the best of the 8 best paths (by search-row reward) re-scored on the whole search split: 48 rows
+# rank the edits that pay too noisily to trust their first pick, while their top 8 hold most of the
+# gain (benchmarks/README.md, sixth round).
+DEFAULT_LOWER = LowerConfig(
+    env=EnvConfig(actions="edit", reward="tchebycheff", search_minibatch=48, rescore_top=8),
+    agent=AgentConfig(identity_prob=0.8),
+    ppo=PPOConfig(mode="conditioned", num_envs=64, new_paths=16, iterations=24, chunk_iterations=8,
+                  minibatches=2, baseline="pomo", sil_coef=0.5, explore=64, local_share=0.5, lr=3e-3,
+                  critic_lr=3e-3))
+# The default upper level picks TA / TIES / DARE-TIES per preference on the search split.
+DEFAULT_UPPER = UpperConfig(method="auto")
 
 
 # ------------------------------------------------------------------------------------ mesh.

@@ -24,8 +24,11 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from hm3jax.merging import get_method
+from hm3jax.merging.base import path_names
 from hm3jax.settings import DATA, FSDP, LOGICAL_RULES, MESH_AXES, MeshConfig, ShardingError  # noqa: F401
 
 # Path regex (leaf keys joined by "/") -> logical names of the per-layer dimensions. Matched as a
@@ -87,8 +90,6 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[Any] | None = No
     initialize_distributed(cfg)
     devices = list(jax.devices() if devices is None else devices)
     data, fsdp = mesh_shape(cfg, len(devices))
-    from jax.experimental import mesh_utils
-
     if cfg.slices > 1:
         grid = mesh_utils.create_hybrid_device_mesh((data // cfg.slices, fsdp), (cfg.slices, 1), devices)
     elif data * fsdp == len(devices):
@@ -140,8 +141,6 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
 
 
 def _name(path) -> str:
-    from hm3jax.merging.base import path_names
-
     return "/".join(path_names(path))
 
 
@@ -206,8 +205,6 @@ def merge_sharded(method: Any, base: Any, models: Sequence[Any], weights: Any = 
     would otherwise leave the result replicated return it sharded. `method`: a MergeMethod or its
     name in merging.METHODS. Weights and parameters are closed over (concrete, as the methods'
     host-side preparation needs them)."""
-    from hm3jax.merging import get_method
-
     m = get_method(method) if isinstance(method, str) else method
     fn = jax.jit(lambda b, ms: m.merge(b, ms, weights, key=key, **params), out_shardings=shardings)
     return fn(base, list(models))

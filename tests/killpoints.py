@@ -30,7 +30,8 @@ class Killed(BaseException):
 def commit_points(monkeypatch, kill_at: int | None = None, on_commit=None):
     import orbax.checkpoint as ocp
 
-    from hm3jax import pipeline, report, train
+    from hm3jax import report, train
+    from hm3jax.run import store
     from hm3jax.search import lower
 
     seen: list[str] = []
@@ -61,7 +62,7 @@ def commit_points(monkeypatch, kill_at: int | None = None, on_commit=None):
     wrap(train, "prepare_run_dir", lambda cfg: "config.yaml", wrote=lambda resumed: not resumed)
     wrap(ocp.StandardCheckpointer, "save", lambda self, path, *a: f"stage {os.path.basename(path)} arrays",
          after=stage_arrays)
-    wrap(pipeline.StageStore, "save", lambda self, name, tree: f"stage {name} digest")
+    wrap(store.StageStore, "save", lambda self, name, tree: f"stage {name} digest")
     wrap(lower, "_save_chunk",
          lambda mngr, step, tree: f"chunk {os.path.basename(os.fspath(mngr.directory))} {step}")
     wrap(report, "write_json_atomic", lambda path, *a, **k: os.path.basename(path))
@@ -87,7 +88,7 @@ def committed(run_dir, only: set | None = None) -> dict:
     import numpy as np
     import orbax.checkpoint as ocp
 
-    from hm3jax.pipeline import StageStore
+    from hm3jax.run.store import StageStore
 
     run_dir = os.fspath(run_dir)
     out: dict = {}

@@ -129,7 +129,7 @@ def test_export_refuses_an_aligned_solution_and_writes_nothing(tmp_path):
 
 
 def test_switches_models_follows_the_shell_then_each_step():
-    from hm3jax.pipeline import switches_models
+    from hm3jax.run.solutions import switches_models
 
     assert not switches_models([["merge", 0], None, ["merge", 2]], "merge")
     assert switches_models([["merge", 0], ["math", 1], ["merge", 2]], "merge")

@@ -44,7 +44,7 @@ def test_the_sweep_finds_every_kind_of_commit(swept_run):
     _, snaps, _ = swept_run
     seen = [w for w, _ in snaps]
     assert seen[0] == "config.yaml" and seen[-4:] == ["front.json", "front.png", "front.svg", "report.md"]
-    from hm3jax.pipeline import STAGES
+    from hm3jax.run.stages import STAGES
 
     for stage in set(STAGES) - {"generated"}:  # generated: tasks.kind files only
         assert f"stage {stage} arrays" in seen and f"stage {stage} digest" in seen, stage

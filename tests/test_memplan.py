@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hm3jax import memplan
+from hm3jax import cost, memplan
 from hm3jax.models.config import ModelConfig
 from hm3jax.models.decoder import init_params
 from hm3jax.models.pool import build_pool, shell_of
@@ -48,5 +48,5 @@ def test_paper_scale_plans():
     assert p.fits and p.data * p.fsdp == 16 and p.fsdp >= 4 and p.max_paths > 0
     q = memplan.plan(memplan.QWEN25_15B, memplan.DEVICES["8x80GB"])
     assert q.fsdp == 1 and q.data == 8 and q.in_flight > 1  # small model: replicate, split paths
-    assert memplan.layer_params(memplan.LLAMA2_7B) * 32 + memplan.shell_params(memplan.LLAMA2_7B) == 6_738_415_616
+    assert cost.layer_parameters(memplan.LLAMA2_7B) * 32 + cost.shell_parameters(memplan.LLAMA2_7B) == 6_738_415_616
     assert "| Llama-2-13B | TPU v5e-16" in memplan.plan_table()

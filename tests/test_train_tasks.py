@@ -60,7 +60,7 @@ def test_task_files_and_alignment_run(small_zoo, small_zoo_loaded, tmp_path):
     from hm3jax.models import forward
     from hm3jax.objectives import exact_match, make_batch, make_suite_batch
     from hm3jax.objectives.scoring import make_params_scorer
-    from hm3jax.pipeline import switches_models
+    from hm3jax.run.solutions import switches_models
 
     cfg_path, run = _files_config(tmp_path, small_zoo[0]), tmp_path / "run"
     args = ("--lower.align.enabled", "true", "--lower.align.steps", "20", "--eval.baselines", "false")

@@ -360,9 +360,10 @@ def _flip_data(store, name):
 @pytest.mark.parametrize("damage", ["metadata_truncated", "metadata_emptied", "empty_dir", "flipped_data",
                                     "not_a_directory"])
 def test_corrupt_stage_checkpoint_is_named_and_recomputed(tmp_path, capsys, damage):
-    from hm3jax import pipeline as pl
+    from hm3jax.run.stages import run_stage
+    from hm3jax.run.store import CorruptCheckpointError, StageStore
 
-    store = pl.StageStore(str(tmp_path / "run"))
+    store = StageStore(str(tmp_path / "run"))
     want = {"x": np.arange(300, dtype=np.float32), "ideal": np.ones(3, np.float32)}
     store.save("references", want)
     p = store._stage_path("references")
@@ -382,7 +383,7 @@ def test_corrupt_stage_checkpoint_is_named_and_recomputed(tmp_path, capsys, dama
         open(p, "w").write("x")
     else:  # one flipped bit in each data file: orbax restores some of them silently, the digest sees it
         _flip_data(store, "references")
-    with pytest.raises(pl.CorruptCheckpointError, match=r"checkpoint .*references is corrupt or incomplete "
+    with pytest.raises(CorruptCheckpointError, match=r"checkpoint .*references is corrupt or incomplete "
                                                         r"\(.*\); remove it to recompute that stage"):
         store.load("references")
     calls = []
@@ -397,7 +398,7 @@ def test_corrupt_stage_checkpoint_is_named_and_recomputed(tmp_path, capsys, dama
         calls.append(1)
         return want
 
-    out = pl._stage(ctx, "references", compute, lambda o: "ok", None)
+    out = run_stage(ctx, "references", compute, lambda o: "ok", None)
     err = capsys.readouterr().err
     assert calls == [1] and "is corrupt or incomplete" in err and "recomputing that stage" in err
     np.testing.assert_array_equal(out["x"], want["x"])
@@ -409,9 +410,9 @@ def test_a_full_disk_during_a_stage_checkpoint_leaves_nothing_half_written(tmp_p
 
     import orbax.checkpoint as ocp
 
-    from hm3jax import pipeline as pl
+    from hm3jax.run.store import CheckpointWriteError, StageStore
 
-    store = pl.StageStore(str(tmp_path / "run"))
+    store = StageStore(str(tmp_path / "run"))
     store.save("references", {"x": np.zeros(3, np.float32)})
     before = tree_hashes(tmp_path)
 
@@ -420,7 +421,7 @@ def test_a_full_disk_during_a_stage_checkpoint_leaves_nothing_half_written(tmp_p
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ocp.StandardCheckpointer, "save", full)
-    with pytest.raises(pl.CheckpointWriteError, match=r"^no space left on device while writing \S*/checkpoints/"
+    with pytest.raises(CheckpointWriteError, match=r"^no space left on device while writing \S*/checkpoints/"
                                                       r"stages/upper$"):
         store.save("upper", {"x": np.zeros(3, np.float32)})
     assert tree_hashes(tmp_path) == before  # the finished stage kept, no partial one
@@ -532,14 +533,14 @@ def test_task_file_lines_that_break_parsers_are_refused_before_any_run_directory
 def test_resume_recomputes_a_corrupt_stage_and_keeps_the_rest(small_zoo, tmp_path, monkeypatch, capsys):
     """A smoke run stopped after its upper level; the references checkpoint then loses a bit: the
     next run names it, recomputes the same references and takes the upper level from its checkpoint."""
-    from hm3jax import pipeline as pl
+    from hm3jax.run.store import StageStore
     from hm3jax.train import main as train
 
     smoke = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smoke.yaml")
     args = ["--config_path", smoke, "--output_dir", str(tmp_path / "run"), "--models.zoo.dir", str(small_zoo[0])]
     monkeypatch.setenv("HM3JAX_STOP_AFTER", "upper")
     assert train(args) == 3
-    store = pl.StageStore(str(tmp_path / "run"))
+    store = StageStore(str(tmp_path / "run"))
     refs = store.load("references")
     _flip_data(store, "references")
     capsys.readouterr()

@@ -100,6 +100,7 @@ class _GGUFSource:
         return np.dtype(np.float32)
 
     def get(self, name: str) -> np.ndarray:
+        # gguf / transformers are heavy: loaded only when a .gguf file is read
         from gguf.quants import dequantize
 
         t = self._tensors[name]
@@ -154,6 +155,7 @@ def _positive(reader, key: str, path: str, default: Any = _REQUIRED) -> int:
 def open_gguf(path: str):
     """A `gguf.GGUFReader` of `path`; a file that is not GGUF, or is corrupt or truncated, is a
     CheckpointError naming the file (the gguf package's own errors are IndexError, ValueError, ...)."""
+    # gguf / transformers are heavy: loaded only when a .gguf file is read
     import gguf
 
     try:
@@ -268,6 +270,7 @@ def load_gguf_tokenizer(path: str | os.PathLike):
     Built from the metadata with transformers' GGUF tokenizer converters, but read through the
     `gguf` package, so it works without PyTorch (transformers' own GGUF file reader imports torch).
     """
+    # gguf / transformers are heavy: loaded only when a .gguf file is read
     from transformers import PreTrainedTokenizerFast
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (
         _SPECIAL_TOKENS,

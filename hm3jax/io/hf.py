@@ -19,7 +19,7 @@ import numpy as np
 from hm3jax.io.assemble import EMBED, check_params, float_dtype, hf_order, params_from_source
 from hm3jax.io.atomic import atomic_output_dir, check_output_path
 from hm3jax.io.errors import CheckpointError, CheckpointNotFoundError, PickleCheckpointError
-from hm3jax.io.gguf import load_gguf_tokenizer
+from hm3jax.io.gguf import load_gguf, load_gguf_tokenizer
 from hm3jax.io.paths import (
     GENERATION_CONFIG_FILE,
     TOKENIZER_FILES,
@@ -41,7 +41,8 @@ def _is_gguf(path: str) -> bool:
     return os.path.isfile(path) and path.lower().endswith(".gguf")
 
 
-def _has_safetensors(root: str) -> bool:
+def has_safetensors(root: str) -> bool:
+    """Whether directory `root` holds safetensors weights (a file or a sharded index)."""
     return any(f.endswith(".safetensors") or f == "model.safetensors.index.json" for f in os.listdir(root))
 
 
@@ -79,6 +80,7 @@ class _TorchSource:
 
     def __init__(self, files: list[str], root: str):
         try:
+            # heavy (torch, transformers): loaded only for the files that need it
             import torch
         except ModuleNotFoundError:
             raise CheckpointError(
@@ -136,8 +138,6 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = None,
         raise CheckpointNotFoundError(
             f"{path}: no such file or directory (expected an HF checkpoint directory or a .gguf file)", path)
     if _is_gguf(path):
-        from hm3jax.io.gguf import load_gguf
-
         return load_gguf(path, dtype=dtype)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a checkpoint (expected an HF directory or a .gguf file)")
@@ -149,7 +149,7 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = None,
         raise CheckpointNotFoundError(f"{path}: no {CONFIG_FILE} (not an HF checkpoint directory){hint}", cfg_path)
     cfg = read_config(cfg_path)
 
-    if _has_safetensors(path):
+    if has_safetensors(path):
         with CheckpointReader(path) as reader:
             params = params_from_source(cfg, reader, dtype=dtype, where=path)
     else:
@@ -180,6 +180,7 @@ def load_tokenizer(path: str | os.PathLike):
         raise CheckpointError(f"{path}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}) "
                               "and not a .gguf file")
     check_tokenizer_files(path)  # transformers would block in open() on a FIFO
+    # heavy (torch, transformers): loaded only for the files that need it
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)

@@ -14,13 +14,16 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from hm3jax.io.assemble import check_source, float_dtype
 from hm3jax.io.errors import CheckpointError, CheckpointNotFoundError
+from hm3jax.io.hf import has_safetensors, read_config, save_pretrained
 from hm3jax.io.safetensors_io import CONFIG_FILE, CheckpointReader
 from hm3jax.models.config import ModelConfig
-from hm3jax.models.params import param_shapes, set_path
+from hm3jax.models.params import get_path, hf_names, param_shapes, set_path
+from hm3jax.sharding import param_shardings
 
 
 def _slice_reader(reader: CheckpointReader, entries: list[tuple[int | None, str]], shape: tuple,
@@ -61,14 +64,11 @@ def load_sharded(path: str | os.PathLike, mesh: Mesh, dtype: Any = None, shardin
     Same checks and errors as `load_pretrained` (names, dtypes, shapes before any data is read).
     Multi-host: every process calls it; each reads only the slices of its own devices.
     """
-    from hm3jax.io.hf import _has_safetensors, read_config
-    from hm3jax.sharding import param_shardings
-
     path = os.fspath(path)
     cfg_path = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(cfg_path):
         raise CheckpointNotFoundError(f"{path}: no {CONFIG_FILE} (expected an HF checkpoint directory)", cfg_path)
-    if not _has_safetensors(path):
+    if not has_safetensors(path):
         raise CheckpointNotFoundError(f"{path}: no safetensors weights (load_sharded reads safetensors only; "
                                       "convert pickles or GGUF with load_pretrained + save_pretrained)", path)
     cfg = read_config(cfg_path)
@@ -101,8 +101,6 @@ def host_array(x: jax.Array) -> np.ndarray:
     across processes (every process must call it, in the same order)."""
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(x)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -125,9 +123,6 @@ def save_sharded(out_dir: str | os.PathLike, cfg: ModelConfig, params: dict, **k
     on its own (one layer of a stacked leaf at a time), so the writer never holds more than one
     tensor beyond what it is writing. Every process must call it; process 0 writes and returns the
     directory, the others take part in the gathers and return None. kwargs: save_pretrained's."""
-    from hm3jax.io.hf import save_pretrained
-    from hm3jax.models.params import get_path, hf_names
-
     if not isinstance(params, dict):
         raise CheckpointError(f"params must be a nested dict of arrays, got {type(params).__name__}")
     if jax.process_index() == 0:

@@ -51,6 +51,7 @@ from hm3jax.merging.sparsify import (
 
 def merge_recipe(recipe, out_dir, **kwargs):
     """Run a mergekit YAML recipe from disk to disk (see hm3jax.merging.stream.merge_recipe)."""
+    # the streaming CLI's machinery loads where used: `import hm3jax.merging` stays light
     from hm3jax.merging.stream import merge_recipe as run
 
     return run(recipe, out_dir, **kwargs)

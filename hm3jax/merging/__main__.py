@@ -21,6 +21,12 @@ import signal
 import sys
 import warnings
 
+from hm3jax.io import interrupt
+from hm3jax.io.atomic import OutputExistsError, StaleTempWarning
+from hm3jax.log import setup_logging
+from hm3jax.merging.recipe import IgnoredKeyWarning
+from hm3jax.merging.stream import NonFiniteWarning, RandomMasksNotice, merge_recipe
+
 # mergekit-yaml's options (mergekit 0.1.5, mergekit/options.py) that have no effect here, and why.
 # Booleans come as --x / --no-x, as in mergekit; the rest take a value.
 MERGEKIT_NO_EFFECT_FLAGS = {
@@ -140,8 +146,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from hm3jax.log import setup_logging
-
     setup_logging(verbose=args.verbose > 1, quiet=args.quiet)  # -vv: debug messages too
     for line in mergekit_notes(args):
         print(line, file=sys.stderr)
@@ -155,11 +159,6 @@ def main(argv: list[str] | None = None) -> int:
     previous = {sig: signal.signal(sig, early_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         # Imported here so `--help` answers without loading JAX.
-        from hm3jax.io import interrupt
-        from hm3jax.io.atomic import OutputExistsError, StaleTempWarning
-        from hm3jax.merging.recipe import IgnoredKeyWarning
-        from hm3jax.merging.stream import NonFiniteWarning, RandomMasksNotice, merge_recipe
-
         interrupt.install(already=early[0] if early else None)
         interrupt.check()
         with warnings.catch_warnings():

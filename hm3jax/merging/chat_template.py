@@ -46,6 +46,7 @@ def _named(value: str) -> str | None:
 
 
 def _template_of(path: str) -> str | None:
+    # hm3jax.merging needs only jax, numpy, ml_dtypes, pyyaml at import (pyproject.toml): loaded where used
     import transformers
 
     from hm3jax.io.paths import check_tokenizer_files
@@ -76,6 +77,7 @@ def save_with_template(tokenizer_or_path, template: str | None, out_dir: str) ->
     with `template` as its chat template (None: as it is). False, with a warning, when none loads."""
     tok = tokenizer_or_path
     if isinstance(tok, str):
+        # hm3jax.merging needs only jax, numpy, ml_dtypes, pyyaml at import (pyproject.toml): loaded where used
         import transformers
 
         from hm3jax.io.paths import check_tokenizer_files

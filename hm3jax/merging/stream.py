@@ -334,6 +334,7 @@ def run_plan(plan: MergePlan, readers: dict[str, CheckpointReader], out_dir: str
     On any exception (KeyboardInterrupt included) the read-ahead threads and the writer thread are
     stopped and joined, and every dispatched merge has finished, before the exception propagates.
     """
+    # tqdm loads only for a progress bar
     from tqdm.auto import tqdm
 
     method = plan.method

@@ -122,6 +122,7 @@ def vocab_size(config: Mapping[str, Any] | None) -> int | None:
 
 
 def _load_tokenizer(path: str):
+    # hm3jax.merging needs only jax, numpy, ml_dtypes, pyyaml at import (pyproject.toml): loaded where used
     from transformers import AutoTokenizer
 
     from hm3jax.io.paths import check_tokenizer_files
@@ -144,6 +145,7 @@ def _stripped(path: str, tok, n: int | None):
     if spec["model"]["type"] != "BPE":
         raise VocabError(f"model {path}: its tokenizer has {len(unused)} token(s) at ids >= vocab_size {n} "
                          f"and is of type {spec['model']['type']}; only BPE ones can be stripped")
+    # hm3jax.merging needs only jax, numpy, ml_dtypes, pyyaml at import (pyproject.toml): loaded where used
     import tokenizers
 
     spec["added_tokens"] = [e for e in spec["added_tokens"] if e["id"] < n]
@@ -202,6 +204,7 @@ def build_vocabulary(source: str, tokens: Mapping[str, TokenSpec], base: str | N
 
 
 def _union(toks: Mapping[str, Any], sizes: Mapping[str, int | None], base: str):
+    # hm3jax.merging needs only jax, numpy, ml_dtypes, pyyaml at import (pyproject.toml): loaded where used
     import tempfile
 
     from transformers import AutoTokenizer

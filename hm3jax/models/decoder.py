@@ -96,7 +96,7 @@ def forward_path(cfg: ModelConfig, shell: dict, pool: LayerPool, path: jax.Array
     Returns:
       float32 logits [B, S, vocab].
     """
-    return _forward_path(cfg, shell, pool.layers, checked_path(pool, path), tokens, attention_mask, align)
+    return forward_layers(cfg, shell, pool.layers, checked_path(pool, path), tokens, attention_mask, align)
 
 
 def checked_path(pool: LayerPool, path) -> jax.Array:
@@ -151,7 +151,9 @@ def run_layers(cfg: ModelConfig, layers: dict, path: jax.Array, h: jax.Array, at
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward_path(cfg, shell, layers, path, tokens, attention_mask, align=None):
+def forward_layers(cfg, shell, layers, path, tokens, attention_mask, align=None):
+    """forward_path over raw stacked layers [P, ...] (a LayerPool's `layers`) with the path used as
+    given, unchecked (jitted; for callers that hold the layers themselves, e.g. sharded scoring)."""
     B, S = tokens.shape
     if attention_mask is None:
         attention_mask = jnp.ones((B, S), jnp.int32)
@@ -166,5 +168,5 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array,
     Runs the identity path over the model's own layers through `forward_path`.
     """
     n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
-    return _forward_path(cfg, shell_of(params), params["layers"], jnp.arange(n_layers, dtype=jnp.int32),
+    return forward_layers(cfg, shell_of(params), params["layers"], jnp.arange(n_layers, dtype=jnp.int32),
                          tokens, attention_mask)

@@ -41,6 +41,7 @@ def hypervolume(scores, ref) -> float:
     Returns:
       The hypervolume, a float >= 0.
     """
+    # moocore is heavy: loaded only when a hypervolume is computed
     import moocore  # imported on use: only front reporting needs it
 
     s = np.asarray(scores, np.float64)

@@ -153,6 +153,7 @@ def plot_pairs(
     One panel per pair of objectives; every point is a marker (no joined lines: a projection of a
     front is not a front); one legend outside the panels, on the right.
     """
+    # matplotlib is heavy: loaded only when a plot is drawn
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -37,7 +37,8 @@ class Batch(NamedTuple):
     task_id: Any
 
 
-def _special_ids(tokenizer) -> tuple[int, int]:
+def special_ids(tokenizer) -> tuple[int, int]:
+    """(eos id, pad id) of a tokenizer: ValueError without an EOS token; EOS stands in for a missing pad."""
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         raise ValueError(
@@ -78,7 +79,7 @@ def make_batch(
         raise ValueError("make_batch: no examples given; need at least one (prompt, answer) pair")
     if pad_multiple < 1:
         raise ValueError(f"make_batch: pad_multiple must be >= 1, got {pad_multiple}")
-    eos_id, pad_id = _special_ids(tokenizer)
+    eos_id, pad_id = special_ids(tokenizer)
     prompts = [p for p, _ in examples]
     answers = [a for _, a in examples]
     prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]

@@ -90,6 +90,7 @@ def _same_length(where: str, a: Sequence, b: Sequence) -> None:
 
 
 def _chrf():
+    # sacrebleu loads only for chrF scoring
     from sacrebleu.metrics import CHRF  # imported on use: only translation scoring needs it
 
     return CHRF()

@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hm3jax import models
 from hm3jax.objectives.batch import Batch, pad_rows
+from hm3jax.settings import OBJECTIVES
 
 
 def _shifted(logits: jax.Array, batch: Batch):
@@ -129,8 +131,6 @@ def make_path_scorer(
       skip); the means are scalars, or [num_tasks] when num_tasks is given. `jax.vmap(score)` scores
       a [P, T] batch of paths.
     """
-    from hm3jax import models  # the model package imports heavier modules; load it on first use
-
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"make_path_scorer: chunk_size must be >= 1 or None, got {chunk_size}")
@@ -161,7 +161,7 @@ def make_path_scorer(
     return score
 
 
-SCORE_OBJECTIVES = ("exact_match", "loglik", "answer_prob")
+SCORE_OBJECTIVES = (*OBJECTIVES, "answer_prob")  # the run objectives, and the search rows' smooth stand-in
 
 
 def make_params_scorer(cfg, batch: Batch, num_tasks: int, objective: str = "exact_match",
@@ -177,8 +177,6 @@ def make_params_scorer(cfg, batch: Batch, num_tasks: int, objective: str = "exac
       chunk_size: score the rows in chunks of this many (lax.map) to bound activation memory; None
         scores all rows at once.
     """
-    from hm3jax import models
-
     if objective not in SCORE_OBJECTIVES:
         raise ValueError(f"objective {objective!r} is not supported; supported: {', '.join(SCORE_OBJECTIVES)}")
     per_example = {"exact_match": exact_match, "loglik": answer_loglik, "answer_prob": answer_prob}[objective]

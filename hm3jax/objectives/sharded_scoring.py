@@ -12,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from hm3jax.models.decoder import forward_layers
 from hm3jax.objectives.batch import Batch
 from hm3jax.objectives.scoring import answer_loglik, exact_match, task_means
+from hm3jax.sharding import batch_sharding, param_shardings, pool_shardings, replicated
 
 SPLITS = ("paths", "examples")
 
@@ -37,9 +39,6 @@ def make_sharded_paths_scorer(cfg, shell: dict, pool, batch: Batch, mesh: Mesh, 
       N must be a multiple of the `data` axis size when split="paths", the row count when
       split="examples" (pad with `objectives.batch.pad_rows`).
     """
-    from hm3jax.models.decoder import _forward_path
-    from hm3jax.sharding import batch_sharding, param_shardings, pool_shardings, replicated
-
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     shell_sh = param_shardings(shell, mesh, mesh_cfg)
@@ -62,7 +61,7 @@ def make_sharded_paths_scorer(cfg, shell: dict, pool, batch: Batch, mesh: Mesh, 
 
     def score_paths(shell, layers, rows, paths):
         def one(path):
-            logits = _forward_path(cfg, shell, layers, path, rows.tokens, rows.attention_mask)
+            logits = forward_layers(cfg, shell, layers, path, rows.tokens, rows.attention_mask)
             return (task_means(exact_match(logits, rows), rows, num_tasks),
                     task_means(answer_loglik(logits, rows), rows, num_tasks))
 

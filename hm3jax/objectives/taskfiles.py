@@ -19,8 +19,11 @@ import json
 import os
 from collections.abc import Sequence
 
-from hm3jax.config import SCORERS as TASK_FILE_SCORERS
+import numpy as np
+
+from hm3jax.io.paths import NotRegularFileError, open_regular
 from hm3jax.objectives import realtasks
+from hm3jax.settings import SCORERS as TASK_FILE_SCORERS
 
 
 class TaskFileError(ValueError):
@@ -30,8 +33,6 @@ class TaskFileError(ValueError):
 def read_task_file(path: str | os.PathLike, scorer: str, where: str) -> list[dict]:
     """The records of one JSONL task file, checked: each has string "prompt" and "answer" (and
     "test" for pass_at_k); blank lines are skipped. `where` names the config key in errors."""
-    from hm3jax.io.paths import NotRegularFileError, open_regular
-
     path = os.fspath(path)
     try:
         with open_regular(path, "r", what="task file", encoding="utf-8") as f:
@@ -98,8 +99,6 @@ class FileTask:
 def graded_prompts(task: FileTask, tokenizer, rows: int, pad_id: int):
     """The task's first `rows` held-out records and their prompts as a left-padded batch (every row
     ends in its last prompt token, as generation needs): (records, tokens int32 [B, P], mask [B, P])."""
-    import numpy as np
-
     recs = task.records("heldout")[:rows]
     ids = tokenizer([r["prompt"] for r in recs], add_special_tokens=True)["input_ids"]
     width = max(len(x) for x in ids)

@@ -24,8 +24,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from hm3jax.models.align import Alignment, init_align_params
+from hm3jax.models.decoder import embed, run_layers
+from hm3jax.models.pool import shell_of
 from hm3jax.settings import AlignConfig
 
 
@@ -78,9 +81,6 @@ def pool_alignment(params: dict, num_experts: int, num_layers: int, pool_models:
 
 def pool_targets(model_cfg, models: Sequence[dict], tokens: jax.Array, attention_mask: jax.Array) -> Targets:
     """Targets for a pool of `models` (in pool order): each model's own layer inputs on the rows."""
-    from hm3jax.models.decoder import embed, run_layers
-    from hm3jax.models.pool import shell_of
-
     @jax.jit
     def one(params):
         L = jax.tree.leaves(params["layers"])[0].shape[0]
@@ -111,8 +111,6 @@ def sample_switching_paths(key: jax.Array, n: int, num_experts: int, num_layers:
 
 def _switch_gaps(model_cfg, layers, shells, align: Alignment, targets: Targets, paths, blocks, tokens, mask):
     """[n] mean relative gap over the switches of each path (0 for a path without one), [n] switches."""
-    from hm3jax.models.decoder import embed, run_layers
-
     def one(path, block):
         shell = jax.tree.map(lambda x: x[block], shells)
 
@@ -132,10 +130,6 @@ def fit_alignment(model_cfg, cfg: AlignConfig, experts: Sequence[dict], merged: 
                   key: jax.Array) -> AlignFit:
     """Fit switch maps for the lower level's global pool (experts, then one merged block per
     preference) on rows of `batch` (the search split). Deterministic for a key."""
-    import optax
-
-    from hm3jax.models.pool import shell_of
-
     K, N, L = len(experts), len(merged), model_cfg.num_hidden_layers
     task_id = np.asarray(batch.task_id)
     per_task = max(1, cfg.rows // K)

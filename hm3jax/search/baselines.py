@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hm3jax.io.atomic import check_output_path, write_json_atomic
+from hm3jax.io.atomic import check_output_path, check_writable, write_json_atomic
 from hm3jax.log import add_verbosity_flags, setup_logging
 from hm3jax.moo import das_dennis, dirichlet, hypervolume, pareto_mask
 from hm3jax.objectives import make_suite_batch
@@ -29,6 +30,8 @@ from hm3jax.objectives import tasks as task_suite
 from hm3jax.objectives.scoring import SCORE_OBJECTIVES, make_params_scorer
 from hm3jax.rundoc import round_floats
 from hm3jax.search.upper import UPPER_METHODS, merge_for_preference
+from hm3jax.settings import BASE
+from hm3jax.zoo import load_zoo
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +91,6 @@ class BaselineArgError(ValueError):
 
 def check_args(args) -> None:
     """Refuse non-finite or out-of-range flags and an unusable --out, before any model is loaded."""
-    import math
-
-    from hm3jax.io.atomic import check_writable
-
     if not (math.isfinite(args.density) and 0.0 < args.density <= 1.0):
         raise BaselineArgError(f"--density: expected a finite number in (0, 1], got {args.density}")
     if not (math.isfinite(args.scale) and args.scale > 0.0):
@@ -108,8 +107,6 @@ def check_args(args) -> None:
 
 
 def main(argv=None) -> int:
-    from hm3jax.zoo import load_zoo
-
     ap = argparse.ArgumentParser(prog="python -m hm3jax.search.baselines", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("zoo_dir", help="directory written by python -m hm3jax.zoo")
@@ -135,11 +132,11 @@ def main(argv=None) -> int:
     log.info(f"[baselines] loaded the zoo {args.zoo_dir} ({time.perf_counter() - t0:.1f}s)")
     suite = task_suite()
     names = [t.name for t in suite]
-    missing = [n for n in ["base", *names] if n not in models]
+    missing = [n for n in [BASE, *names] if n not in models]
     if missing:
         print(f"error: {args.zoo_dir}: no checkpoint for {', '.join(missing)}", file=sys.stderr)
         return 2
-    base, experts = models["base"], [models[n] for n in names]
+    base, experts = models[BASE], [models[n] for n in names]
     score = jax.jit(make_scorer(cfg, make_suite_batch(suite, "heldout", tokenizer), len(names),
                                 args.objective))
     prefs = preferences(len(names), args.preferences, args.seed, args.grid)
@@ -153,11 +150,11 @@ def main(argv=None) -> int:
                             density=args.density, scale=args.scale)
     fronts = {m: s[:-1] for m, s in scored.items()}
     log.info(f"[baselines] scored ({time.perf_counter() - t0:.1f}s)")
-    rows = {"base": np.asarray(score(base))}
+    rows = {BASE: np.asarray(score(base))}
     rows.update({f"{n} expert": np.asarray(score(e)) for n, e in zip(names, experts)})
     rows.update({m: s[-1] for m, s in scored.items()})
     exact = args.objective == "exact_match"
-    ref = np.zeros(len(names)) if exact else rows["base"]
+    ref = np.zeros(len(names)) if exact else rows[BASE]
     hv = {m: float(hypervolume(s[pareto_mask(s)], ref)) for m, s in fronts.items()}
     what = "teacher-forced exact match (%)" if exact else "mean answer log-likelihood"
     where = "reference point 0" if exact else "reference point = the base model's scores"

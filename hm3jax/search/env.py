@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 from hm3jax.models.pool import SKIP
 from hm3jax.moo import tchebycheff
-from hm3jax.settings import ACTIONS, REWARD_TIMINGS, REWARDS, EnvConfig, _require  # noqa: F401
+from hm3jax.settings import ACTIONS, REWARD_TIMINGS, REWARDS, EnvConfig  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -24,7 +25,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
+from hm3jax.io.atomic import checkpoint_write_error
 from hm3jax.models import forward_path
 from hm3jax.models.params import iter_leaves
 from hm3jax.models.pool import LayerPool, build_pool, shell_of
@@ -40,6 +43,7 @@ from hm3jax.search.env import (
     Scorer,
 )
 from hm3jax.search.ppo import ChunkMetrics, Trainer, make_train
+from hm3jax.search.sharded import place_search
 from hm3jax.settings import OBJECTIVES, LowerConfig  # noqa: F401
 
 _log = logging.getLogger(__name__)
@@ -112,17 +116,24 @@ def build_search(model_cfg, experts: Sequence[dict], merged: Sequence[dict], bat
         search_ideal = jnp.broadcast_to(jnp.asarray(best, jnp.float32), (N, K))
     problems = PathProblem(jnp.asarray(prefs), jnp.broadcast_to(jnp.asarray(ideal, jnp.float32), (N, K)),
                            jnp.arange(N, dtype=jnp.int32), jnp.asarray(local), search_ideal)
-    task_id = np.asarray(batch.task_id)
-    counts = [int((task_id == k).sum()) for k in range(K)]
-    if min(counts) == 0:
-        raise ValueError(f"the search batch has no rows for tasks {[k for k in range(K) if not counts[k]]}")
-    n = min(counts)
-    task_rows = np.stack([np.flatnonzero(task_id == k)[:n] for k in range(K)]).astype(np.int32)
-    padded = pad_rows(batch, cfg.score_chunk)
     shells = jax.tree.map(lambda *xs: jnp.stack(xs), *[shell_of(m) for m in merged])
-    data = SearchData(pool.layers, shells, Batch(*(jnp.asarray(np.asarray(x)) for x in padded)),
-                      jnp.asarray(task_rows))
+    data = with_batch(SearchData(pool.layers, shells, None, None), batch, K, cfg.score_chunk)
     return data, problems, layout
+
+
+def with_batch(data: SearchData, batch: Batch, num_tasks: int, score_chunk: int) -> SearchData:
+    """`data` scoring the rows of `batch` instead (e.g. the held-out split over a search's pool):
+    the batch padded to a multiple of `score_chunk`, and each task's row indices. The pool, shells
+    and alignment maps are kept."""
+    task_id = np.asarray(batch.task_id)
+    counts = [int((task_id == k).sum()) for k in range(num_tasks)]
+    if min(counts) == 0:
+        raise ValueError(f"the search batch has no rows for tasks {[k for k in range(num_tasks) if not counts[k]]}")
+    n = min(counts)
+    task_rows = np.stack([np.flatnonzero(task_id == k)[:n] for k in range(num_tasks)]).astype(np.int32)
+    padded = pad_rows(batch, score_chunk)
+    return data._replace(batch=Batch(*(jnp.asarray(np.asarray(x)) for x in padded)),
+                         task_rows=jnp.asarray(task_rows))
 
 
 def minibatch_rows(data: SearchData, key: jax.Array, per_task: int) -> Batch:
@@ -136,7 +147,7 @@ def minibatch_rows(data: SearchData, key: jax.Array, per_task: int) -> Batch:
 
 def make_model_scorer(model_cfg, num_tasks: int, cfg: LowerConfig = LowerConfig()) -> Scorer:
     """Scorer over SearchData: per-task means of exact match / answer log-likelihood of paths."""
-    objective = exact_match if cfg.objective == "exact_match" else answer_loglik
+    objective = answer_loglik if cfg.objective == "loglik" else exact_match  # None: exact_match
     search_rows = answer_prob if cfg.env.search_score == "answer_prob" else objective
     per_task = max(1, cfg.env.search_minibatch // num_tasks)
 
@@ -206,26 +217,15 @@ def run_lower(trainer: Trainer, layout: PathLayout, problems: PathProblem, data,
     state = trainer.init(key, problems)
     # The metrics of every chunk live in the checkpoint beside the state, so a run killed after its
     # last chunk was saved (and before its stage result was) resumes with its whole history.
-    shapes = jax.eval_shape(trainer.chunk, state, problems, data)[1]
-    history = jax.tree.map(lambda x: np.zeros((num_chunks,) + x.shape, x.dtype), shapes)
+    history = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), _history_shapes(trainer, state, problems, data,
+                                                                               num_chunks))
     start, mngr = 0, None
     if checkpoint_dir is not None:
-        import orbax.checkpoint as ocp
-
-        # synchronous saves: a chunk counts as saved once save() returns, and a failed write is
-        # reported here, for this chunk, rather than by a background thread later
-        mngr = ocp.CheckpointManager(os.path.abspath(checkpoint_dir), options=ocp.CheckpointManagerOptions(
-            max_to_keep=2, enable_async_checkpointing=False))
+        mngr = _chunk_manager(checkpoint_dir)
         if mngr.latest_step() is not None:
             start = int(mngr.latest_step())
-            target = {"state": state, "history": history}
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-            restored = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
-            restored = jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(restored))
-            state, history = restored["state"], jax.tree.map(np.array, restored["history"])
+            state, history = _restore_chunk(mngr, start, state, history)
     if mesh is not None:
-        from hm3jax.search.sharded import place_search
-
         state, problems, data = place_search(mesh, state, problems, data)
     end = num_chunks if stop_after is None else min(stop_after, num_chunks)
     chunk = trainer.chunk
@@ -237,8 +237,6 @@ def run_lower(trainer: Trainer, layout: PathLayout, problems: PathProblem, data,
         chunk = compiled
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=num_chunks, initial=start, desc=desc, unit="chunk")
     for c in range(start, end):
         state, metrics = chunk(state, problems, data)
@@ -266,15 +264,62 @@ def run_lower(trainer: Trainer, layout: PathLayout, problems: PathProblem, data,
     return LowerResult(best, glob, hist, state)
 
 
+def restore_lower_state(trainer: Trainer, problems: PathProblem, data, key: jax.Array, num_chunks: int,
+                        checkpoint_dir: str | os.PathLike):
+    """The trainer state of the latest chunk a search saved in `checkpoint_dir` (what run_lower
+    resumes from), restored directly: nothing is initialised, compiled or run (the shapes come from
+    jax.eval_shape). `problems` [N] and `num_chunks` must be those of the saved search (their
+    shapes, not their values, are read). Raises FileNotFoundError when no chunk was saved."""
+    state = jax.eval_shape(trainer.init, key, problems)
+    history = _history_shapes(trainer, state, problems, data, num_chunks)
+    mngr = _chunk_manager(checkpoint_dir)
+    try:
+        step = mngr.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{checkpoint_dir}: no saved chunk of the search")
+        return _restore_chunk(mngr, int(step), state, history)[0]
+    finally:
+        mngr.close()
+
+
+def _history_shapes(trainer: Trainer, state, problems: PathProblem, data, num_chunks: int):
+    """ShapeDtypeStructs of the per-chunk metrics of `num_chunks` chunks, [num_chunks, C, N, ...]."""
+    shapes = jax.eval_shape(trainer.chunk, state, problems, data)[1]
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((num_chunks,) + x.shape, x.dtype), shapes)
+
+
+def _orbax():
+    # orbax is imported when a search first checkpoints: it adds about a second to the import of
+    # hm3jax.search, which recommend --export and the zoo probe use without checkpointing
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def _chunk_manager(checkpoint_dir: str | os.PathLike):
+    """The orbax CheckpointManager of a search's chunk checkpoints (the last two kept). Saves are
+    synchronous: a chunk counts as saved once save() returns, and a failed write is reported for
+    that chunk rather than by a background thread later."""
+    ocp = _orbax()
+    return ocp.CheckpointManager(os.path.abspath(checkpoint_dir), options=ocp.CheckpointManagerOptions(
+        max_to_keep=2, enable_async_checkpointing=False))
+
+
+def _restore_chunk(mngr, step: int, state, history):
+    """(state, history) of chunk checkpoint `step`, in the structure of `state` and `history`
+    (arrays or ShapeDtypeStructs); the history as writable numpy arrays."""
+    ocp = _orbax()
+    target = {"state": state, "history": history}
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    restored = jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(restored))
+    return restored["state"], jax.tree.map(np.array, restored["history"])
+
+
 def _save_chunk(mngr, step: int, tree) -> None:
     """Save chunk checkpoint `step`; on a failed write (a full disk...) remove what orbax left of it
     and raise CheckpointWriteError naming it. The checkpoints of earlier chunks are kept."""
-    import shutil
-
-    import orbax.checkpoint as ocp
-
-    from hm3jax.io.atomic import checkpoint_write_error
-
+    ocp = _orbax()
     try:
         mngr.save(step, args=ocp.args.StandardSave(tree))
         mngr.wait_until_finished()

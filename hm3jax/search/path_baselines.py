@@ -26,15 +26,16 @@ import jax.numpy as jnp
 
 from hm3jax.search import cache as pc
 from hm3jax.search import env as en
-from hm3jax.search.env import PathLayout, Scorer, _require
+from hm3jax.search.env import PathLayout, Scorer
 from hm3jax.search.ppo import (
     ChunkMetrics,
     Trainer,
-    _raw,
-    _wrap,
     evaluate_batch,
     finish_best,
+    raw_key,
+    wrap_key,
 )
+from hm3jax.settings import require
 
 METHODS = ("random", "evolution")
 
@@ -67,19 +68,19 @@ class PathSearchConfig:
     mutation_rate: float = 0.2
 
     def __post_init__(self):
-        _require(self.method in METHODS, "lower.baseline.method", f"one of {', '.join(METHODS)}", self.method)
+        require(self.method in METHODS, "lower.baseline.method", f"one of {', '.join(METHODS)}", self.method)
         for name in ("population", "iterations", "chunk_iterations", "tournament"):
             v = getattr(self, name)
-            _require(isinstance(v, int) and v >= 1, f"lower.baseline.{name}", "an integer >= 1", v)
-        _require(self.candidates is None or (isinstance(self.candidates, int) and self.candidates >= self.population),
+            require(isinstance(v, int) and v >= 1, f"lower.baseline.{name}", "an integer >= 1", v)
+        require(self.candidates is None or (isinstance(self.candidates, int) and self.candidates >= self.population),
                  "lower.baseline.candidates", f"None or an integer >= population={self.population}", self.candidates)
-        _require(self.parents is None or (isinstance(self.parents, int) and self.parents >= 1),
+        require(self.parents is None or (isinstance(self.parents, int) and self.parents >= 1),
                  "lower.baseline.parents", "None or an integer >= 1", self.parents)
-        _require(self.iterations % self.chunk_iterations == 0, "lower.baseline.iterations",
+        require(self.iterations % self.chunk_iterations == 0, "lower.baseline.iterations",
                  f"a multiple of lower.baseline.chunk_iterations={self.chunk_iterations}", self.iterations)
         for name in ("crossover_rate", "mutation_rate"):
             v = getattr(self, name)
-            _require(0.0 <= v <= 1.0, f"lower.baseline.{name}", "in [0, 1]", v)
+            require(0.0 <= v <= 1.0, f"lower.baseline.{name}", "in [0, 1]", v)
 
     @property
     def num_chunks(self) -> int:
@@ -132,7 +133,7 @@ def make_path_search(cfg: PathSearchConfig, env: en.EnvConfig, layout: PathLayou
     def one_init(key, problem):
         K = problem.preference.shape[-1]
         best = en.empty_best(layout, K)
-        return SearchState(_raw(_wrap(key)), best, jnp.zeros((), jnp.int32), pc.empty(cfg.budget, layout.t_max, K))
+        return SearchState(raw_key(wrap_key(key)), best, jnp.zeros((), jnp.int32), pc.empty(cfg.budget, layout.t_max, K))
 
     def children(state, key):
         k_sel, k_x, k_mix, k_mut = jax.random.split(key, 4)
@@ -151,7 +152,7 @@ def make_path_search(cfg: PathSearchConfig, env: en.EnvConfig, layout: PathLayou
         return random_genes(layout, key, (S,)).at[0].set(ident[0])
 
     def iteration(state, problem, data):
-        key, k_pop = jax.random.split(_wrap(state.key))
+        key, k_pop = jax.random.split(wrap_key(state.key))
         if cfg.method == "evolution":
             nxt = children(state, k_pop)
         else:
@@ -165,7 +166,7 @@ def make_path_search(cfg: PathSearchConfig, env: en.EnvConfig, layout: PathLayou
         metrics = ChunkMetrics(jnp.sum(jnp.where(scored, reward, 0.0)) / n, jnp.sum(scores * w[:, None], 0) / n,
                                jnp.sum(en.path_length(layout, paths) * w) / n, jnp.max(cache.reward),
                                z, z, z, cache.count)
-        return SearchState(_raw(key), state.best, state.iteration + 1, cache), metrics
+        return SearchState(raw_key(key), state.best, state.iteration + 1, cache), metrics
 
     def one_chunk(state, problem, data):
         return jax.lax.scan(lambda s, _: iteration(s, problem, data), state, None, length=cfg.chunk_iterations)
@@ -176,7 +177,7 @@ def make_path_search(cfg: PathSearchConfig, env: en.EnvConfig, layout: PathLayou
         return state._replace(best=best)
 
     def init(key, problems):
-        return jax.vmap(one_init)(jax.random.split(_wrap(key), problems.preference.shape[0]), problems)
+        return jax.vmap(one_init)(jax.random.split(wrap_key(key), problems.preference.shape[0]), problems)
 
     def chunk(state, problems, data):
         state, m = jax.vmap(one_chunk, in_axes=(0, 0, None))(state, problems, data)

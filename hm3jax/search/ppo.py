@@ -95,7 +95,9 @@ class Trainer(NamedTuple):
     finish: Callable | None = None
 
 
-def _raw(key: jax.Array) -> jax.Array:
+def raw_key(key: jax.Array) -> jax.Array:
+    """Raw uint32 key data of a typed key (a raw key as it is): what a searcher keeps in its state,
+    since orbax stores plain arrays."""
     return jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
 
 
@@ -304,21 +306,21 @@ def make_train(env: en.EnvConfig, agent: ag.AgentConfig, ppo: PPOConfig, layout:
 
     def group_init(key, problems):
         """GroupState of a fresh agent for problems [G] (key: typed or raw)."""
-        k_params, k_run = jax.random.split(_wrap(key))
+        k_params, k_run = jax.random.split(wrap_key(key))
         K = problems.preference.shape[-1]
         G = problems.preference.shape[0]
         params = ag.init_agent(agent, layout, problems.summary.shape[-1], K, k_params)
         bcast = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (G,) + x.shape), tree)
         best = bcast(en.empty_best(layout, K))
         cache = bcast(pc.empty(ppo.budget, T, K))
-        return GroupState(params, tx.init(params), _raw(k_run), best, jnp.zeros((), jnp.int32), cache)
+        return GroupState(params, tx.init(params), raw_key(k_run), best, jnp.zeros((), jnp.int32), cache)
 
     def group_chunk(state: GroupState, problems: PathProblem, data):
         """chunk_iterations iterations; metrics [C, G, ...] (the best path is set by finish)."""
-        carry = (state.params, state.opt_state, _wrap(state.key), state.iteration, state.cache)
+        carry = (state.params, state.opt_state, wrap_key(state.key), state.iteration, state.cache)
         (params, opt_state, key, it, cache), metrics = jax.lax.scan(
             lambda c, _: iteration(c, problems, data), carry, None, length=ppo.chunk_iterations)
-        return GroupState(params, opt_state, _raw(key), state.best, it, cache), metrics
+        return GroupState(params, opt_state, raw_key(key), state.best, it, cache), metrics
 
     def group_finish(state: GroupState, problems: PathProblem, data):
         best = jax.vmap(lambda p, b, c: finish_best(env, layout, scorer, data, p, b, c))(
@@ -330,9 +332,9 @@ def make_train(env: en.EnvConfig, agent: ag.AgentConfig, ppo: PPOConfig, layout:
 
     def init(key, problems):
         if per_pref:
-            keys = jax.random.split(_wrap(key), problems.preference.shape[0])
+            keys = jax.random.split(wrap_key(key), problems.preference.shape[0])
             return jax.vmap(group_init)(keys, expand(problems))
-        return group_init(_wrap(key), problems)
+        return group_init(wrap_key(key), problems)
 
     def chunk(state, problems, data):
         if per_pref:
@@ -357,6 +359,6 @@ def make_train(env: en.EnvConfig, agent: ag.AgentConfig, ppo: PPOConfig, layout:
                    jax.jit(greedy), jax.jit(finish))
 
 
-def _wrap(key: jax.Array) -> jax.Array:
-    """A typed key from raw uint32 key data or a typed key."""
+def wrap_key(key: jax.Array) -> jax.Array:
+    """A typed key from raw uint32 key data or a typed key (the inverse of raw_key)."""
     return key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)

@@ -39,13 +39,13 @@ def preference_shardings(tree: Any, mesh: Mesh, mesh_cfg=None) -> Any:
 def search_data_shardings(data: Any, mesh: Mesh, mesh_cfg=None) -> Any:
     """Shardings of lower.SearchData: pool layers by the rules (pool axis whole), each preference's
     shell with its preference axis on `data` and its matrices FSDP, the batch and row index
-    replicated (every preference scores the same rows), as are the alignment maps."""
-    from hm3jax.search.lower import SearchData
-
+    replicated (every preference scores the same rows), as are the alignment maps. The result is a
+    SearchData of shardings (data's own type: this module sits below search.lower, which imports it)."""
     shells = tree_shardings(data.shells, mesh, mesh_cfg, stacked_axis="preferences")
-    return SearchData(pool_shardings(data.layers, mesh, mesh_cfg), shells,
-                      jax.tree.map(lambda _: replicated(mesh), data.batch), replicated(mesh),
-                      jax.tree.map(lambda _: replicated(mesh), data.align))
+    return data._replace(layers=pool_shardings(data.layers, mesh, mesh_cfg), shells=shells,
+                         batch=jax.tree.map(lambda _: replicated(mesh), data.batch),
+                         task_rows=replicated(mesh),
+                         align=jax.tree.map(lambda _: replicated(mesh), data.align))
 
 
 def place_search(mesh: Mesh, state: Any, problems: Any, data: Any, mesh_cfg=None) -> tuple[Any, Any, Any]:

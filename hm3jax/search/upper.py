@@ -87,6 +87,7 @@ def _tune(cfg: UpperConfig, base: dict, experts: Sequence[dict], score_fn, pref,
     (pref, ideal, key). Keys: merge (shared by every candidate), ES init, and one per generation,
     all split from `key` (none is used twice).
     """
+    # evosax loads only when upper.tune is on
     from evosax.algorithms import CMA_ES  # optional dependency of the tuner only
 
     k_merge, k_init, k_gens = jax.random.split(key, 3)
@@ -122,7 +123,9 @@ def _tune(cfg: UpperConfig, base: dict, experts: Sequence[dict], score_fn, pref,
     return d, sc, s, t, history
 
 
-def _merge_key(key: jax.Array) -> jax.Array:
+def dare_key(key: jax.Array) -> jax.Array:
+    """The key a preference's merge draws its DARE masks with, derived from that preference's
+    upper-level key (run_upper's `key`; CMA-ES draws from the same key's other splits)."""
     return jax.random.split(key, 3)[0]
 
 
@@ -142,7 +145,7 @@ def run_upper(cfg: UpperConfig, base: dict, experts: Sequence[dict], preference,
     """
     pref = jnp.asarray(preference, jnp.float32)
     ideal = jnp.asarray(ideal, jnp.float32)
-    k_merge = _merge_key(key)
+    k_merge = dare_key(key)
     results = []
     for method in methods_of(cfg):
         c = dataclasses.replace(cfg, method=method)
@@ -163,14 +166,17 @@ def run_upper(cfg: UpperConfig, base: dict, experts: Sequence[dict], preference,
 
 
 def run_upper_many(cfg: UpperConfig, base: dict, experts: Sequence[dict], preferences, ideal,
-                   score_fn: Callable[[dict], jax.Array], key: jax.Array) -> UpperResult:
+                   score_fn: Callable[[dict], jax.Array], key: jax.Array, with_params: bool = True) -> UpperResult:
     """run_upper for N preferences as one vmapped program (tuning and the "auto" pick included).
 
     Args: as run_upper, with preferences [N, K]; ideal [K] (shared) or [N, K]. Preference i uses
     jax.random.split(key, N)[i], so row i equals run_upper(..., preferences[i], ..., that key).
+      with_params: False leaves the merged params out (params None), for callers that merge each
+        preference themselves from the settings returned (merge_for_preference with dare_key of
+        its key): the program then merges only what it scores.
     Returns:
-      UpperResult whose fields carry a leading [N] axis: params (stacked merged params), density,
-      scale, tcheby, history and method as arrays, scores [N, K].
+      UpperResult whose fields carry a leading [N] axis: params (stacked merged params, or None),
+      density, scale, tcheby, history and method as arrays, scores [N, K].
     """
     prefs = jnp.asarray(preferences, jnp.float32)
     n = prefs.shape[0]
@@ -186,7 +192,7 @@ def run_upper_many(cfg: UpperConfig, base: dict, experts: Sequence[dict], prefer
                 d, sc, s, t, h = _tune(c, base, experts, score_fn, pref, z, k)
             else:
                 d, sc = jnp.asarray(cfg.density, jnp.float32), jnp.asarray(cfg.scale, jnp.float32)
-                params = merge_for_preference(method, base, experts, pref, _merge_key(k), d, sc)
+                params = merge_for_preference(method, base, experts, pref, dare_key(k), d, sc)
                 s = score_fn(params)
                 t, h = tchebycheff(s, pref, z), jnp.zeros((0,), jnp.float32)
             return d, sc, s, t, h
@@ -196,9 +202,12 @@ def run_upper_many(cfg: UpperConfig, base: dict, experts: Sequence[dict], prefer
             stack = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
             i = jnp.argmin(stack[3])  # the first of equal values, as run_upper
             d, sc, s, t, h = jax.tree.map(lambda x: x[i], stack)
-            merges = [merge_for_preference(m, base, experts, pref, _merge_key(k), d, sc) for m in methods]
+            method = jnp.asarray([UPPER_METHODS.index(m) for m in methods])[i]
+            if not with_params:
+                return None, d, sc, s, t, h, method
+            merges = [merge_for_preference(m, base, experts, pref, dare_key(k), d, sc) for m in methods]
             params = jax.tree.map(lambda *xs: jnp.stack(xs)[i], *merges) if len(methods) > 1 else merges[0]
-            return params, d, sc, s, t, h, jnp.asarray([UPPER_METHODS.index(m) for m in methods])[i]
+            return params, d, sc, s, t, h, method
 
         return jax.vmap(one)(prefs, ideal, keys)
 

@@ -15,7 +15,9 @@ when they hold nothing but files a zoo build writes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import re
 import tempfile
@@ -25,18 +27,19 @@ from typing import Any
 import jax
 import numpy as np
 
+from hm3jax.io import load_pretrained, load_tokenizer, save_pretrained
 from hm3jax.io.atomic import write_json_atomic
 from hm3jax.models.config import ModelConfig
 from hm3jax.models.decoder import init_params
 from hm3jax.objectives.synthetic import TASK_NAMES
 from hm3jax.objectives.tokenizer import build_tokenizer, save_tokenizer
+from hm3jax.settings import BASE
 from hm3jax.zoo.config import ZooConfig
 from hm3jax.zoo.data import base_training_set, expert_training_set
 from hm3jax.zoo.probe import score_zoo, targets
 from hm3jax.zoo.train import fit
 
 MANIFEST = "zoo.json"
-BASE = "base"
 MODEL_NAMES = (BASE,) + TASK_NAMES
 _FORMAT = 2
 # Below this many expert steps in all, worker start-up costs more than parallel training saves.
@@ -113,9 +116,6 @@ def train_zoo(zc: ZooConfig, seed: int, progress: bool = True,
         for k in order:
             results[k] = train_expert(zc, seed, k, base, progress)
     else:
-        import concurrent.futures
-        import multiprocessing
-
         base_np = jax.tree.map(np.asarray, base)
         # "spawn": a forked child of a process that has started JAX's thread pools can deadlock.
         ctx = multiprocessing.get_context("spawn")
@@ -247,8 +247,6 @@ def build_zoo(out_dir: str | os.PathLike, config: ZooConfig | None = None, seed:
         holds files a zoo build does not write where the build would write (with `force`).
     """
     config = ZooConfig() if config is None else config
-    from hm3jax.io import save_pretrained
-
     out_dir = os.path.abspath(os.fspath(out_dir))
     reuse = _check_target(out_dir, config, seed, force)
     if reuse is not None:
@@ -297,8 +295,6 @@ def load_zoo(out_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, dict], 
     Raises:
       ZooError: no complete zoo in `out_dir`, or models disagree on the architecture.
     """
-    from hm3jax.io import load_pretrained, load_tokenizer
-
     out_dir = os.path.abspath(os.fspath(out_dir))
     manifest = read_manifest(out_dir)
     if manifest is None:

@@ -9,6 +9,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from hm3jax.io.atomic import UnwritableOutputError, check_writable
+from hm3jax.io.paths import NotRegularFileError, check_regular
 from hm3jax.log import add_verbosity_flags, setup_logging
 from hm3jax.zoo.build import ZooError, build_zoo, check_zoo_dir
 from hm3jax.zoo.config import CONFIGS
@@ -34,9 +36,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m hm3jax.zoo") 
     add_verbosity_flags(ap)
     args = ap.parse_args(argv)
     setup_logging(args.verbose, args.quiet)
-    from hm3jax.io.atomic import UnwritableOutputError, check_writable
-    from hm3jax.io.paths import NotRegularFileError, check_regular
-
     try:
         if not 0 <= args.seed < 2**32:
             raise ZooError(f"--seed must be in [0, 2**32), got {args.seed}")

@@ -21,9 +21,9 @@ from hm3jax.models.config import ModelConfig
 from hm3jax.objectives.batch import make_suite_batch
 from hm3jax.objectives.scoring import make_params_scorer
 from hm3jax.objectives.synthetic import TASK_NAMES
+from hm3jax.settings import BASE, MERGE  # the centre merge is named as in a path
 from hm3jax.zoo.config import ZooConfig
 
-MERGED = "merge"  # name of the centre merge among the swap donors
 _SCORE_CHUNK = 8  # models scored at once
 
 
@@ -62,12 +62,13 @@ def score_zoo(cfg: ModelConfig, models: dict[str, dict], zc: ZooConfig, tokenize
     Returns:
       ({model name: {task: exact match}}, the probe: see `probe_mergeability`).
     """
+    # the search package (flax, optax) loads only when the probe runs, not with hm3jax.zoo
     from hm3jax.search.upper import UPPER_METHODS, merge_for_preference
 
     k, n_layers = len(TASK_NAMES), zc.num_hidden_layers
     mid = n_layers // 2
     batch = make_suite_batch(zc.suite(), "heldout", tokenizer)
-    base, experts = models["base"], [models[t] for t in TASK_NAMES]
+    base, experts = models[BASE], [models[t] for t in TASK_NAMES]
     prefs = probe_preferences(zc)
     lams = jnp.asarray(np.stack(list(prefs.values())))
 
@@ -121,7 +122,7 @@ def score_zoo(cfg: ModelConfig, models: dict[str, dict], zc: ZooConfig, tokenize
     swaps: dict[str, dict[str, float]] = {name: {} for name in TASK_NAMES}
     for (i, donor), row in zip(swap_keys, swap_rows):
         if donor in TASK_NAMES or donor == best:
-            swaps[TASK_NAMES[i]][MERGED if donor == best else donor] = float(row[i])
+            swaps[TASK_NAMES[i]][MERGE if donor == best else donor] = float(row[i])
     return scores, {"merges": merges, "preferences": {p: w.tolist() for p, w in prefs.items()},
             "best_centre_method": best, "swap_layer": mid, "swaps": swaps}
 
@@ -136,7 +137,7 @@ def targets(scores: dict[str, dict[str, float]], probe: dict, zc: ZooConfig) -> 
       base on every task (less merge_tolerance).
     layer_swap: every single-layer swap keeps its expert >= min_swap_exact_match on its own task.
     """
-    base = scores["base"]
+    base = scores[BASE]
     centre_ok = [all(v >= zc.min_merge_exact_match and v > base[t] - zc.merge_tolerance
                      for t, v in m["centre"].items())
                  for m in probe["merges"].values()]

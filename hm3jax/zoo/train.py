@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from hm3jax.models.config import ModelConfig
 from hm3jax.models.decoder import forward
@@ -185,8 +186,6 @@ def fit(cfg: ModelConfig, opt: OptimConfig, params: dict, data: Batch, key: jax.
       (params, stats) with stats = {"final_loss": mean loss of the last chunk, "train_seconds",
       "cpu_seconds": CPU time of this process}.
     """
-    from tqdm.auto import tqdm
-
     if chunk_steps < 1 or steps % chunk_steps:
         raise ValueError(f"steps={steps} must be a positive multiple of chunk_steps={chunk_steps}")
     wall, cpu = time.perf_counter(), time.process_time()
