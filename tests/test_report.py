@@ -237,3 +237,23 @@ def test_floats_are_stored_rounded(tmp_path):
 
     walk(back)
     assert all(float(f"{x:.6g}") == x for x in floats)
+
+
+def test_metrics_records_keep_their_timestamps_and_round_their_values(tmp_path):
+    """metrics.jsonl: each record's time is the wall clock to the millisecond (not rounded to six
+    significant digits, which would give every record of a day the same time), its float values
+    are rounded for reading."""
+    import time
+
+    import numpy as np
+
+    from hm3jax.run.store import metrics_logger
+
+    write = metrics_logger(str(tmp_path), tensorboard=False)
+    before = time.time()
+    write({"stage": "lower", "iteration": 1, "reward": np.float32(0.7)})
+    write({"stage": "lower", "iteration": 2, "reward": 0.123456789})
+    after = time.time()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(before - 0.001 <= r["time"] <= after + 0.001 for r in records), records
+    assert [r["reward"] for r in records] == [0.7, 0.123457]

@@ -129,7 +129,7 @@ def test_a_stopped_run_resumes_from_its_stages_to_the_same_front(smoke_run, tmp_
     assert "stopped after upper" in first.stderr
     assert not (run / "front.json").exists()
     second = _train(run, zoo)
-    from hm3jax.pipeline import STAGES
+    from hm3jax.run.stages import STAGES
 
     for stage in set(STAGES) - {"generated"}:  # generated: tasks.kind files only
         assert any(line.startswith(f"[{stage}]") and line.endswith("(from checkpoint)")

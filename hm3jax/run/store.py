@@ -184,7 +184,9 @@ def metrics_logger(run_dir: str, tensorboard: bool) -> Callable[[dict], None]:
         return x
 
     def write(record: dict) -> None:
-        record = round_floats(plain({"time": time.time(), **record}))
+        # The timestamp is kept to the millisecond: rounding it to JSON_DIGITS significant digits
+        # would put every record of a day at the same 10 000 s.
+        record = {"time": round(time.time(), 3), **round_floats(plain(record))}
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if writer is not None:
