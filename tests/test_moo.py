@@ -117,3 +117,21 @@ def test_plot_front_writes_png(tmp_path, k):
         plot_front(tmp_path / "x.png", scores[:, :1])
     with pytest.raises(ValueError, match="others"):
         plot_front(tmp_path / "x.png", scores, others={"bad": np.ones((2, k + 1))})
+
+
+@pytest.mark.parametrize("scores, dominated", [([[1.0, 0.5], [0.5, 1.0]], False),
+                                               ([[1.0, 0.5], [0.5, 1.0], [0.2, 0.2]], True)])
+def test_pairs_legend_names_dominated_solutions_only_when_there_are_some(tmp_path, monkeypatch, scores, dominated):
+    """front.png's legend: "(dominated)" appears only when some solution is dominated, the front and
+    each single point always."""
+    from matplotlib.figure import Figure
+
+    from hm3jax.moo.plots import plot_pairs
+
+    seen = []
+    legend = Figure.legend
+    monkeypatch.setattr(Figure, "legend", lambda self, handles, labels, **kw: (seen.extend(labels),
+                                                                                legend(self, handles, labels, **kw))[1])
+    plot_pairs([tmp_path / "f.png"], np.asarray(scores), ["a", "b"], points={"base": [0.1, 0.1]}, label="HM3")
+    assert ("HM3 (dominated)" in seen) is dominated
+    assert "HM3 (front)" in seen and "base" in seen

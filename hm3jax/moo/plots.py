@@ -84,7 +84,8 @@ def _as_scores(where: str, x, k: int | None) -> np.ndarray:
 
 
 def _scatter_2d(ax, s, front, names, groups, label):
-    ax.scatter(s[~front, 0], s[~front, 1], c="lightgray", edgecolors="gray", label=f"{label} (dominated)")
+    if (~front).any():  # no legend entry for dominated solutions when there are none
+        ax.scatter(s[~front, 0], s[~front, 1], c="lightgray", edgecolors="gray", label=f"{label} (dominated)")
     f = s[front][np.argsort(-s[front, 0])]
     if len(f):
         # The front's staircase: from the best on task 0 leftwards, each step up to the next point.
@@ -99,7 +100,8 @@ def _scatter_2d(ax, s, front, names, groups, label):
 
 
 def _scatter_3d(ax, s, front, names, groups, label):
-    ax.scatter(*s[~front].T, c="lightgray", edgecolors="gray", label=f"{label} (dominated)")
+    if (~front).any():
+        ax.scatter(*s[~front].T, c="lightgray", edgecolors="gray", label=f"{label} (dominated)")
     ax.scatter(*s[front].T, c=_FRONT_COLOR, label=f"{label} (front)", depthshade=False)
     for name, g, m, c in _styled(groups):
         ax.scatter(*g.T, marker=m, color=c, label=name, depthshade=False)
@@ -171,8 +173,9 @@ def plot_pairs(
     axes = fig.subplots(rows, cols, squeeze=False).reshape(-1)
     single_markers = ("s", "*", "P", "X", "h", "p", "8")
     for ax, (i, j) in zip(axes, pairs):
-        ax.scatter(s[~front, i], s[~front, j], c="lightgray", edgecolors="gray", s=22,
-                   label=f"{label} (dominated)")
+        if (~front).any():  # no legend entry for dominated solutions when there are none
+            ax.scatter(s[~front, i], s[~front, j], c="lightgray", edgecolors="gray", s=22,
+                       label=f"{label} (dominated)")
         ax.scatter(s[front, i], s[front, j], c=_FRONT_COLOR, s=30, label=f"{label} (front)", zorder=3)
         for name, g, m, c in _styled(groups):
             ax.scatter(g[:, i], g[:, j], marker=m, color=c, s=22, alpha=0.8, label=name, zorder=2)
