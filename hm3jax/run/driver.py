@@ -45,7 +45,7 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> dict:
         searches["evolutionary_path"] = (st.baseline_search(ctx, "evolutionary_path", "evolution", merged,
                                                             ideal, stop_after), merged)
         params = st.param_baselines(ctx, stop_after)
-    held = st.heldout_scores(ctx, searches, ideal, stop_after)
+    held = st.heldout_scores(ctx, searches, stop_after)
     generated = st.generated_scores(ctx, searches["lower"][0], merged, stop_after)
 
     hm3 = solutions(ctx, searches["lower"][0], held["lower"], MERGE, up, make_solution)

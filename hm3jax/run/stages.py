@@ -28,7 +28,7 @@ from hm3jax.run.context import Context, merge_keys, upper_key, upper_methods
 from hm3jax.run.solutions import describe_path, switches_models
 from hm3jax.run.store import CorruptCheckpointError
 from hm3jax.search.align import fit_alignment, pool_alignment
-from hm3jax.search.lower import build_search, make_lower_train, make_model_scorer, run_lower
+from hm3jax.search.lower import build_search, make_lower_train, make_model_scorer, run_lower, search_data
 from hm3jax.search.path_baselines import PathSearchConfig, make_path_search
 from hm3jax.search.upper import UPPER_METHODS, merge_for_preference, run_upper_many
 from hm3jax.settings import MERGE
@@ -226,8 +226,7 @@ def lower_stage(ctx: Context, name: str, merged: list[dict], ideal, stop_after=N
             ctx.cache["ppo"] = make_lower_train(lower, layout, scorer)
         return ctx.cache["ppo"]
 
-    return _path_search(ctx, name, merged, blocks, ideal, trainer, lower.ppo.iterations // lower.ppo.chunk_iterations,
-                        key, stop_after)
+    return _path_search(ctx, name, merged, blocks, ideal, trainer, lower.ppo.num_chunks, key, stop_after)
 
 
 def baseline_search(ctx: Context, name: str, method: str, merged: list[dict], ideal, stop_after=None) -> dict:
@@ -281,14 +280,14 @@ def concat_batches(a: Batch, b: Batch) -> Batch:
     return Batch(*fields)
 
 
-def heldout_scores(ctx: Context, searches: dict[str, tuple[dict, list[dict]]], ideal, stop_after=None) -> dict:
+def heldout_scores(ctx: Context, searches: dict[str, tuple[dict, list[dict]]], stop_after=None) -> dict:
     """Held-out scores of every search's best paths: {search name: [N, K]}."""
     def compute():
         out = {}
         full = jax.jit(model_scorer(ctx).full)
         for name, (res, merged) in searches.items():
-            data, _, _ = build_search(ctx.model_cfg, ctx.experts, merged, ctx.heldout, ctx.prefs, ideal,
-                                      ctx.cfg.lower, ctx.base)
+            data = search_data(ctx.model_cfg, ctx.experts, merged, ctx.heldout, len(ctx.tasks),
+                               ctx.cfg.lower.score_chunk)
             data = data._replace(align=stage_alignment(ctx, res, len(merged)))
             rows = [np.asarray(full(data, jnp.asarray(res["global_path"][i])[None], jnp.int32(i)))[0]
                     for i in range(len(ctx.prefs))]

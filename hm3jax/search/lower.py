@@ -116,9 +116,22 @@ def build_search(model_cfg, experts: Sequence[dict], merged: Sequence[dict], bat
         search_ideal = jnp.broadcast_to(jnp.asarray(best, jnp.float32), (N, K))
     problems = PathProblem(jnp.asarray(prefs), jnp.broadcast_to(jnp.asarray(ideal, jnp.float32), (N, K)),
                            jnp.arange(N, dtype=jnp.int32), jnp.asarray(local), search_ideal)
-    shells = jax.tree.map(lambda *xs: jnp.stack(xs), *[shell_of(m) for m in merged])
-    data = with_batch(SearchData(pool.layers, shells, None, None), batch, K, cfg.score_chunk)
+    data = with_batch(SearchData(pool.layers, _shells(merged), None, None), batch, K, cfg.score_chunk)
     return data, problems, layout
+
+
+def _shells(merged: Sequence[dict]):
+    """The merged models' non-layer parameters, stacked [N, ...]."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *[shell_of(m) for m in merged])
+
+
+def search_data(model_cfg, experts: Sequence[dict], merged: Sequence[dict], batch: Batch, num_tasks: int,
+                score_chunk: int) -> SearchData:
+    """The SearchData of build_search alone (the pool of the experts' and `merged`'s layers, the
+    shells, `batch`'s rows), without the problems' layer summaries or search ideal: what scoring
+    known paths on another split (the held-out rows) needs."""
+    pool = build_pool(list(experts) + list(merged), cfgs=[model_cfg] * (len(experts) + len(merged)))
+    return with_batch(SearchData(pool.layers, _shells(merged), None, None), batch, num_tasks, score_chunk)
 
 
 def with_batch(data: SearchData, batch: Batch, num_tasks: int, score_chunk: int) -> SearchData:
