@@ -1,13 +1,11 @@
 """Greedy generation with a KV cache: parity with transformers' generate and with full forwards."""
 
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 from test_models import FAMILIES, random_params, torch_model
 
 from hm3jax.models import PoolError, build_pool, forward_path, shell_of
@@ -182,26 +180,4 @@ def test_clear_errors(models):
         generate_path(CFG, shell, pool, [0], tokens * 97)
 
 
-# -------------------------------------------------------------------- real weights (SmolLM2)
-@pytest.fixture(scope="module")
-def smollm2():
-    from hm3jax.io import load_pretrained, load_tokenizer, smollm2_gguf
-    path = smollm2_gguf()
-    cfg, params = load_pretrained(path)
-    folder, name = os.path.split(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32).eval()
-    return cfg, params, load_tokenizer(path), model
-
-
-@pytest.mark.slow
-def test_smollm2_greedy_matches_transformers(smollm2):
-    cfg, params, tok, model = smollm2
-    rows = tok(["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th"])
-    tokens, mask = left_padded(rows["input_ids"])
-    n = 12
-    want = hf_generate(model, tokens, mask, n, eos=cfg.eos_token_id)
-    got = np.asarray(generate(cfg, params, tokens, mask, max_new_tokens=n,
-                              eos_token_id=cfg.eos_token_id, pad_token_id=PAD))
-    np.testing.assert_array_equal(got, want)
-    assert "Paris" in tok.decode(got[0])
+# SmolLM2 against transformers' generate: tests/test_real_weights.py (the model loaded once).

