@@ -245,6 +245,17 @@ def edit_trainer(mode):
     return _EDIT_TRAINERS[mode]
 
 
+_EDIT_RUNS = {}
+
+
+def edit_run(mode):
+    """The unbroken edit-action run of `mode` (key 0), run once for the tests that read it."""
+    if mode not in _EDIT_RUNS:
+        _EDIT_RUNS[mode] = run_lower(edit_trainer(mode), EDIT, edit_problems(), None, jax.random.key(0),
+                                     EDIT_PPO.num_chunks)
+    return _EDIT_RUNS[mode]
+
+
 def test_edit_genes_decode_to_the_merge_and_its_edits():
     keep, skip, repeat = EDIT.keep_gene, EDIT.skip_gene, EDIT.repeat_gene
     genes = jnp.asarray([[keep] * EL,
@@ -294,7 +305,7 @@ def test_path_cache_scores_each_distinct_path_once():
 @pytest.mark.slow  # ~40 s: two agents and the random search
 @pytest.mark.parametrize("mode", ["per_preference", "conditioned"])
 def test_agent_finds_the_edit_optimum_where_random_search_does_not(mode):
-    res = run_lower(edit_trainer(mode), EDIT, edit_problems(), None, jax.random.key(0), EDIT_PPO.num_chunks)
+    res = edit_run(mode)
     assert res.history.paths_scored[-1].tolist() == [EDIT_PPO.budget] * 3  # 256 distinct paths each
     np.testing.assert_array_equal(res.best.path, np.asarray(EDIT_TARGETS))
     rnd = PathSearchConfig(method="random", population=16, candidates=64, iterations=16, chunk_iterations=8)
@@ -308,8 +319,7 @@ def test_agent_finds_the_edit_optimum_where_random_search_does_not(mode):
 
 @pytest.mark.slow
 def test_conditioned_edit_agent_answers_an_unseen_preference():
-    tr = edit_trainer("conditioned")
-    res = run_lower(tr, EDIT, edit_problems(), None, jax.random.key(0), EDIT_PPO.num_chunks)
+    tr, res = edit_trainer("conditioned"), edit_run("conditioned")
     p = jax.tree.map(lambda x: x[0], edit_problems(jnp.asarray([[0.7, 0.2, 0.1]])))
     got = propose(tr, EDIT, EDIT_ENV, EDIT_SCORER, res.state.params, p, None)
     assert got.path.tolist() == np.asarray(EDIT_TARGETS[0]).tolist()
@@ -318,11 +328,10 @@ def test_conditioned_edit_agent_answers_an_unseen_preference():
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["per_preference", "conditioned"])
 def test_edit_resume_equals_unbroken_run(mode, tmp_path):
-    tr = edit_trainer(mode)
-    unbroken = run_lower(tr, EDIT, edit_problems(), None, jax.random.key(1), EDIT_PPO.num_chunks)
-    run_lower(tr, EDIT, edit_problems(), None, jax.random.key(1), EDIT_PPO.num_chunks, checkpoint_dir=tmp_path,
+    tr, unbroken = edit_trainer(mode), edit_run(mode)
+    run_lower(tr, EDIT, edit_problems(), None, jax.random.key(0), EDIT_PPO.num_chunks, checkpoint_dir=tmp_path,
               stop_after=1)
-    resumed = run_lower(tr, EDIT, edit_problems(), None, jax.random.key(1), EDIT_PPO.num_chunks,
+    resumed = run_lower(tr, EDIT, edit_problems(), None, jax.random.key(0), EDIT_PPO.num_chunks,
                         checkpoint_dir=tmp_path)
     for a, b in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(unbroken.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -237,7 +237,9 @@ def run_lower(trainer: Trainer, layout: PathLayout, problems: PathProblem, data,
         mngr = _chunk_manager(checkpoint_dir)
         if mngr.latest_step() is not None:
             start = int(mngr.latest_step())
+            fresh = state
             state, history = _restore_chunk(mngr, start, state, history)
+            state = jax.tree.map(_placed_like, state, fresh)
     if mesh is not None:
         state, problems, data = place_search(mesh, state, problems, data)
     end = num_chunks if stop_after is None else min(stop_after, num_chunks)
@@ -290,7 +292,8 @@ def restore_lower_state(trainer: Trainer, problems: PathProblem, data, key: jax.
         step = mngr.latest_step()
         if step is None:
             raise FileNotFoundError(f"{checkpoint_dir}: no saved chunk of the search")
-        return _restore_chunk(mngr, int(step), state, history)[0]
+        # uncommitted, as trainer.init's state is: the programs that take it reuse a fresh run's compilations
+        return jax.tree.map(_uncommitted, _restore_chunk(mngr, int(step), state, history)[0])
     finally:
         mngr.close()
 
@@ -327,6 +330,22 @@ def _restore_chunk(mngr, step: int, state, history):
     restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
     restored = jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(restored))
     return restored["state"], jax.tree.map(np.array, restored["history"])
+
+
+def _placed_like(restored: jax.Array, fresh: jax.Array) -> jax.Array:
+    """`restored` as uncommitted as `fresh`: orbax returns arrays committed to their device, which jit
+    lowers with explicit shardings, a different program from a fresh run's, so every resumed search
+    would compile its chunk again (tens of seconds) instead of reusing the compilation cache."""
+    if fresh.committed or not restored.committed:
+        return restored
+    return _uncommitted(restored)
+
+
+def _uncommitted(restored: jax.Array) -> jax.Array:
+    if jnp.issubdtype(restored.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(jnp.asarray(np.asarray(jax.random.key_data(restored))),
+                                        impl=jax.random.key_impl(restored))
+    return jnp.asarray(np.asarray(restored))
 
 
 def _save_chunk(mngr, step: int, tree) -> None:
