@@ -12,7 +12,7 @@ import pytest
 
 from hm3jax.search.agent import AgentConfig
 from hm3jax.search.env import EnvConfig, PathLayout, PathProblem, Scorer
-from hm3jax.search.lower import LowerConfig, propose, run_lower
+from hm3jax.search.lower import LowerConfig, propose, restore_lower_state, run_lower
 from hm3jax.search.path_baselines import PathSearchConfig, canonical, make_path_search
 from hm3jax.search.ppo import PPOConfig, make_train
 
@@ -133,6 +133,10 @@ def test_checkpoint_resume_equals_unbroken_run(categorical_run, tmp_path):
     first = run_lower(tr, LAYOUT, problems(), None, jax.random.key(0), CHUNKS, checkpoint_dir=tmp_path,
                       stop_after=2)
     assert first.history.reward.shape[0] == 2 * PPO.chunk_iterations
+    # the saved state is the same program's input as a fresh one: a resume reuses the compiled chunk
+    saved = restore_lower_state(tr, problems(), None, jax.random.key(0), CHUNKS, tmp_path)
+    fresh = tr.init(jax.random.key(0), problems())
+    assert tr.chunk.lower(saved, problems(), None).as_text() == tr.chunk.lower(fresh, problems(), None).as_text()
     resumed = run_lower(tr, LAYOUT, problems(), None, jax.random.key(0), CHUNKS, checkpoint_dir=tmp_path)
     # the history of the restored chunks comes back from the checkpoint with the state
     assert resumed.history.reward.shape[0] == CHUNKS * PPO.chunk_iterations
