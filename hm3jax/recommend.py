@@ -40,6 +40,7 @@ import numpy as np
 from hm3jax.config import CONFIG_FILE, RunConfigError, ZooSource, check_numbers, load_run_config, task_names
 from hm3jax.log import add_verbosity_flags, setup_logging
 from hm3jax.report_text import best_for, label
+from hm3jax.run.record import UpperSettings
 from hm3jax.rundoc import RunDocError, check_front, check_solution, check_upper, read_json, round_floats, zoo_models
 
 log = logging.getLogger(__name__)
@@ -211,15 +212,15 @@ def merge_key(upper: Mapping):
     import jax
 
     try:
-        upper = check_upper(upper, "solution's upper")
+        settings = UpperSettings.from_json(check_upper(upper, "solution's upper"))
     except RunDocError as e:
         raise RecommendError(str(e)) from None
-    if upper.get("key_data") is not None:
-        return jax.random.wrap_key_data(np.asarray(upper["key_data"], np.uint32))
-    if upper.get("seed") is None:
+    if settings.key_data is not None:
+        return jax.random.wrap_key_data(np.asarray(settings.key_data, np.uint32))
+    if settings.seed is None:
         raise RecommendError("solution's 'upper' has neither 'seed' nor 'key_data': the merge's random "
                              "key cannot be rebuilt")
-    return jax.random.key(int(upper["seed"]))
+    return jax.random.key(settings.seed)
 
 
 def export_solution(run_dir: str | os.PathLike, solution: Mapping, out_dir: str | os.PathLike,
@@ -265,11 +266,12 @@ def export_solution(run_dir: str | os.PathLike, solution: Mapping, out_dir: str 
         up = solution.get("upper") or {}
         if "method" not in up:
             raise RecommendError("solution's 'upper' needs 'method' (and 'seed' or 'key_data') to rebuild its merge")
+        settings = UpperSettings.from_json(up)
         merge = jax.jit(merge_for_preference, static_argnums=0)  # one compile, not one per op
         models[MERGE] = merge(
-            up["method"], models["base"], [models[t] for t in tasks],
+            settings.method, models["base"], [models[t] for t in tasks],
             np.asarray(solution["preference"], np.float32), merge_key(up),
-            float(up.get("density", 1.0)), float(up.get("scale", 1.0)))
+            1.0 if settings.density is None else settings.density, 1.0 if settings.scale is None else settings.scale)
     return export_path(out_dir, model_cfg, models, steps, solution["shell"], solution=solution,
                        checkpoints=ckpts, experts=tasks, overwrite=overwrite)
 
@@ -318,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{value:.4f}, {len([s for s in sol['path'] if s is not None])} layers", file=sys.stderr)
         if args.search_iterations:
             try:  # a NaN score of the new search is an error, never printed or exported
-                sol = check_solution(search_preference(args.run_dir, lam, args.search_iterations),
+                sol = check_solution(search_preference(args.run_dir, lam, args.search_iterations).to_json(),
                                      len(front["tasks"]), "the online search's solution")
             except RunDocError as e:
                 raise RecommendError(str(e)) from None
