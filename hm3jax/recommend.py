@@ -11,13 +11,13 @@ Prints the chosen solution record as JSON on stdout (floats to 6 significant dig
 stderr, a one-line summary and a table comparing it, under your λ, with the base, each expert and
 each baseline method's best solution for λ (the lowest Tchebycheff value among its solutions): their
 held-out scores and Tchebycheff values, and which of them beat the pick. `--export DIR`
-also writes it as a Hugging Face checkpoint (see hm3jax.export): the source models are those of
+also writes it as a Hugging Face checkpoint (see hm3jax.run.export): the source models are those of
 RUN_DIR/config.yaml (the zoo or the checkpoints), and the upper-level merge, when the path uses it,
 is rebuilt with `merge_for_preference(method, base, experts, preference, key, density, scale)` from
 the solution's "upper" settings, key = `jax.random.key(upper["seed"])`, or the key whose raw data
 `upper["key_data"]` holds when present (see merge_key).
 `--search-iterations N` runs a short online search for this exact preference instead (see
-hm3jax.online): the run's λ-conditioned agent (a run with `lower.ppo.mode: conditioned`) continues
+hm3jax.run.online): the run's λ-conditioned agent (a run with `lower.ppo.mode: conditioned`) continues
 PPO for N iterations on this λ over the upper-level merge for it, and its best path, scored on the
 held-out split, is the answer (printed and exported as above; front.json is not changed); the
 comparison then shows the front's pick and the online search's answer before and after.
@@ -42,6 +42,7 @@ from hm3jax.log import add_verbosity_flags, setup_logging
 from hm3jax.report_text import best_for, label
 from hm3jax.run.record import UpperSettings
 from hm3jax.rundoc import RunDocError, check_front, check_solution, check_upper, read_json, round_floats, zoo_models
+from hm3jax.settings import MERGE
 
 log = logging.getLogger(__name__)
 
@@ -225,13 +226,13 @@ def merge_key(upper: Mapping):
 
 def export_solution(run_dir: str | os.PathLike, solution: Mapping, out_dir: str | os.PathLike,
                     overwrite: bool = False) -> str:
-    """Write `solution` (a record of RUN_DIR's front) as an HF checkpoint with recipes (hm3jax.export)."""
+    """Write `solution` (a record of RUN_DIR's front) as an HF checkpoint with recipes (hm3jax.run.export)."""
     # JAX (and what loads it) only for the commands that need it: a plain pick reads JSON
     import jax
 
-    from hm3jax.export import MERGE, export_path
     from hm3jax.io import load_pretrained
     from hm3jax.io.atomic import UnwritableOutputError, check_output_path, check_writable
+    from hm3jax.run.export import export_path
     if isinstance(solution, dict) and solution.get("aligned") is True:  # refused before anything is read
         raise RecommendError("this solution's scores were measured with alignment maps at model switches "
                              "(lower.align.enabled), which a transformers checkpoint cannot hold; export a "
@@ -305,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise RecommendError(f"--search-iterations must be >= 0, got {args.search_iterations}")
         if args.search_iterations:
             # JAX (and what loads it) only for the commands that need it: a plain pick reads JSON
-            from hm3jax.online import OnlineSearchError, check_run, search_preference
+            from hm3jax.run.online import OnlineSearchError, check_run, search_preference
 
             try:
                 check_run(args.run_dir)
