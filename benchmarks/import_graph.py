@@ -1,12 +1,15 @@
-"""The package's import graph: import circles, private names imported across modules, and imports
-made inside functions (the architecture measures of docs/ARCHITECTURE.md).
+"""The package's import graph: import circles, private names imported across modules, imports
+made inside functions, and imports of an entry point (the architecture measures of
+docs/ARCHITECTURE.md).
 
     python benchmarks/import_graph.py [--package hm3jax] [--list]
 
 An import circle is a strongly connected set of modules when every import counts, the ones inside
 functions included (a function-local import hides a circle from Python, not from the reader). A
 private cross-import is `from a import _name` (or `a._name`) where `a` is another module of the
-package. Reads the source only; imports nothing.
+package. The entry points (ENTRY_POINTS: the command lines and the public names of the layer
+below them) never import each other, and no other module imports them: every import of one by another
+module of the package is counted. Reads the source only; imports nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ import ast
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+# The top-level modules of docs/ARCHITECTURE.md's layer 6 (`python -m hm3jax.<name>`, and the public
+# names hm3jax.online and hm3jax.export of hm3jax.run.online and hm3jax.run.export).
+ENTRY_POINTS = ("train", "recommend", "online", "export", "merge", "memplan", "demo")
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -122,7 +129,8 @@ def main(argv=None):
         return None
 
     graph = defaultdict(set)
-    private, local_imports = [], []
+    private, local_imports, entry_imports = [], [], []
+    entries = {f"{pkg}.{name}" for name in ENTRY_POINTS}
     for mod, es in edges.items():
         for target, names, is_local, line in es:
             dst = owner(target) if target.startswith(pkg) else None
@@ -130,6 +138,8 @@ def main(argv=None):
                 local_imports.append((mod, target, line))
             if dst is None or dst == mod:
                 continue
+            if dst in entries:
+                entry_imports.append((mod, dst, line))
             # A package's __init__ re-exporting its submodules is not an arrow back up.
             if not (mod == dst.rsplit(".", 1)[0] and files[mod].name == "__init__.py"):
                 graph[mod].add(dst)
@@ -142,6 +152,8 @@ def main(argv=None):
     print(f"private names imported across modules: {len(private)}")
     print(f"function-local imports: {len(local_imports)} "
           f"({sum(1 for _, t, _ in local_imports if t.startswith(pkg))} of the package's own modules)")
+    print(f"imports of an entry point: {len(entry_imports)} "
+          f"({sum(1 for m, _, _ in entry_imports if m in entries)} by another entry point)")
     if args.list:
         for c in circles:
             print("  circle:", " <-> ".join(c))
@@ -149,6 +161,8 @@ def main(argv=None):
             print(f"  private: {mod}:{line} imports {dst}.{n}")
         for mod, target, line in local_imports:
             print(f"  local: {mod}:{line} imports {target}")
+        for mod, dst, line in entry_imports:
+            print(f"  entry point: {mod}:{line} imports {dst}")
 
 
 if __name__ == "__main__":

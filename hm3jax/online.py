@@ -1,7 +1,8 @@
 """Online search for a new preference with a finished run's λ-conditioned agent (the public entry of
 hm3jax.run.online, which `recommend --search-iterations N` calls): see hm3jax.run.online.
 
-    record = hm3jax.online.search_preference("runs/smoke", [0.2, 0.5, 0.3], iterations=8)
+    solution = hm3jax.online.search_preference("runs/smoke", [0.2, 0.5, 0.3], iterations=8)
+    record = solution.to_json()  # the record recommend prints and exports
 """
 
 from hm3jax.run.online import OnlineSearchError, check_run, search_preference

@@ -11,13 +11,13 @@ Prints the chosen solution record as JSON on stdout (floats to 6 significant dig
 stderr, a one-line summary and a table comparing it, under your λ, with the base, each expert and
 each baseline method's best solution for λ (the lowest Tchebycheff value among its solutions): their
 held-out scores and Tchebycheff values, and which of them beat the pick. `--export DIR`
-also writes it as a Hugging Face checkpoint (see hm3jax.export): the source models are those of
+also writes it as a Hugging Face checkpoint (see hm3jax.run.export): the source models are those of
 RUN_DIR/config.yaml (the zoo or the checkpoints), and the upper-level merge, when the path uses it,
 is rebuilt with `merge_for_preference(method, base, experts, preference, key, density, scale)` from
 the solution's "upper" settings, key = `jax.random.key(upper["seed"])`, or the key whose raw data
 `upper["key_data"]` holds when present (see merge_key).
 `--search-iterations N` runs a short online search for this exact preference instead (see
-hm3jax.online): the run's λ-conditioned agent (a run with `lower.ppo.mode: conditioned`) continues
+hm3jax.run.online): the run's λ-conditioned agent (a run with `lower.ppo.mode: conditioned`) continues
 PPO for N iterations on this λ over the upper-level merge for it, and its best path, scored on the
 held-out split, is the answer (printed and exported as above; front.json is not changed); the
 comparison then shows the front's pick and the online search's answer before and after.
@@ -40,7 +40,9 @@ import numpy as np
 from hm3jax.config import CONFIG_FILE, RunConfigError, ZooSource, check_numbers, load_run_config, task_names
 from hm3jax.log import add_verbosity_flags, setup_logging
 from hm3jax.report_text import best_for, label
+from hm3jax.run.record import UpperSettings
 from hm3jax.rundoc import RunDocError, check_front, check_solution, check_upper, read_json, round_floats, zoo_models
+from hm3jax.settings import MERGE
 
 log = logging.getLogger(__name__)
 
@@ -211,26 +213,26 @@ def merge_key(upper: Mapping):
     import jax
 
     try:
-        upper = check_upper(upper, "solution's upper")
+        settings = UpperSettings.from_json(check_upper(upper, "solution's upper"))
     except RunDocError as e:
         raise RecommendError(str(e)) from None
-    if upper.get("key_data") is not None:
-        return jax.random.wrap_key_data(np.asarray(upper["key_data"], np.uint32))
-    if upper.get("seed") is None:
+    if settings.key_data is not None:
+        return jax.random.wrap_key_data(np.asarray(settings.key_data, np.uint32))
+    if settings.seed is None:
         raise RecommendError("solution's 'upper' has neither 'seed' nor 'key_data': the merge's random "
                              "key cannot be rebuilt")
-    return jax.random.key(int(upper["seed"]))
+    return jax.random.key(settings.seed)
 
 
 def export_solution(run_dir: str | os.PathLike, solution: Mapping, out_dir: str | os.PathLike,
                     overwrite: bool = False) -> str:
-    """Write `solution` (a record of RUN_DIR's front) as an HF checkpoint with recipes (hm3jax.export)."""
+    """Write `solution` (a record of RUN_DIR's front) as an HF checkpoint with recipes (hm3jax.run.export)."""
     # JAX (and what loads it) only for the commands that need it: a plain pick reads JSON
     import jax
 
-    from hm3jax.export import MERGE, export_path
     from hm3jax.io import load_pretrained
     from hm3jax.io.atomic import UnwritableOutputError, check_output_path, check_writable
+    from hm3jax.run.export import export_path
     if isinstance(solution, dict) and solution.get("aligned") is True:  # refused before anything is read
         raise RecommendError("this solution's scores were measured with alignment maps at model switches "
                              "(lower.align.enabled), which a transformers checkpoint cannot hold; export a "
@@ -265,11 +267,12 @@ def export_solution(run_dir: str | os.PathLike, solution: Mapping, out_dir: str 
         up = solution.get("upper") or {}
         if "method" not in up:
             raise RecommendError("solution's 'upper' needs 'method' (and 'seed' or 'key_data') to rebuild its merge")
+        settings = UpperSettings.from_json(up)
         merge = jax.jit(merge_for_preference, static_argnums=0)  # one compile, not one per op
         models[MERGE] = merge(
-            up["method"], models["base"], [models[t] for t in tasks],
+            settings.method, models["base"], [models[t] for t in tasks],
             np.asarray(solution["preference"], np.float32), merge_key(up),
-            float(up.get("density", 1.0)), float(up.get("scale", 1.0)))
+            1.0 if settings.density is None else settings.density, 1.0 if settings.scale is None else settings.scale)
     return export_path(out_dir, model_cfg, models, steps, solution["shell"], solution=solution,
                        checkpoints=ckpts, experts=tasks, overwrite=overwrite)
 
@@ -303,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise RecommendError(f"--search-iterations must be >= 0, got {args.search_iterations}")
         if args.search_iterations:
             # JAX (and what loads it) only for the commands that need it: a plain pick reads JSON
-            from hm3jax.online import OnlineSearchError, check_run, search_preference
+            from hm3jax.run.online import OnlineSearchError, check_run, search_preference
 
             try:
                 check_run(args.run_dir)
@@ -318,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{value:.4f}, {len([s for s in sol['path'] if s is not None])} layers", file=sys.stderr)
         if args.search_iterations:
             try:  # a NaN score of the new search is an error, never printed or exported
-                sol = check_solution(search_preference(args.run_dir, lam, args.search_iterations),
+                sol = check_solution(search_preference(args.run_dir, lam, args.search_iterations).to_json(),
                                      len(front["tasks"]), "the online search's solution")
             except RunDocError as e:
                 raise RecommendError(str(e)) from None

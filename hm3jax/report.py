@@ -1,6 +1,7 @@
 """The run's front and report: dominance, hypervolumes, front.json, front.png and report.md.
 
-Inputs are solution records (dicts, the format of `hm3jax_solution.json`):
+Inputs are solution records (dicts, the format of `hm3jax_solution.json`: hm3jax.run.record's
+Solution.to_json()):
 
     {"preference": [K floats], "upper": {"method", "density", "scale", "seed"},
      "path": [[model name, layer], ...], "shell": model name,
@@ -32,7 +33,6 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
@@ -61,39 +61,6 @@ PLOT_FILE = "front.png"
 SVG_FILE = "front.svg"
 REPORT_FILE = "report.md"
 COST_NAME = "-flops_per_token (relative)"
-
-
-def _upper_value(key: str, v):
-    if v is None or isinstance(v, str):
-        return v
-    if key == "key_data":
-        return [int(x) for x in np.asarray(v).reshape(-1)]
-    return int(v) if key == "seed" else float(v)
-
-
-def make_solution(preference: Sequence[float], upper: Mapping[str, Any] | None, path: Sequence,
-                  shell: str, search: Sequence[float], heldout: Sequence[float],
-                  cost: Mapping[str, Any] | None = None, aligned: bool = False) -> dict:
-    """A solution record in the module docstring's format (plain JSON types; "dominated" False
-    until build_front sets it).
-
-    Args:
-      preference: [K] λ. upper: {"method", "density", "scale", "seed"} of the upper-level merge
-        ("seed": the int s of the key jax.random.key(s) the merge used; recommend --export rebuilds
-        the merge with it), optionally "key_data": the raw data of the merge's key
-        (`jax.random.key_data(key)`, for a key split off another, as run_upper does), which
-        recommend uses instead of "seed"; or None for a solution without one (e.g. an expert).
-      path: (model name, layer) pairs (None for a skipped step). shell: the shell's model name.
-      search, heldout: [K] scores. cost: e.g. hm3jax.cost.path_cost(...).to_dict().
-      aligned: the scores were measured with alignment maps at the path's model switches
-        (lower.align), which an exported checkpoint cannot hold; the key is written only when True.
-    """
-    up = None if upper is None else {k: _upper_value(k, v) for k, v in upper.items()}
-    return {"preference": [float(x) for x in preference], "upper": up,
-            "path": [None if s is None else [str(s[0]), int(s[1])] for s in path], "shell": str(shell),
-            "scores": {"search": [float(x) for x in search], "heldout": [float(x) for x in heldout]},
-            "cost": dict(cost) if cost is not None else None, "dominated": False,
-            **({"aligned": True} if aligned else {})}
 
 
 # ------------------------------------------------------------------------------------ objectives
@@ -296,5 +263,5 @@ def write_front(run_dir: str | os.PathLike, front: Mapping) -> dict[str, str]:
     return paths
 
 
-__all__ = ["ARCH_ONLY", "HM3", "HM3_LABEL", "MERGE", "METHODS", "PARAM_ONLY", "build_front", "generated_section", "make_solution", "path_text", "report_markdown",
+__all__ = ["ARCH_ONLY", "HM3", "HM3_LABEL", "MERGE", "METHODS", "PARAM_ONLY", "build_front", "generated_section", "path_text", "report_markdown",
            "round_floats", "table_rows", "where_hm3_does_not_win", "winner_sentence", "write_front"]

@@ -163,7 +163,7 @@ def check_upper(up: Any, where: str) -> dict | None:
 
 
 def check_solution(rec: Any, k: int, where: str) -> dict:
-    """One solution record of front.json (report.make_solution's format), checked: preference and
+    """One solution record of front.json (run.record.Solution.to_json's format), checked: preference and
     held-out scores are K finite numbers (weights >= 0), the path a list of (model, layer) pairs or
     nulls running at least one layer, shell a model name, upper as check_upper. Returns a copy with
     the checked values."""

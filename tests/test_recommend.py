@@ -158,12 +158,11 @@ def test_export_rebuilds_the_merge_from_the_run_config(tmp_path, capsys):
 
 def test_merge_key_from_seed_or_key_data():
     from hm3jax.recommend import merge_key
-    from hm3jax.report import make_solution
+    from hm3jax.run.record import Solution, UpperSettings
 
     k_merge = jax.random.split(jax.random.key(3))[0]  # what run_upper merges with for key(3)
-    rec = make_solution([1, 0, 0], {"method": "dare_ties", "density": 0.5, "scale": 1.0, "seed": 3,
-                                    "key_data": jax.random.key_data(k_merge)}, [("merge", 0)], "merge",
-                        [0, 0, 0], [0, 0, 0])
+    rec = Solution([1, 0, 0], UpperSettings("dare_ties", 0.5, 1.0, 3, key_data=jax.random.key_data(k_merge)),
+                   [("merge", 0)], "merge", [0, 0, 0], [0, 0, 0]).to_json()
     assert json.loads(json.dumps(rec)) == rec
     same = lambda a, b: np.array_equal(jax.random.key_data(a), jax.random.key_data(b))
     assert same(merge_key(rec["upper"]), k_merge)

@@ -208,9 +208,11 @@ def test_recommend_refuses_an_unwritable_export_dir_before_any_work(run_copy, tm
 
 
 def test_export_path_refuses_an_unwritable_directory_before_building_tensors(tmp_path, monkeypatch):
-    import hm3jax.export as export
+    import hm3jax.export
+    import hm3jax.run.export as export
     from hm3jax.io.atomic import UnwritableOutputError
 
+    assert hm3jax.export.export_path is export.export_path  # the public name of run.export's
     monkeypatch.setattr(export, "path_params", _no_work)
     (tmp_path / "notes.txt").write_text("keep")
     before = tree_hashes(tmp_path)

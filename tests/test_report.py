@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -146,17 +147,41 @@ def test_files_exist_and_parse(tmp_path):
     assert sorted(os.listdir(tmp_path / "run")) == sorted([FRONT_FILE, PLOT_FILE, SVG_FILE, REPORT_FILE])
 
 
-def test_make_solution_is_plain_json():
-    from hm3jax.report import make_solution
+def test_solution_record_is_plain_json_and_round_trips():
+    import numpy as np
 
-    s = make_solution([0.5, 0.5], {"method": "ties", "density": 0.7, "scale": 1, "seed": 3},
-                      [("merge", 1), None], "merge", [0.1, 0.2], [0.3, 0.4],
-                      {"layers": 1, "parameters": 10, "flops_per_token": 20.0})
+    from hm3jax.cost import SolutionCost
+    from hm3jax.run.record import UNSCORED, Solution, UpperSettings
+
+    sol = Solution(np.asarray([0.5, 0.5], np.float32), UpperSettings("ties", np.float32(0.7), 1, np.int64(3)),
+                   [("merge", np.int64(1)), None], "merge", [0.1, 0.2], np.asarray([0.3, 0.4]),
+                   SolutionCost(1, 10, 20.0))
+    s = sol.to_json()
     assert json.loads(json.dumps(s)) == s
-    assert set(s) == {"preference", "upper", "path", "shell", "scores", "cost", "dominated"}
+    assert list(s) == ["preference", "upper", "path", "shell", "scores", "cost", "dominated"]
+    assert list(s["upper"]) == ["method", "density", "scale", "seed"] and list(s["scores"]) == ["search", "heldout"]
     assert s["path"] == [["merge", 1], None] and s["upper"]["seed"] == 3
+    assert type(s["upper"]["seed"]) is int and type(s["upper"]["scale"]) is float and type(s["path"][0][1]) is int
+    assert s["upper"]["density"] == float(np.float32(0.7)) and s["preference"] == [0.5, 0.5]
+    assert s["cost"] == {"layers": 1, "parameters": 10, "flops_per_token": 20.0}
+    assert Solution.from_json(s) == sol and Solution.from_json(json.loads(json.dumps(s))) == sol
     front = build_front(["a", "b"], [s], {})
     assert front["solutions"][0]["dominated"] is False
+    # the optional keys: the merge's own key, alignment, generated scores (null when not generated)
+    for extra in ({"aligned": True}, {"generated": (0.5, 0.25)}, {"generated": UNSCORED},
+                  {"upper": UpperSettings("dare_ties", 0.5, 1.0, 0, key_data=np.asarray([1, 2], np.uint32))},
+                  {"upper": None, "cost": None, "dominated": True}):
+        other = dataclasses.replace(sol, **extra)
+        rec = json.loads(json.dumps(other.to_json()))
+        assert Solution.from_json(rec) == other
+        assert json.dumps(Solution.from_json(rec).to_json()) == json.dumps(rec)  # same keys, same order
+    assert dataclasses.replace(sol, aligned=True).to_json()["aligned"] is True and "aligned" not in s
+    assert dataclasses.replace(sol, generated=UNSCORED).to_json()["scores"]["generated"] is None
+    assert list(dataclasses.replace(sol, generated=(1, 2)).to_json()["scores"]) == ["search", "heldout", "generated"]
+    assert dataclasses.replace(sol, upper=UpperSettings("ties", 1, 1, 0, key_data=[7, 9])).to_json()["upper"] == \
+        {"method": "ties", "density": 1.0, "scale": 1.0, "seed": 0, "key_data": [7, 9]}
+    with pytest.raises(ValueError, match="not a solution record"):
+        Solution.from_json({"preference": [0.5, 0.5], "path": [["merge", 1]], "shell": "merge"})
 
 
 def test_numpy_numbers_are_written_as_json(tmp_path):

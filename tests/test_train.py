@@ -75,6 +75,26 @@ def test_smoke_run_writes_the_run_directory_contract(smoke_run):
     assert {"references", "upper", "lower", "heldout", "front"} <= {r.get("stage") for r in records}
 
 
+def test_every_smoke_record_is_a_solution_to_json(smoke_run):
+    """front.json's records (HM3's, every baseline's, the references') are Solution.to_json() records:
+    read back with from_json, to_json gives each one again with the same keys in the same order, and
+    from_json of that gives the same Solution."""
+    from hm3jax.cost import SolutionCost
+    from hm3jax.run.record import Solution, UpperSettings
+
+    front = json.loads((smoke_run[0] / "front.json").read_text())
+    records = [*front["solutions"], *(s for v in front["baselines"].values() for s in v), *front["references"].values()]
+    assert len(records) == 3 * (1 + len(front["baselines"])) + 1 + len(TASK_NAMES)
+    for rec in records:
+        sol = Solution.from_json(rec)
+        assert json.dumps(sol.to_json()) == json.dumps(rec), rec
+        assert Solution.from_json(sol.to_json()) == sol
+        assert isinstance(sol.cost, SolutionCost) and sol.cost.layers == len(sol.path)
+        assert sol.upper is None or isinstance(sol.upper, UpperSettings)
+    for rec in front["solutions"]:  # HM3's merges carry their own key
+        assert Solution.from_json(rec).upper.key_data == tuple(rec["upper"]["key_data"])
+
+
 def test_smoke_report_names_a_winner_by_distinct_hypervolumes(smoke_run):
     import re
 

@@ -4,16 +4,18 @@ Pareto front (front.json, front.png, report.md). hm3jax.train is its command lin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
 import numpy as np
 
 from hm3jax.config import RunConfig
-from hm3jax.report import build_front, make_solution, write_front
+from hm3jax.report import build_front, write_front
 from hm3jax.report_text import fmt_hv, winner_sentence
 from hm3jax.run import stages as st
 from hm3jax.run.context import load_context, upper_methods
+from hm3jax.run.record import UNSCORED
 from hm3jax.run.solutions import identity_solutions, reference_records, solutions
 from hm3jax.settings import BASE, MERGE
 
@@ -48,35 +50,37 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> dict:
     held = st.heldout_scores(ctx, searches, stop_after)
     generated = st.generated_scores(ctx, searches["lower"][0], merged, stop_after)
 
-    hm3 = solutions(ctx, searches["lower"][0], held["lower"], MERGE, up, make_solution)
+    hm3 = solutions(ctx, searches["lower"][0], held["lower"], MERGE, up)
     baselines = {}
     up_held = st.upper_heldout(ctx, merged)
-    baselines["param_only"] = identity_solutions(ctx, up["search"], up_held, up, cfg.upper.method, make_solution)
+    baselines["param_only"] = identity_solutions(ctx, up["search"], up_held, up, cfg.upper.method)
     if cfg.eval.baselines:
         baselines["arch_only"] = solutions(ctx, searches["arch_only"][0], held["arch_only"], BASE, None,
-                                           make_solution, with_upper=False)
+                                           with_upper=False)
         for name in ("random_path", "evolutionary_path"):
-            baselines[name] = solutions(ctx, searches[name][0], held[name], MERGE, up, make_solution)
+            baselines[name] = solutions(ctx, searches[name][0], held[name], MERGE, up)
         for method in ("task_arithmetic", "ties", "dare_ties"):
             baselines[method] = identity_solutions(ctx, params[f"{method}/search"], params[f"{method}/heldout"],
-                                                   None, method, make_solution)
-    references = reference_records(ctx, ref, make_solution)
+                                                   None, method)
+    references = reference_records(ctx, ref)
     if generated is not None:  # the task scorers on generated answers (null where not generated)
-        for sol, row in zip(hm3, generated["hm3"]):
-            sol["scores"]["generated"] = None if np.isnan(row).any() else [float(x) for x in row]
-        for sol, row in zip(references.values(), generated["references"]):
-            sol["scores"]["generated"] = [float(x) for x in row]
+        hm3 = [dataclasses.replace(sol, generated=UNSCORED if np.isnan(row).any() else row)
+               for sol, row in zip(hm3, generated["hm3"], strict=True)]
+        references = {name: dataclasses.replace(sol, generated=row)
+                      for (name, sol), row in zip(references.items(), generated["references"], strict=True)}
     log.info("[front] started")
     t_front = time.perf_counter()
-    front = build_front(ctx.tasks, hm3, baselines, references, cfg.front.cost_objective)
+    front = build_front(ctx.tasks, [s.to_json() for s in hm3],  # the report reads front.json's records
+                        {m: [s.to_json() for s in v] for m, v in baselines.items()},
+                        {n: s.to_json() for n, s in references.items()}, cfg.front.cost_objective)
     write_front(cfg.output_dir, front)
     hv = ", ".join(f"{k} {fmt_hv(v)}" for k, v in front["hypervolume"].items())
     log.info(f"[front] hypervolume (held-out, normalised box): {hv} ({time.perf_counter() - t_front:.1f}s)")
     log.info(f"[front] {winner_sentence(front)}")
     step = cfg.lower.ppo.iterations  # the results of the whole search: logged at its last PPO iteration
-    ctx.log({"stage": "heldout_scores", "step": step, "hm3": [s["scores"]["heldout"] for s in hm3],
-             **{m: [s["scores"]["heldout"] for s in v] for m, v in baselines.items()},
-             "references": {n: r["scores"]["heldout"] for n, r in references.items()}})
+    ctx.log({"stage": "heldout_scores", "step": step, "hm3": [list(s.heldout) for s in hm3],
+             **{m: [list(s.heldout) for s in v] for m, v in baselines.items()},
+             "references": {n: list(r.heldout) for n, r in references.items()}})
     ctx.log({"stage": "front", "step": step, "hypervolume": front["hypervolume"],
              "seconds": time.perf_counter() - start})
     return front

@@ -8,7 +8,7 @@ preferences, with the run's density and scale, and the method "auto" would pick 
 takes the agent's most likely path as it is (`iterations=0`: zero-shot, no path scored to choose
 it) or continues PPO for `iterations` iterations on this λ alone. The best path
 is re-scored on the whole search split (the training signal) and then on the held-out split, and
-returned as a front.json solution record, so recommend can print it and export it.
+returned as a solution record (run.record.Solution), so recommend can print it and export it.
 
 Nothing is written to the run directory.
 """
@@ -26,6 +26,7 @@ import numpy as np
 
 from hm3jax.config import CONFIG_FILE, RunConfigError, load_run_config, validate
 from hm3jax.cost import path_cost
+from hm3jax.run.record import Solution, UpperSettings
 from hm3jax.settings import MERGE
 
 
@@ -50,8 +51,8 @@ def check_run(run_dir: str | os.PathLike):
 
 
 def search_preference(run_dir: str | os.PathLike, preference: Sequence[float], iterations: int = 0,
-                      seed: int = 0) -> dict:
-    """A solution record for `preference` from the run's conditioned agent (see the module docstring).
+                      seed: int = 0) -> Solution:
+    """The solution for `preference` from the run's conditioned agent (see the module docstring).
 
     Args:
       run_dir: a finished run of a config with lower.ppo.mode: conditioned.
@@ -59,7 +60,7 @@ def search_preference(run_dir: str | os.PathLike, preference: Sequence[float], i
       iterations: PPO iterations on this λ (rounded up to whole chunks of lower.ppo.chunk_iterations);
         0 takes the agent's most likely path for λ as trained (no search budget spent).
       seed: seeds the sampling and the continued training (the upper-level merge uses the run's seed).
-    Returns the solution record (preference, upper, path, shell, scores, cost, dominated False).
+    Returns the Solution (its to_json() is the record recommend prints and exports).
     """
     # JAX and the run's stages load here, not at the top: recommend imports this module for its
     # check and its error type, and answers a plain pick without loading JAX
@@ -67,7 +68,6 @@ def search_preference(run_dir: str | os.PathLike, preference: Sequence[float], i
     import jax.numpy as jnp
 
     from hm3jax.moo import tchebycheff
-    from hm3jax.report import make_solution
     from hm3jax.run import stages as st
     from hm3jax.run.context import load_context, upper_key
     from hm3jax.run.solutions import describe_path, switches_models
@@ -130,8 +130,8 @@ def search_preference(run_dir: str | os.PathLike, preference: Sequence[float], i
         glob = np.asarray(en.to_global(layout, jnp.asarray(best.path)[None], jnp.asarray(problems.block)[:, None]))
         heldout = np.asarray(jax.jit(scorer.full)(held, jnp.asarray(glob[0])[None], jnp.int32(0)))[0]
     path = describe_path(ctx, best.path, MERGE)
-    upper = {"method": method, "density": density, "scale": scale, "seed": cfg.seed,
-             "key_data": np.asarray(jax.random.key_data(key)).tolist()}
-    return make_solution(lam, upper, path, MERGE, best.scores, heldout,
-                         path_cost(ctx.model_cfg, path, cfg.front.cost_seq_len).to_dict(),
-                         aligned=fitted is not None and switches_models(path, MERGE))
+    upper = UpperSettings(method=method, density=density, scale=scale, seed=cfg.seed,
+                          key_data=jax.random.key_data(key))
+    return Solution(lam, upper, path, MERGE, best.scores, heldout,
+                    path_cost(ctx.model_cfg, path, cfg.front.cost_seq_len),
+                    aligned=fitted is not None and switches_models(path, MERGE))
