@@ -18,6 +18,7 @@ from hm3jax.search.env import EnvConfig, PathLayout, PathProblem, Scorer
 from hm3jax.search.lower import LowerConfig, propose, run_lower
 from hm3jax.search.path_baselines import PathSearchConfig, canonical, make_path_search
 from hm3jax.search.ppo import PPOConfig, make_train
+from hm3jax.settings import UpperConfig
 
 K, L = 2, 3
 ENV = EnvConfig(stop=False, length_penalty=0.0)
@@ -197,6 +198,13 @@ def test_canonical_paths_end_at_stop():
     (lambda: EnvConfig(actions="tree"), "lower.env.actions", "one of free, edit"),
     (lambda: EnvConfig(actions="edit", t_max=4), "lower.env.t_max", "None with lower.env.actions edit"),
     (lambda: PathSearchConfig(mutation_rate=2.0), "lower.baseline.mutation_rate", r"in \[0, 1\]"),
+    # the upper level's section validates with the same helper (settings.require)
+    (lambda: UpperConfig(method="magic"), "upper.method", "one of task_arithmetic, ties, dare_ties, auto, got 'magic'"),
+    (lambda: UpperConfig(density_range=(0.5, 0.3)), "upper.density_range",
+     r"\(lo, hi\) with 0 < lo < hi <= 1, got \(0.5, 0.3\)"),
+    (lambda: UpperConfig(scale_range=(2.0, 1.0)), "upper.scale_range", r"\(lo, hi\) with 0 < lo < hi"),
+    (lambda: UpperConfig(es_population=1), "upper.es_population", ">= 2, got 1"),
+    (lambda: UpperConfig(es_generations=0), "upper.es_generations", ">= 1, got 0"),
 ])
 def test_config_errors_name_the_field(make, field, match):
     with pytest.raises(ValueError, match=f"{field} must be {match}"):
