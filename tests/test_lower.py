@@ -449,6 +449,18 @@ def test_checkpoint_hook_given_as_a_hook_resumes_and_only_one_may(tmp_path, monk
                   hooks=[lower.checkpoint_hook(tmp_path)])
 
 
+def test_progress_hook_counts_the_chunks_restored_ones_included(tmp_path):
+    from hm3jax.search.lower import progress_hook
+
+    run_lower(toy_searcher(), LAYOUT, problems(2), None, jax.random.key(0), 3, checkpoint_dir=tmp_path,
+              stop_after=1)
+    bar = progress_hook("toy")
+    run_lower(toy_searcher(), LAYOUT, problems(2), None, jax.random.key(0), 3, checkpoint_dir=tmp_path,
+              hooks=[bar])
+    assert (bar.bar.n, bar.bar.total, bar.bar.desc) == (3, 3, "toy")
+    assert bar.bar.postfix == "paths=6, reward=6"  # the last iteration's
+
+
 def test_search_base_is_the_one_home_of_the_protocol():
     from hm3jax import settings
     from hm3jax.search import base, lower, path_baselines, ppo

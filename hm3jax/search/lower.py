@@ -275,12 +275,15 @@ class ProgressBar:
         self.bar = tqdm(total=num_chunks, initial=start, desc=self.desc, unit="chunk")
 
     def __call__(self, info: ChunkInfo) -> None:
+        if self.bar is None:  # used without run_lower's begin: the bar starts at this chunk
+            self.begin(info.chunk, info.num_chunks)
         m = info.metrics
         self.bar.update(1)
         self.bar.set_postfix(reward=float(m.reward[-1].mean()), paths=int(np.max(m.paths_scored[-1])))
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def progress_hook(desc: str = "lower level") -> ProgressBar:
