@@ -76,18 +76,15 @@ class UpperConfig:
     """tune: (lo, hi) the tuned scale stays within, 0 < lo < hi."""
 
     def __post_init__(self):
-        if self.method not in UPPER_METHODS + (AUTO,):
-            raise ValueError(f"upper.method {self.method!r} is not supported; supported: "
-                             f"{', '.join(UPPER_METHODS + (AUTO,))}")
-        if not 0.0 < self.density <= 1.0:
-            raise ValueError(f"upper.density must be in (0, 1], got {self.density}")
+        methods = UPPER_METHODS + (AUTO,)
+        require(self.method in methods, "upper.method", f"one of {', '.join(methods)}", self.method)
+        require(0.0 < self.density <= 1.0, "upper.density", "in (0, 1]", self.density)
         lo, hi = self.density_range
-        if not 0.0 < lo < hi <= 1.0:
-            raise ValueError(f"upper.density_range must satisfy 0 < lo < hi <= 1, got {self.density_range}")
-        if not 0.0 < self.scale_range[0] < self.scale_range[1]:
-            raise ValueError(f"upper.scale_range must satisfy 0 < lo < hi, got {self.scale_range}")
-        if self.es_population < 2 or self.es_generations < 1:
-            raise ValueError("upper.es_population must be >= 2 and upper.es_generations >= 1")
+        require(0.0 < lo < hi <= 1.0, "upper.density_range", "(lo, hi) with 0 < lo < hi <= 1", self.density_range)
+        require(0.0 < self.scale_range[0] < self.scale_range[1], "upper.scale_range", "(lo, hi) with 0 < lo < hi",
+                self.scale_range)
+        require(self.es_population >= 2, "upper.es_population", ">= 2", self.es_population)
+        require(self.es_generations >= 1, "upper.es_generations", ">= 1", self.es_generations)
 
 
 # ------------------------------------------------------------------------------------ lower.env.

@@ -5,6 +5,9 @@ match a target path t_k, so under a weighted-sum reward the best path is the tar
 objective. Compiled programs are shared through module fixtures (compilation dominates the runtime).
 """
 
+from types import SimpleNamespace
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +18,7 @@ from hm3jax.search.env import EnvConfig, PathLayout, PathProblem, Scorer
 from hm3jax.search.lower import LowerConfig, propose, restore_lower_state, run_lower
 from hm3jax.search.path_baselines import PathSearchConfig, canonical, make_path_search
 from hm3jax.search.ppo import PPOConfig, make_train
+from hm3jax.settings import UpperConfig
 
 K, L = 2, 3
 ENV = EnvConfig(stop=False, length_penalty=0.0)
@@ -198,6 +202,13 @@ def test_canonical_paths_end_at_stop():
     (lambda: EnvConfig(actions="tree"), "lower.env.actions", "one of free, edit"),
     (lambda: EnvConfig(actions="edit", t_max=4), "lower.env.t_max", "None with lower.env.actions edit"),
     (lambda: PathSearchConfig(mutation_rate=2.0), "lower.baseline.mutation_rate", r"in \[0, 1\]"),
+    # the upper level's section validates with the same helper (settings.require)
+    (lambda: UpperConfig(method="magic"), "upper.method", "one of task_arithmetic, ties, dare_ties, auto, got 'magic'"),
+    (lambda: UpperConfig(density_range=(0.5, 0.3)), "upper.density_range",
+     r"\(lo, hi\) with 0 < lo < hi <= 1, got \(0.5, 0.3\)"),
+    (lambda: UpperConfig(scale_range=(2.0, 1.0)), "upper.scale_range", r"\(lo, hi\) with 0 < lo < hi"),
+    (lambda: UpperConfig(es_population=1), "upper.es_population", ">= 2, got 1"),
+    (lambda: UpperConfig(es_generations=0), "upper.es_generations", ">= 1, got 0"),
 ])
 def test_config_errors_name_the_field(make, field, match):
     with pytest.raises(ValueError, match=f"{field} must be {match}"):
@@ -340,3 +351,214 @@ def test_edit_resume_equals_unbroken_run(mode, tmp_path):
     for a, b in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(unbroken.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(resumed.history.reward, unbroken.history.reward)
+
+
+# ---------------------------------------------------------------------------------------------
+# The searcher protocol (search.base), run_lower's hooks and ppo's module-level pieces.
+class _Count(NamedTuple):
+    """A toy searcher's state: chunks run and a running sum per preference."""
+
+    chunks: jax.Array
+    total: jax.Array
+
+
+def toy_searcher(c=2):
+    """The smallest search.base.Searcher (init, chunk, best; no finish): iteration i of chunk j
+    reports reward j * c + i + 1 for every preference, and the identity path is its answer."""
+    from hm3jax.search import env as en
+    from hm3jax.search.base import ChunkMetrics
+
+    def init(key, problems):
+        n = problems.preference.shape[0]
+        return _Count(jnp.zeros((), jnp.int32), jnp.zeros((n,)))
+
+    def chunk(state, problems, data):
+        n = problems.preference.shape[0]
+        r = (state.chunks * c + jnp.arange(1, c + 1)).astype(jnp.float32)[:, None] * jnp.ones((c, n))
+        z = jnp.zeros((c, n))
+        m = ChunkMetrics(r, jnp.zeros((c, n, K)), z, r, z, z, z, jnp.broadcast_to(r.astype(jnp.int32), (c, n)))
+        return _Count(state.chunks + 1, state.total + r.sum(0)), m
+
+    def best(state):
+        n = state.total.shape[0]
+        ident = jnp.broadcast_to(en.decode(LAYOUT, LAYOUT.identity_gene(jnp.arange(LAYOUT.t_max)).astype(jnp.int32)),
+                                 (n, LAYOUT.t_max))
+        return en.BestPaths(ident, jnp.zeros((n, K)), state.total, jnp.zeros((n,)))
+
+    return SimpleNamespace(init=jax.jit(init), chunk=jax.jit(chunk), best=best)
+
+
+class _Recorder:
+    """A hook with begin and close, recording what it sees."""
+
+    def __init__(self, fail_at=None):
+        self.events, self.fail_at = [], fail_at
+
+    def begin(self, start, num_chunks):
+        self.events.append(("begin", start, num_chunks))
+
+    def __call__(self, info):
+        self.events.append(("chunk", info.chunk, info.num_chunks, float(info.metrics.reward[0, 0]),
+                            int(info.state.chunks)))
+        # the history holds every chunk so far, this one included
+        np.testing.assert_array_equal(info.history.reward[info.chunk], info.metrics.reward)
+        if info.chunk == self.fail_at:
+            raise RuntimeError(f"hook failed at chunk {info.chunk}")
+
+    def close(self):
+        self.events.append(("close",))
+
+
+def test_hooks_see_every_chunk_in_order_after_the_shorthands():
+    from hm3jax.search.lower import ChunkInfo, log_hook
+
+    calls = []
+    rec = _Recorder()
+    res = run_lower(toy_searcher(), LAYOUT, problems(2), None, jax.random.key(0), 3,
+                    log=lambda c, m: calls.append(("log", c)),
+                    hooks=[rec, lambda info: calls.append(("fn", info.chunk)),
+                           log_hook(lambda c, m: calls.append(("log2", c, float(m.reward[-1, 1]))))])
+    assert rec.events == [("begin", 0, 3), ("chunk", 0, 3, 1.0, 1), ("chunk", 1, 3, 3.0, 2),
+                          ("chunk", 2, 3, 5.0, 3), ("close",)]
+    # the log shorthand runs before the hooks given, and they in their order
+    assert calls == [x for c in range(3) for x in (("log", c), ("fn", c), ("log2", c, 2.0 * c + 2))]
+    assert res.history.reward[:, 0].tolist() == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_array_equal(res.best.reward, [21.0, 21.0])  # a searcher without finish
+    assert ChunkInfo._fields == ("chunk", "num_chunks", "state", "metrics", "history")
+
+
+def test_a_failing_hook_stops_the_run_after_the_checkpoint_and_resuming_continues(tmp_path):
+    rec = _Recorder(fail_at=1)
+    with pytest.raises(RuntimeError, match="hook failed at chunk 1"):
+        run_lower(toy_searcher(), LAYOUT, problems(2), None, jax.random.key(0), 4, checkpoint_dir=tmp_path,
+                  hooks=[rec])
+    assert rec.events[-1][:2] == ("chunk", 1)  # nothing after the failure, no close
+    # the checkpoint hook runs first: chunk 1 was saved before the failing hook saw it
+    again = _Recorder()
+    res = run_lower(toy_searcher(), LAYOUT, problems(2), None, jax.random.key(0), 4, checkpoint_dir=tmp_path,
+                    hooks=[again])
+    assert again.events == [("begin", 2, 4), ("chunk", 2, 4, 5.0, 3), ("chunk", 3, 4, 7.0, 4), ("close",)]
+    unbroken = run_lower(toy_searcher(), LAYOUT, problems(2), None, jax.random.key(0), 4)
+    np.testing.assert_array_equal(res.history.reward, unbroken.history.reward)
+    np.testing.assert_array_equal(res.best.reward, unbroken.best.reward)
+
+
+def test_checkpoint_hook_given_as_a_hook_resumes_and_only_one_may(tmp_path, monkeypatch):
+    from hm3jax.search import lower
+
+    saved = []
+    orig = lower._save_chunk
+    # every chunk checkpoint goes through _save_chunk (tests/killpoints.py wraps it)
+    monkeypatch.setattr(lower, "_save_chunk", lambda mngr, step, tree: (saved.append(step), orig(mngr, step, tree)))
+    run_lower(toy_searcher(), LAYOUT, problems(2), None, jax.random.key(0), 3,
+              hooks=[lower.checkpoint_hook(tmp_path)], stop_after=2)
+    assert saved == [1, 2]
+    rec = _Recorder()
+    res = run_lower(toy_searcher(), LAYOUT, problems(2), None, jax.random.key(0), 3,
+                    hooks=[lower.checkpoint_hook(tmp_path), rec])
+    assert rec.events[0] == ("begin", 2, 3) and res.history.reward[:, 0].tolist() == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(ValueError, match="more than one hook restores a checkpoint"):
+        run_lower(toy_searcher(), LAYOUT, problems(2), None, jax.random.key(0), 3, checkpoint_dir=tmp_path,
+                  hooks=[lower.checkpoint_hook(tmp_path)])
+
+
+def test_progress_hook_counts_the_chunks_restored_ones_included(tmp_path):
+    from hm3jax.search.lower import progress_hook
+
+    run_lower(toy_searcher(), LAYOUT, problems(2), None, jax.random.key(0), 3, checkpoint_dir=tmp_path,
+              stop_after=1)
+    bar = progress_hook("toy")
+    run_lower(toy_searcher(), LAYOUT, problems(2), None, jax.random.key(0), 3, checkpoint_dir=tmp_path,
+              hooks=[bar])
+    assert (bar.bar.n, bar.bar.total, bar.bar.desc) == (3, 3, "toy")
+    assert bar.bar.postfix == "paths=6, reward=6"  # the last iteration's
+
+
+def test_search_base_is_the_one_home_of_the_protocol():
+    from hm3jax import settings
+    from hm3jax.search import base, lower, path_baselines, ppo
+
+    # the old import paths name the same objects
+    assert ppo.ChunkMetrics is base.ChunkMetrics and ppo.Trainer is base.Trainer
+    assert lower.ChunkMetrics is base.ChunkMetrics and path_baselines.Trainer is base.Trainer
+    assert ppo.raw_key is base.raw_key and ppo.wrap_key is base.wrap_key
+    # one validation helper for every search config
+    assert base.require is settings.require and path_baselines.require is settings.require
+
+
+def test_make_train_refuses_the_wolpertinger_head_with_edit_actions():
+    with pytest.raises(ValueError, match="lower.agent.head must be 'categorical' with lower.env.actions 'edit'"):
+        make_train(EDIT_ENV, AgentConfig(head="wolpertinger"), PPOConfig(), EDIT, EDIT_SCORER)
+
+
+TINY_AGENT = AgentConfig(hidden_dim=16, mlp_dim=16, embed_dim=8, identity_prob=0.7)
+
+
+def test_ppo_loss_alone_at_the_behaviour_policy():
+    """ppo_loss of a rollout under the params that sampled it: the ratio is 1 (approx KL 0), the
+    normalised advantages have mean 0 (policy term 0), the value loss is 0 when the targets are the
+    values, so the loss is -ent_coef x the entropy."""
+    from hm3jax.search import ppo as pp
+    from hm3jax.search.agent import init_agent
+
+    cfg = PPOConfig(num_envs=8, ent_coef=0.01)
+    probs = edit_problems()
+    params = init_agent(TINY_AGENT, EDIT, probs.summary.shape[-1], EK, jax.random.key(1))
+    traj = jax.jit(pp.rollout, static_argnums=(0, 1, 2))(TINY_AGENT, EDIT, 8, params, probs, jax.random.key(2))
+    assert traj.actions.shape == (3, 8, EDIT.t_max) and traj.valid[:, :, 0].all()
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])
+    adv = jax.random.normal(jax.random.key(3), traj.values.shape)
+    loss = jax.jit(lambda *a: pp.ppo_loss(TINY_AGENT, EDIT, cfg, *a))
+    each = jax.tree.map(lambda x: jnp.repeat(x, 8, axis=0), probs)
+    total, (v_loss, ent, kl) = loss(params, each, jax.tree.map(flat, traj), flat(adv), flat(traj.values),
+                                    jnp.ones((24,), bool), None)
+    assert abs(float(kl)) < 1e-6 and float(v_loss) == 0.0 and float(ent) > 0
+    np.testing.assert_allclose(float(total), -0.01 * float(ent), atol=1e-6)
+
+
+@pytest.mark.slow  # ~15 s: compiles a chunk and its pieces
+@pytest.mark.parametrize("mode", ["per_preference", "conditioned"])
+def test_trainer_chunk_is_the_module_level_pieces_composed(mode):
+    """One iteration of the trainer's chunk == rollout, neighbours, evaluate_batch, advantages and
+    update called by hand with the key splits the module docstring of ppo.iteration names."""
+    from hm3jax.search import cache as pc
+    from hm3jax.search import ppo as pp
+
+    cfg = PPOConfig(mode=mode, num_envs=8, new_paths=4, iterations=1, chunk_iterations=1, minibatches=2,
+                    baseline="pomo", sil_coef=0.5, explore=8, local_share=0.5)
+    tr = make_train(EDIT_ENV, TINY_AGENT, cfg, EDIT, EDIT_SCORER)
+    probs = edit_problems()
+    state0 = tr.init(jax.random.key(0), probs)
+    state1, metrics = tr.chunk(state0, probs, None)
+    tx = pp.optimizer(cfg)
+
+    def by_hand(s, problems):  # one agent (a group of G problems)
+        key, k_roll, k_upd = jax.random.split(pp.wrap_key(s.key), 3)
+        traj = pp.rollout(TINY_AGENT, EDIT, 8, s.params, problems, k_roll)
+        ks = jax.random.split(jax.random.fold_in(k_roll, 7), problems.preference.shape[0])
+        extra = jax.vmap(lambda c, k: pp.neighbours(EDIT, c, k, 8, cfg.sil_elites))(s.cache, ks)
+        n_local = pp.local_count(cfg)
+        genes = jnp.concatenate([extra[:, :n_local], traj.actions, extra[:, n_local:]], axis=1)
+        cache, scored, _, reward, _ = jax.vmap(
+            lambda p, c, g: pp.evaluate_batch(EDIT_ENV, EDIT, EDIT_SCORER, None, p, c, g, 4))(problems, s.cache, genes)
+        own = slice(n_local, n_local + 8)
+        scored, reward = scored[:, own], jnp.where(scored[:, own], reward[:, own], 0.0)
+        adv, targets = pp.advantages(EDIT_ENV, cfg, traj, reward, scored)
+        e_genes, _, _, e_valid = jax.vmap(lambda c: pc.top(c, min(cfg.sil_elites, c.reward.shape[0])))(cache)
+        params, _, _ = pp.update(TINY_AGENT, EDIT, cfg, tx, s.params, s.opt_state, problems, traj, adv,
+                                 targets, scored, (problems, e_genes, e_valid), k_upd)
+        w = scored.astype(jnp.float32)
+        return params, cache, pp.raw_key(key), jnp.sum(reward * w, 1) / jnp.maximum(w.sum(1), 1.0)
+
+    if mode == "per_preference":
+        got = jax.jit(jax.vmap(by_hand))(state0, jax.tree.map(lambda x: x[:, None], probs))
+    else:
+        got = jax.jit(by_hand)(state0, probs)
+    params, cache, key, reward = got
+    np.testing.assert_allclose(np.asarray(reward).reshape(-1), np.asarray(metrics.reward[0]), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(key), np.asarray(state1.key))
+    np.testing.assert_array_equal(np.asarray(cache.paths), np.asarray(state1.cache.paths))
+    np.testing.assert_array_equal(np.asarray(cache.count), np.asarray(state1.cache.count))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state1.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    assert metrics.reward.shape == (1, 3) and int(state1.iteration.max()) == 1

@@ -3,13 +3,16 @@
     data, problems, layout = build_search(model_cfg, experts, merged, search_batch, preferences, ideal)
     scorer = make_model_scorer(model_cfg, num_tasks, cfg)
     trainer = make_lower_train(cfg, layout, scorer)
-    result = run_lower(trainer, problems, data, key, checkpoint_dir=..., progress=True)
+    result = run_lower(trainer, layout, problems, data, key, num_chunks, checkpoint_dir=..., progress=True,
+                       hooks=[...])
 
 The pool holds the K experts' layers once and each preference's merged layers as its own block
 (env.to_global maps a preference's local actions into it); a path is scored with the shell
 (embeddings, final norm, head) of that preference's merged model. Only the "search" split reaches
 the scorer: rollouts see a random stratified minibatch of it, best paths the whole of it.
-`run_lower` is the only Python loop: one jitted chunk per step, then log, orbax checkpoint and tqdm.
+`run_lower` is the only Python loop: one jitted chunk of a searcher (search.base.Searcher) per
+step, then its hooks (levanter's): `checkpoint_hook` (orbax, resumable), `log_hook`, `progress_hook`
+(tqdm), or any callable of a ChunkInfo.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from hm3jax.moo import tchebycheff
 from hm3jax.objectives.batch import Batch, pad_rows
 from hm3jax.objectives.scoring import answer_loglik, answer_prob, exact_match, make_params_scorer, task_means
 from hm3jax.search import env as en
+from hm3jax.search.base import ChunkMetrics, Searcher, Trainer
 from hm3jax.search.env import (
     BestPaths,
     EnvConfig,
@@ -42,7 +46,7 @@ from hm3jax.search.env import (
     PathProblem,
     Scorer,
 )
-from hm3jax.search.ppo import ChunkMetrics, Trainer, make_train
+from hm3jax.search.ppo import make_train
 from hm3jax.search.sharded import place_search
 from hm3jax.settings import OBJECTIVES, LowerConfig  # noqa: F401
 
@@ -207,39 +211,137 @@ class LowerResult(NamedTuple):
     state: Any
 
 
-def run_lower(trainer: Trainer, layout: PathLayout, problems: PathProblem, data, key: jax.Array,
+class ChunkInfo(NamedTuple):
+    """What a run_lower hook is called with after each chunk (levanter's StepInfo).
+
+    chunk: index of the chunk just run (0-based; chunk + 1 chunks are done); num_chunks: chunks of
+    the whole search; state: the searcher's state after it (device arrays); metrics: ChunkMetrics
+    [C, N] of its iterations (host arrays); history: ChunkMetrics [num_chunks, C, N] (host arrays)
+    of every chunk, filled up to `chunk` (restored ones included). Hooks must not modify them.
+    """
+
+    chunk: int
+    num_chunks: int
+    state: Any
+    metrics: ChunkMetrics
+    history: ChunkMetrics
+
+
+# A hook: called with the ChunkInfo of each chunk run, in order, after the chunk (and after the hooks
+# before it in the list). Optional methods: begin(start, num_chunks), called once before the first
+# chunk run (start: chunks already done, restored from a checkpoint); close(), called once after
+# the last one. A hook stops nothing: an exception it raises propagates out of run_lower, with the
+# chunks saved so far kept by the checkpoint hook (which runs first).
+Hook = Callable[[ChunkInfo], None]
+
+
+class ChunkCheckpointer:
+    """The checkpoint hook (checkpoint_hook): saves {state, history} with orbax after every chunk
+    (as step chunk + 1, through _save_chunk), and `restore` resumes a search from the latest one."""
+
+    def __init__(self, checkpoint_dir: str | os.PathLike):
+        self.mngr = _chunk_manager(checkpoint_dir)
+
+    def restore(self, state, history) -> tuple[int, Any, Any]:
+        """(chunks done, state, history): those of the latest saved chunk, or (0, state, history)
+        as given when none was saved."""
+        step = self.mngr.latest_step()
+        if step is None:
+            return 0, state, history
+        return (int(step), *_restore_chunk(self.mngr, int(step), state, history))
+
+    def __call__(self, info: ChunkInfo) -> None:
+        _save_chunk(self.mngr, info.chunk + 1, {"state": info.state, "history": info.history})
+
+    def close(self) -> None:
+        self.mngr.wait_until_finished()
+        self.mngr.close()
+
+
+def checkpoint_hook(checkpoint_dir: str | os.PathLike) -> ChunkCheckpointer:
+    """A hook saving the search's state and history after every chunk into `checkpoint_dir` (the
+    last two kept); run_lower resumes from it. `run_lower(checkpoint_dir=...)` adds it first."""
+    return ChunkCheckpointer(checkpoint_dir)
+
+
+class ProgressBar:
+    """The progress hook (progress_hook): a tqdm bar of chunks, with the last iteration's mean
+    reward and the most distinct paths scored by a preference."""
+
+    def __init__(self, desc: str = "lower level"):
+        self.desc, self.bar = desc, None
+
+    def begin(self, start: int, num_chunks: int) -> None:
+        self.bar = tqdm(total=num_chunks, initial=start, desc=self.desc, unit="chunk")
+
+    def __call__(self, info: ChunkInfo) -> None:
+        if self.bar is None:  # used without run_lower's begin: the bar starts at this chunk
+            self.begin(info.chunk, info.num_chunks)
+        m = info.metrics
+        self.bar.update(1)
+        self.bar.set_postfix(reward=float(m.reward[-1].mean()), paths=int(np.max(m.paths_scored[-1])))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def progress_hook(desc: str = "lower level") -> ProgressBar:
+    """A hook showing a tqdm bar labelled `desc` (`run_lower(progress=True)` adds it last)."""
+    return ProgressBar(desc)
+
+
+def log_hook(log: Callable[[int, ChunkMetrics], None]) -> Hook:
+    """A hook calling `log(chunk index, ChunkMetrics [C, N])` after each chunk (`run_lower(log=...)`
+    adds it after the checkpoint hook)."""
+
+    def hook(info: ChunkInfo) -> None:
+        log(info.chunk, info.metrics)
+
+    return hook
+
+
+def run_lower(trainer: Searcher, layout: PathLayout, problems: PathProblem, data, key: jax.Array,
               num_chunks: int, checkpoint_dir: str | os.PathLike | None = None,
               stop_after: int | None = None, progress: bool = False,
               log: Callable[[int, ChunkMetrics], None] | None = None, desc: str = "lower level",
-              mesh=None) -> LowerResult:
-    """Run `num_chunks` jitted chunks (resuming from the latest checkpoint in checkpoint_dir).
+              mesh=None, hooks: Sequence[Hook] = ()) -> LowerResult:
+    """Run `num_chunks` jitted chunks of a searcher, calling the hooks after each (resuming from
+    the latest checkpoint of a checkpoint hook).
 
     Args:
-      trainer, layout: from make_lower_train / build_search (or ppo.make_train for other scorers).
+      trainer, layout: from make_lower_train / build_search (or ppo.make_train, make_path_search, any
+        search.base.Searcher, for other scorers).
       problems, data: PathProblem [N] and the scorer's data (SearchData, or None for a scorer
         without data).
       key: PRNG key of the run (the same key gives the same result, resumed or not).
-      checkpoint_dir: save the state with orbax after every chunk; a run restarted with the same
-        directory continues after the last saved chunk.
+      checkpoint_dir: shorthand for checkpoint_hook(checkpoint_dir), the first hook: save the state
+        with orbax after every chunk; a run restarted with the same directory continues after the
+        last saved chunk.
       stop_after: stop after this many chunks in all (to test resuming); None runs all.
-      progress: show a tqdm bar labelled `desc`; log: called with (chunk index, ChunkMetrics) after
-        each chunk.
+      progress: shorthand for progress_hook(desc), the last hook (a tqdm bar labelled `desc`); log:
+        shorthand for log_hook(log), after the checkpoint hook (called with (chunk index,
+        ChunkMetrics) after each chunk).
       mesh: a device mesh (hm3jax.sharding) to run the chunks on: preferences over `data`, the pool
         over `fsdp` (search.sharded.place_search); None runs where the inputs are.
+      hooks: more hooks (see Hook), called after those of the shorthands, in order; at most one of
+        all the hooks may have a `restore` method (a checkpoint hook), which decides where to resume.
     """
+    if sum(hasattr(h, "restore") for h in hooks) + (checkpoint_dir is not None) > 1:
+        raise ValueError("run_lower: more than one hook restores a checkpoint (checkpoint_dir counts as one)")
     state = trainer.init(key, problems)
     # The metrics of every chunk live in the checkpoint beside the state, so a run killed after its
     # last chunk was saved (and before its stage result was) resumes with its whole history.
     history = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), _history_shapes(trainer, state, problems, data,
                                                                                num_chunks))
-    start, mngr = 0, None
-    if checkpoint_dir is not None:
-        mngr = _chunk_manager(checkpoint_dir)
-        if mngr.latest_step() is not None:
-            start = int(mngr.latest_step())
-            fresh = state
-            state, history = _restore_chunk(mngr, start, state, history)
-            state = jax.tree.map(_placed_like, state, fresh)
+    hooks = ([checkpoint_hook(checkpoint_dir)] if checkpoint_dir is not None else []) + \
+        ([log_hook(log)] if log is not None else []) + list(hooks) + ([progress_hook(desc)] if progress else [])
+    resumers = [h for h in hooks if hasattr(h, "restore")]
+    start = 0
+    if resumers:
+        fresh = state
+        start, state, history = resumers[0].restore(state, history)
+        state = jax.tree.map(_placed_like, state, fresh)
     if mesh is not None:
         state, problems, data = place_search(mesh, state, problems, data)
     end = num_chunks if stop_after is None else min(stop_after, num_chunks)
@@ -250,28 +352,23 @@ def run_lower(trainer: Trainer, layout: PathLayout, problems: PathProblem, data,
         compiled = chunk.lower(state, problems, data).compile()
         _log.info(f"[{desc}] compiled the search chunk in {time.perf_counter() - t0:.1f}s")
         chunk = compiled
-    bar = None
-    if progress:
-        bar = tqdm(total=num_chunks, initial=start, desc=desc, unit="chunk")
+    for h in hooks:
+        if hasattr(h, "begin"):
+            h.begin(start, num_chunks)
     for c in range(start, end):
         state, metrics = chunk(state, problems, data)
         metrics = jax.tree.map(np.asarray, metrics)
-        for h, m in zip(jax.tree.leaves(history), jax.tree.leaves(metrics)):
-            h[c] = m
-        if mngr is not None:
-            _save_chunk(mngr, c + 1, {"state": state, "history": history})
-        if log is not None:
-            log(c, metrics)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(reward=float(metrics.reward[-1].mean()), paths=int(np.max(metrics.paths_scored[-1])))
-    if mngr is not None:
-        mngr.wait_until_finished()
-        mngr.close()
-    if bar is not None:
-        bar.close()
-    if trainer.finish is not None and end == num_chunks:
-        state = trainer.finish(state, problems, data)
+        for buf, m in zip(jax.tree.leaves(history), jax.tree.leaves(metrics)):
+            buf[c] = m
+        info = ChunkInfo(c, num_chunks, state, metrics, history)
+        for h in hooks:
+            h(info)
+    for h in hooks:
+        if hasattr(h, "close"):
+            h.close()
+    finish = getattr(trainer, "finish", None)
+    if finish is not None and end == num_chunks:
+        state = finish(state, problems, data)
     best = jax.tree.map(np.asarray, trainer.best(state))
     done = max(start, end)
     hist = jax.tree.map(lambda x: x[:done].reshape((-1,) + x.shape[2:]), history) if done else None

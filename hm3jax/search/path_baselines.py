@@ -13,7 +13,8 @@ jitted call.
   tournament among the `parents` best paths scored so far, children by uniform crossover and per-gene
   mutation to a random gene; `candidates` children are drawn and the first `population` new ones are
   scored. Its first generation is the identity path and mutants of it.
-`make_path_search` returns a ppo.Trainer, so `lower.run_lower` drives either (state.params unused).
+`make_path_search` returns a search.base.Trainer (a Searcher: init, chunk, best), so
+`lower.run_lower` drives either.
 """
 
 from __future__ import annotations
@@ -26,16 +27,9 @@ import jax.numpy as jnp
 
 from hm3jax.search import cache as pc
 from hm3jax.search import env as en
+from hm3jax.search.base import ChunkMetrics, Trainer, raw_key, require, wrap_key
 from hm3jax.search.env import PathLayout, Scorer
-from hm3jax.search.ppo import (
-    ChunkMetrics,
-    Trainer,
-    evaluate_batch,
-    finish_best,
-    raw_key,
-    wrap_key,
-)
-from hm3jax.settings import require
+from hm3jax.search.ppo import evaluate_batch, finish_best
 
 METHODS = ("random", "evolution")
 
@@ -121,7 +115,9 @@ def identity_genes(layout: PathLayout) -> jax.Array:
 
 
 def make_path_search(cfg: PathSearchConfig, env: en.EnvConfig, layout: PathLayout, scorer: Scorer) -> Trainer:
-    """A Trainer (init / chunk / train / best; per preference, vmapped over N) for the baseline."""
+    """A Trainer (init / chunk / train / best / finish; per preference, vmapped over N) for the
+    baseline; group_init / group_chunk are one preference's (no leading axis), sample and greedy
+    None (no agent)."""
     P, S = cfg.population, cfg.num_candidates
     n_parents = min(cfg.parents or P, cfg.budget)
 
