@@ -56,7 +56,7 @@ class ZooSource:
     config: str = "default"
     """Zoo hyperparameter set: default (6 layers, width 64) or small (3 layers, width 32; for tests)."""
     seed: int = 0
-    """Seed of the zoo build (init and batch sampling)."""
+    """Seed of the zoo build (init and batch sampling), in [0, 2**32)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +79,7 @@ class ModelsConfig:
     checkpoints: CheckpointSource | None = None
     """Use local checkpoints."""
     dtype: str = "float32"
-    """dtype the params are loaded and merged in (float32, bfloat16)."""
+    """dtype the params are loaded and merged in: float32, bfloat16 or float16."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,10 +109,10 @@ class TasksConfig:
     """Score of every search and of the held-out table: exact_match (the reference answer
     teacher-forced, all tokens right, in [0, 1]) or loglik (its mean log-likelihood)."""
     max_new_tokens: int = 256
-    """Generation length of the real-task scorers (kind=files)."""
+    """Most tokens generated per answer by the real-task scorers (kind=files), an integer >= 1."""
     generate_rows: int = 64
     """kind=files: held-out prompts per task whose generated answers the task's scorer grades, for
-    the base, the experts and HM3's solutions (the first rows of each held-out file)."""
+    the base, the experts and HM3's solutions (the first rows of each held-out file); 0: none."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +120,7 @@ class PreferencesConfig:
     """The preference vectors λ (one per front point searched)."""
 
     n: int = 6
-    """Number of generated preferences."""
+    """Number of generated preferences, >= 0 (0: only the `extra` ones)."""
     kind: str = "dirichlet"
     """dirichlet (uniform draws on the simplex, seeded by the run seed) or grid (Das-Dennis, >= n points)."""
     extra: tuple[tuple[float, ...], ...] = ()
@@ -132,11 +132,12 @@ class EvalConfig:
     """Held-out evaluation and the baselines of the report."""
 
     batch_rows: int = 64
-    """Examples scored per batch."""
+    """Examples scored per batch, >= 1 (bounds the memory of held-out scoring)."""
     baselines: bool = True
     """Also run the report's baselines (TA, TIES, DARE-TIES, random and evolutionary path search)."""
     path_search_budget: int | None = None
-    """Scored paths per preference for the random and evolutionary path searches (None: HM3's count)."""
+    """Scored paths per preference for the random and evolutionary path searches, >= 1 (None:
+    HM3's count, so the baselines search at the same budget)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +147,7 @@ class FrontConfig:
     cost_objective: bool = False
     """Add the inference cost (FLOPs per token, lower is better) as one more objective of the front."""
     cost_seq_len: int = 64
-    """Sequence length at which FLOPs per token are counted (hm3jax.cost)."""
+    """Sequence length at which FLOPs per token are counted (hm3jax.cost), >= 1."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +168,7 @@ class RunConfig:
     output_dir: str = "runs/default"
     """Run directory (config.yaml, front.json, front.png, report.md, metrics.jsonl, checkpoints/)."""
     seed: int = 0
-    """Seed of the preferences, DARE masks and searches."""
+    """Seed of the preferences, DARE masks and searches, in [0, 2**32)."""
     models: ModelsConfig = dataclasses.field(default_factory=ModelsConfig)
     """The base model and the experts."""
     tasks: TasksConfig = dataclasses.field(default_factory=TasksConfig)
@@ -204,6 +205,21 @@ def _draccus_message(e: BaseException) -> str:
     return ": ".join(p for p in parts if p)
 
 
+def run_config_parser(config_path: str | os.PathLike | None = None,
+                      prog: str = "python -m hm3jax.train") -> draccus.argparsing.ArgumentParser:
+    """draccus's parser of RunConfig (reading `config_path` when the arguments give no --config_path),
+    its help tidied by confighelp.tidy_help with a run's defaults (DEFAULT_UPPER, DEFAULT_LOWER)."""
+    parser = draccus.argparsing.ArgumentParser(config_class=RunConfig, config_path=config_path, exit_on_error=False,
+                                               prog=prog)
+    tidy_help(parser.parser, RunConfig())
+    return parser
+
+
+def help_text(prog: str = "python -m hm3jax.train") -> str:
+    """The text `python -m hm3jax.train --help` prints: every dotted key, its doc string and its default."""
+    return run_config_parser(prog=prog).parser.format_help()
+
+
 def parse_run_config(args: Sequence[str] | None = None, config_path: str | os.PathLike | None = None,
                      prog: str = "python -m hm3jax.train") -> RunConfig:
     """Parse `args` (`--config_path FILE`, dotted overrides; default sys.argv[1:]) into a RunConfig.
@@ -219,10 +235,7 @@ def parse_run_config(args: Sequence[str] | None = None, config_path: str | os.Pa
     if where is not None and not os.path.isfile(where):
         raise RunConfigError(f"--config_path {where}: no such file")
     try:
-        parser = draccus.argparsing.ArgumentParser(config_class=RunConfig, config_path=config_path, exit_on_error=False,
-                                        prog=prog)
-        tidy_help(parser.parser, RunConfig())  # a run's defaults (DEFAULT_UPPER, DEFAULT_LOWER)
-        return parser.parse_args(args)
+        return run_config_parser(config_path, prog).parse_args(args)
     except (draccus.utils.DraccusException, draccus.utils.ParsingError, ValueError, TypeError) as e:
         src = f"{where}: " if where else ""
         raise RunConfigError(f"{src}{suggest_key(_draccus_message(e), RunConfig)}") from None

@@ -60,7 +60,8 @@ class UpperConfig:
     density: float = 0.7
     """Kept fraction of each task vector (TIES trim, DARE keep probability = 1 - drop rate)."""
     scale: float = 1.0
-    """mergekit's `lambda` on the merged task vector."""
+    """mergekit's `lambda`: the factor on the merged task vector, > 0 (1: the merge as the method
+    makes it)."""
     tune: bool = False
     """Run CMA-ES per preference over (density, scale) within the given ranges (per method under
     "auto")."""
@@ -147,23 +148,24 @@ class AgentConfig:
     """Agent networks (config keys under `lower.agent.`)."""
 
     head: str = "categorical"
-    """"categorical" or "wolpertinger"."""
+    """Policy head over the actions: "categorical" (one logit per action) or "wolpertinger" (a
+    Gaussian proto-action whose `knn` nearest actions a Q head ranks, exploring with `epsilon`)."""
     embed_dim: int = 32
-    """Width of the action/position embeddings fed to the GRU."""
+    """Width of the action/position embeddings fed to the GRU, an integer >= 1."""
     hidden_dim: int = 64
-    """GRU state width."""
+    """Width of the GRU state that encodes the path so far, an integer >= 1."""
     mlp_dim: int = 64
-    """Hidden width of the actor, critic and Q heads (one hidden layer each)."""
+    """Hidden width of the actor, critic and Q heads (one hidden layer each), an integer >= 1."""
     condition: bool = True
     """Feed λ to the encoder and the heads (required for a shared agent)."""
     identity_prob: float = 0.5
     """Initial per-step probability of the identity action (categorical head), in [0, 1)."""
     knn: int = 4
-    """M', candidates the Wolpertinger head looks up around its proto-action."""
+    """M', candidates the Wolpertinger head looks up around its proto-action, an integer >= 1."""
     epsilon: float = 0.1
-    """ε, probability the Wolpertinger head takes a random candidate instead of the Q-best."""
+    """ε, probability the Wolpertinger head takes a random candidate instead of the Q-best, in [0, 1]."""
     proto_std: float = 0.15
-    """Initial standard deviation of the Gaussian proto-action."""
+    """Initial standard deviation of the Gaussian proto-action (Wolpertinger head), > 0."""
 
     def __post_init__(self):
         require(self.head in HEADS, "lower.agent.head", f"one of {', '.join(HEADS)}", self.head)
@@ -185,16 +187,17 @@ class PPOConfig:
     """"per_preference" (N vmapped agents) or "conditioned" (one λ-conditioned agent)."""
     num_envs: int = 32
     """Paths sampled (rolled out) per preference per iteration; a path sampled before is read from the
-    search's cache (search.cache) and costs nothing, so many rollouts are cheap."""
+    search's cache (search.cache) and costs nothing, so many rollouts are cheap. An integer >= 1, a
+    multiple of minibatches."""
     new_paths: int | None = None
     """Most DISTINCT new paths scored per preference per iteration (the unit of the search budget:
-    iterations x new_paths distinct paths at most); None = num_envs."""
+    iterations x new_paths distinct paths at most); None = num_envs, else an integer in [1, num_envs]."""
     iterations: int = 64
-    """PPO iterations in all; a multiple of chunk_iterations."""
+    """PPO iterations in all, an integer >= 1 and a multiple of chunk_iterations."""
     chunk_iterations: int = 8
-    """Iterations per jitted chunk (one log line / checkpoint / progress tick)."""
+    """Iterations per jitted chunk (one log line / checkpoint / progress tick), an integer >= 1."""
     epochs: int = 4
-    """PPO passes over each rollout batch."""
+    """PPO passes over each rollout batch, an integer >= 1."""
     minibatches: int = 4
     """Minibatches per PPO pass (the minibatches split the episodes; num_envs must be a multiple of
     minibatches)."""
@@ -203,36 +206,36 @@ class PPOConfig:
     minus the mean reward of the preference's rollouts in the iteration, POMO's shared baseline; the
     value network is still trained and logged)."""
     gamma: float = 0.99
-    """Discount γ (the paper's 0.99)."""
+    """Discount γ of the per-step rewards, in [0, 1] (the paper's 0.99)."""
     gae_lambda: float = 0.95
-    """GAE λ."""
+    """GAE λ of the critic baseline's advantages, in [0, 1] (1: Monte Carlo returns, 0: one-step TD)."""
     clip_eps: float = 0.2
-    """PPO ratio clip."""
+    """PPO ratio clip ε, in (0, 1): the new/old policy ratio is clipped to [1 - ε, 1 + ε]."""
     vf_coef: float = 0.5
-    """c1 (value and Q losses)."""
+    """c1, the weight of the value and Q losses, >= 0."""
     ent_coef: float = 0.01
-    """c2 (entropy bonus)."""
+    """c2, the weight of the entropy bonus, >= 0."""
     sil_coef: float = 0.0
     """Weight of self-imitation: the negative log-likelihood of the `sil_elites` best paths found so
-    far for each preference (categorical head; 0 turns it off)."""
+    far for each preference (categorical head), >= 0; 0 turns it off."""
     sil_elites: int = 4
-    """How many of the best cached paths are imitated (and, with `explore`, varied)."""
+    """How many of the best cached paths are imitated (and, with `explore`, varied), an integer >= 1."""
     explore: int = 0
     """Neighbours of the best paths found (one of the `sil_elites` best with one or more steps re-drawn
     at random) drawn per preference per iteration: a local search around the policy's best answers
     (as EAS / COMPASS search around a trained policy at test time). They are scored with the budget
     the agent's own samples leave (a converged policy re-samples paths it has scored) and with the
     `local_share` reserved for them, enter the cache and the imitated elites, and never the PPO loss
-    (they are off-policy). 0 off."""
+    (they are off-policy). An integer >= 0; 0 off."""
     local_share: float = 0.0
     """Fraction of each iteration's new paths offered to the neighbours first (the rest go to the
-    agent's samples first); needs explore > 0."""
+    agent's samples first), in [0, 1]; needs explore > 0."""
     lr: float = 1e-3
     """Adam learning rate of the encoder and actor."""
     critic_lr: float = 1e-3
-    """Adam learning rate of the value and Q heads."""
+    """Adam learning rate of the value and Q heads, > 0."""
     max_grad_norm: float = 0.5
-    """Global gradient-norm clip."""
+    """Global gradient-norm clip of each update, > 0."""
 
     def __post_init__(self):
         require(self.mode in MODES, "lower.ppo.mode", f"one of {', '.join(MODES)}", self.mode)
@@ -286,17 +289,17 @@ class AlignConfig:
     rank: int = 4
     """Rank r of each map's low-rank correction (h -> h·(1+s) + c + (h V) Uᵀ), >= 0."""
     width: int = 64
-    """Hidden width of the map MLP."""
+    """Hidden width of the map MLP, an integer >= 1."""
     embed: int = 16
-    """Width of each of the map MLP's four input embeddings."""
+    """Width of each of the map MLP's four input embeddings, an integer >= 1."""
     steps: int = 150
-    """Adam steps of the fit."""
+    """Adam steps of the fit, an integer >= 1."""
     learning_rate: float = 3e-3
-    """Step size of the fit's Adam steps."""
+    """Step size of the fit's Adam steps, > 0."""
     paths: int = 8
-    """Sampled switching paths per step."""
+    """Sampled switching paths per step of the fit, an integer >= 1."""
     rows: int = 48
-    """Search-split rows per step (split over tasks)."""
+    """Search-split rows per step of the fit (split over tasks), an integer >= 1."""
     swap_prob: float = 0.3
     """Chance that a step of a sampled path is swapped to another model, in (0, 1]."""
 
@@ -330,7 +333,7 @@ class LowerConfig:
     a LowerConfig used outside a run."""
     score_chunk: int = 128
     """Rows per lax.map chunk when a path is scored on the whole search split (bounds activation
-    memory; the split is padded with empty rows to a multiple)."""
+    memory; the split is padded with empty rows to a multiple), an integer >= 1."""
 
     def __post_init__(self):
         require(self.objective is None or self.objective in OBJECTIVES, "lower.objective",
@@ -382,7 +385,7 @@ class MeshConfig:
     coordinator_address: str = ""
     """host:port of process 0, for clusters JAX cannot detect (empty: auto-detect)."""
     num_processes: int = 0
-    """Process count, with coordinator_address (0: auto-detect)."""
+    """Process count (hosts), with coordinator_address; 0: auto-detect."""
     process_id: int = -1
     """This process's index, with coordinator_address (-1: auto-detect)."""
     rules: dict[str, str] = dataclasses.field(default_factory=dict)

@@ -24,6 +24,7 @@ from hm3jax.config import (
     to_yaml,
     validate,
 )
+from hm3jax.confighelp import config_keys
 from hm3jax.models import ModelConfig
 from hm3jax.rundir import check_run_dir, prepare_run_dir
 
@@ -284,3 +285,41 @@ def test_a_typo_is_one_line_exit_2_before_jax():
         "error: unrecognized arguments: --upper.methd x (--upper.methd: did you mean --upper.method?)"]
     with pytest.raises(RunConfigError, match=r"^upper.density must be in \(0, 1\], got 2.0$"):
         parse_run_config(["--upper.density", "2"])
+
+
+def _run_default(key: str):
+    """The default of a dotted key in a run (RunConfig()); inside an optional section that a run
+    leaves None (models.zoo, models.checkpoints), the section class's own default."""
+    import typing
+
+    value, cls = RunConfig(), RunConfig
+    for part in key.split("."):
+        if value is None:  # an optional section: its class's defaults are what --help shows
+            value = cls()
+        hint = typing.get_type_hints(type(value))[part]
+        cls = next((a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)), None)
+        value = getattr(value, part)
+    return value
+
+
+def test_help_gives_every_key_a_description_and_its_default(monkeypatch):
+    """Each dotted key of RunConfig has a doc string under its field: --help shows "--key TYPE
+    <description> (default: <the run's default>)". Fails on a field without a doc string."""
+    from hm3jax.config import help_text, run_config_parser
+
+    monkeypatch.setenv("COLUMNS", "100000")  # no wrapping (argparse breaks lines after a hyphen)
+    text = " ".join(help_text().split())
+    actions = {o[2:]: a for a in run_config_parser().parser._actions for o in a.option_strings}
+    keys = config_keys(RunConfig)
+    assert len(keys) > 80 and "lower.ppo.lr" in keys and "models.zoo.dir" in keys
+    missing = []
+    for key in keys:
+        action = actions.get(key)
+        doc = " ".join((action.help or "").split()) if action is not None else ""
+        default = _run_default(key)
+        # the key's own entry (after the usage lines): "--key TYPE doc (default: value)"
+        at = text.find(f" --{key} ", text.index("options:"))
+        entry = text[at:at + len(key) + 60 + len(doc) + len(str(default)) + 12] if at >= 0 else ""
+        if not doc or doc.startswith("(default") or f" {doc} (default: {default})" not in entry:
+            missing.append(key)
+    assert not missing, f"keys without a description or default in --help: {missing}"
