@@ -4,7 +4,7 @@
     python benchmarks/sharded_memory.py run DIR sharded|unsharded     # one fresh process per mode
 
 `run` loads base and expert (`load_sharded` over a 1 x 8 fsdp mesh, or `load_pretrained`), merges
-them with task arithmetic (`sharding.merge_sharded`, or the plain merge), and prints peak anonymous
+them with task arithmetic (`merging.sharded.merge_sharded`, or the plain merge), and prints peak anonymous
 resident memory (sampled every 5 ms; file pages of the memory-mapped shards are not counted), peak
 RSS (ru_maxrss, file pages included), and the largest host buffer the loader allocated: one
 device's slice (sharded) or one whole stacked leaf (unsharded: `params_from_source` fills an
@@ -68,7 +68,8 @@ def run(root: str, mode: str) -> None:
     from hm3jax import merging
     from hm3jax.io import load_pretrained
     from hm3jax.io.sharded import load_sharded
-    from hm3jax.sharding import MeshConfig, make_mesh, merge_sharded, param_shardings
+    from hm3jax.merging.sharded import merge_sharded
+    from hm3jax.sharding import MeshConfig, make_mesh, param_shardings
 
     peak = [0]
     done = threading.Event()

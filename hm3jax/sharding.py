@@ -14,6 +14,9 @@ optimiser counters). A dimension the mesh axis does not divide evenly is replica
     mesh = make_mesh(MeshConfig(fsdp=-1))
     params = jax.device_put(params, param_shardings(params, mesh))
     paths = jax.device_put(paths, batch_sharding(mesh, paths.ndim, "paths"))
+
+`merge_sharded` (a merge whose outputs keep these shardings) lives in hm3jax.merging.sharded and is
+re-exported here.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from hm3jax.merging import get_method
-from hm3jax.merging.base import path_names
+from hm3jax.merging.leaves import path_names
+from hm3jax.merging.sharded import merge_sharded  # noqa: F401  (re-exported: its home is hm3jax.merging)
 from hm3jax.settings import DATA, FSDP, LOGICAL_RULES, MESH_AXES, MeshConfig, ShardingError  # noqa: F401
 
 # Path regex (leaf keys joined by "/") -> logical names of the per-layer dimensions. Matched as a
@@ -195,16 +198,3 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def shard_tree(tree: Any, shardings: Any) -> Any:
     """`tree` placed by `shardings` (one device_put for the whole pytree)."""
     return jax.device_put(tree, shardings)
-
-
-def merge_sharded(method: Any, base: Any, models: Sequence[Any], weights: Any = None, key: Any = None, *,
-                  shardings: Any, **params: Any) -> Any:
-    """`method.merge(base, models, weights, key=key, **params)` in one jit whose outputs are placed by
-    `shardings` (a NamedSharding per leaf, e.g. param_shardings of the base): the inputs keep their
-    own shardings, and methods whose per-tensor reductions (slerp's norms, karcher's iterations)
-    would otherwise leave the result replicated return it sharded. `method`: a MergeMethod or its
-    name in merging.METHODS. Weights and parameters are closed over (concrete, as the methods'
-    host-side preparation needs them)."""
-    m = get_method(method) if isinstance(method, str) else method
-    fn = jax.jit(lambda b, ms: m.merge(b, ms, weights, key=key, **params), out_shardings=shardings)
-    return fn(base, list(models))

@@ -52,7 +52,7 @@ def gathered_sizes(hlo: str) -> list[int]:
 
 def check_merges() -> None:
     from hm3jax.merging import METHODS
-    from hm3jax.sharding import merge_sharded
+    from hm3jax.merging.sharded import merge_sharded
 
     def tree(seed, scale=1.0):
         # One stacked leaf keeps the compile count (4 per method) within the test's time; the
@@ -221,9 +221,9 @@ def multihost_merge_and_score(cfg, params, mesh=None):
     (base + merge) on a fixed batch: (per-leaf sums of the merge [n_leaves], exact match [4], loglik
     [4]), the same numbers on one process (mesh None) as on a mesh that spans processes."""
     from hm3jax.merging import METHODS
+    from hm3jax.merging.sharded import merge_sharded
     from hm3jax.models.pool import build_pool, shell_of
     from hm3jax.objectives.batch import Batch
-    from hm3jax.sharding import merge_sharded
 
     expert = jax.jit(lambda t: jax.tree.map(lambda x: x * 1.5 + 0.01, t))(params)  # keeps the shardings
     w = np.array([0.7])

@@ -107,6 +107,30 @@ def test_optimiser_states_follow_their_params_and_unknown_leaves_are_refused():
     assert sharding.batch_sharding(mesh, 2, "paths").spec == P(None, None)  # one device: nothing split
 
 
+def test_merge_sharded_lives_in_merging_and_sharding_reexports_it():
+    """merge_sharded's home is hm3jax.merging.sharded (hm3jax.sharding and hm3jax.merging re-export the
+    same function), and sharding names leaves with merging.leaves.path_names (defined once)."""
+    import inspect
+
+    from hm3jax import merging
+    from hm3jax.merging import leaves
+    from hm3jax.merging.sharded import merge_sharded
+
+    assert sharding.merge_sharded is merge_sharded is merging.merge_sharded
+    assert sharding.path_names is leaves.path_names
+    assert "def merge_sharded" not in inspect.getsource(sharding)
+    # on the one default device: the merge itself, its outputs placed by the shardings given
+    mesh = sharding.make_mesh()
+    base = {"layers": {"mlp": {"up_proj": {"weight": jnp.ones((2, 8, 4))}}}}
+    expert = {"layers": {"mlp": {"up_proj": {"weight": jnp.full((2, 8, 4), 3.0)}}}}
+    shardings = sharding.param_shardings(base, mesh)
+    got = sharding.merge_sharded("task_arithmetic", base, [expert], jnp.array([0.5]), shardings=shardings)
+    want = merging.task_arithmetic(base, [expert], jnp.array([0.5]))
+    leaf = got["layers"]["mlp"]["up_proj"]["weight"]
+    assert jnp.array_equal(leaf, want["layers"]["mlp"]["up_proj"]["weight"])
+    assert leaf.sharding == shardings["layers"]["mlp"]["up_proj"]["weight"]
+
+
 def _run(check: str, *args: str) -> str:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, CHECKS, check, *args], capture_output=True, text=True, env=env, timeout=600)

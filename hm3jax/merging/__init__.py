@@ -36,6 +36,7 @@ from hm3jax.merging.base import REQUIRED, MergeMethod, Param, tensor_key
 from hm3jax.merging.card import hub_id, model_card, write_model_card
 from hm3jax.merging.methods import METHODS, UnknownMethodError, get_method, register
 from hm3jax.merging.recipe import IgnoredKeyWarning, Recipe, RecipeError, load_recipe
+from hm3jax.merging.sharded import merge_sharded
 from hm3jax.merging.sparsify import (
     della_drop,
     della_probs,
@@ -83,6 +84,7 @@ __all__ = [
     "magnitude",
     "magnitude_outliers",
     "merge_recipe",
+    "merge_sharded",
     "model_card",
     "model_stock",
     "multislerp",
