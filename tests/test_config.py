@@ -323,3 +323,20 @@ def test_help_gives_every_key_a_description_and_its_default(monkeypatch):
         if not doc or doc.startswith("(default") or f" {doc} (default: {default})" not in entry:
             missing.append(key)
     assert not missing, f"keys without a description or default in --help: {missing}"
+
+
+def test_config_package_reexports_its_modules_names_without_jax():
+    """hm3jax.config is a package of one-job modules (schema, parsing, files, validation); the names
+    other modules import stay importable from hm3jax.config itself, which loads no JAX."""
+    import subprocess
+    import sys
+
+    import hm3jax.config as config
+    from hm3jax.config import parsing, schema, validation
+
+    assert all(hasattr(config, name) for name in config.__all__)
+    assert config.validate is validation.validate and config.RunConfig is schema.RunConfig
+    assert config.parse_run_config is parsing.parse_run_config and callable(config.validate)
+    code = "import sys, hm3jax.config; print('jax' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
