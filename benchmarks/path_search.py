@@ -70,7 +70,7 @@ def load(zoo_dir):
 
 def setup(cfg, models, batch, prefs, lower_cfg, key):
     experts = [models[t] for t in TASK_NAMES]
-    score = jax.jit(make_scorer(cfg, batch, len(experts), lower_cfg.objective))
+    score = jax.jit(make_scorer(cfg, batch, len(experts), lower_cfg.objective or "exact_match"))  # None: exact_match, as in the search
     expert_scores = np.stack([np.asarray(score(e)) for e in experts])
     ideal = expert_scores.max(0)
     up = run_upper_many(UpperConfig(), models["base"], experts, prefs, ideal, score, key)
@@ -153,7 +153,7 @@ def search_setup(cfg, models, batch, heldout, prefs, lower_cfg, key):
     """(SearchData on the search split, SearchData on the held-out split, problems, layout, upper
     result) for `prefs`, the upper level picking its method per preference ("auto")."""
     experts = [models[t] for t in TASK_NAMES]
-    score = jax.jit(make_scorer(cfg, batch, len(experts), lower_cfg.objective))
+    score = jax.jit(make_scorer(cfg, batch, len(experts), lower_cfg.objective or "exact_match"))  # None: exact_match, as in the search
     ideal = np.stack([np.asarray(score(e)) for e in experts]).max(0)
     up = run_upper_many(UpperConfig(method="auto"), models["base"], experts, prefs, ideal, score, key)
     merged = [jax.tree.map(lambda x, i=i: x[i], up.params) for i in range(len(prefs))]
