@@ -339,9 +339,7 @@ def run_lower(trainer: Searcher, layout: PathLayout, problems: PathProblem, data
     resumers = [h for h in hooks if hasattr(h, "restore")]
     start = 0
     if resumers:
-        fresh = state
         start, state, history = resumers[0].restore(state, history)
-        state = jax.tree.map(_placed_like, state, fresh)
     if mesh is not None:
         state, problems, data = place_search(mesh, state, problems, data)
     end = num_chunks if stop_after is None else min(stop_after, num_chunks)
@@ -389,8 +387,7 @@ def restore_lower_state(trainer: Trainer, problems: PathProblem, data, key: jax.
         step = mngr.latest_step()
         if step is None:
             raise FileNotFoundError(f"{checkpoint_dir}: no saved chunk of the search")
-        # uncommitted, as trainer.init's state is: the programs that take it reuse a fresh run's compilations
-        return jax.tree.map(_uncommitted, _restore_chunk(mngr, int(step), state, history)[0])
+        return _restore_chunk(mngr, int(step), state, history)[0]
     finally:
         mngr.close()
 
@@ -420,25 +417,23 @@ def _chunk_manager(checkpoint_dir: str | os.PathLike):
 
 def _restore_chunk(mngr, step: int, state, history):
     """(state, history) of chunk checkpoint `step`, in the structure of `state` and `history`
-    (arrays or ShapeDtypeStructs); the history as writable numpy arrays."""
+    (arrays or ShapeDtypeStructs); the history as writable numpy arrays, the state placed as
+    trainer.init's is (_placed_like)."""
     ocp = _orbax()
     target = {"state": state, "history": history}
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
     restored = jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(restored))
-    return restored["state"], jax.tree.map(np.array, restored["history"])
+    return jax.tree.map(_placed_like, restored["state"], state), jax.tree.map(np.array, restored["history"])
 
 
-def _placed_like(restored: jax.Array, fresh: jax.Array) -> jax.Array:
-    """`restored` as uncommitted as `fresh`: orbax returns arrays committed to their device, which jit
-    lowers with explicit shardings, a different program from a fresh run's, so every resumed search
-    would compile its chunk again (tens of seconds) instead of reusing the compilation cache."""
-    if fresh.committed or not restored.committed:
+def _placed_like(restored: jax.Array, target) -> jax.Array:
+    """`restored` uncommitted unless `target` (a fresh state's array, or a ShapeDtypeStruct) is
+    committed: orbax returns arrays committed to their device, which jit lowers with explicit
+    shardings, a different program from a fresh run's, so every resumed search would compile its
+    chunk again (tens of seconds) instead of reusing the compilation cache."""
+    if getattr(target, "committed", False) or not restored.committed:
         return restored
-    return _uncommitted(restored)
-
-
-def _uncommitted(restored: jax.Array) -> jax.Array:
     if jnp.issubdtype(restored.dtype, jax.dtypes.prng_key):
         return jax.random.wrap_key_data(jnp.asarray(np.asarray(jax.random.key_data(restored))),
                                         impl=jax.random.key_impl(restored))
