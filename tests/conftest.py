@@ -3,8 +3,9 @@
 The reduced model zoo (hm3jax.zoo.SMALL, seed 0) takes about 50 s to train on CPU, so it
 is built once per test run and shared by every test file that needs it: under pytest-xdist the
 workers share one build (the first to get the lock builds it, the others reuse it from its
-zoo.json). Compiled XLA programs are cached on disk for the whole run, in-process and in the
-subprocesses tests start, so a program compiled by one test or worker is not compiled again.
+zoo.json). Compiled XLA programs are cached on disk (in .pytest_cache, across runs and tiers),
+in-process and in the subprocesses tests start, so a program compiled by one test or worker is not
+compiled again.
 """
 
 import os
@@ -23,14 +24,22 @@ def _run_dir(tmp_path_factory):
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
+# The on-disk cache of compiled XLA programs lives in the checkout's .pytest_cache, so the slow tier
+# reuses what the fast tier compiled and a second run of the suite reuses both. Entries are keyed by
+# the program, the compile options and the jax/XLA versions, so a stale entry is never used; the
+# least recently used are dropped past CACHE_BYTES.
+CACHE_BYTES = 512 << 20
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    cache = _run_dir(tmp_path_factory) / "jax-compilation-cache"
-    cache.mkdir(exist_ok=True)
+def _compilation_cache(request):
+    cache = request.config.cache.mkdir("jax-compilation-cache")
     jax.config.update("jax_compilation_cache_dir", str(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_compilation_cache_max_size", CACHE_BYTES)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache)  # inherited by subprocesses
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(CACHE_BYTES)
     yield
 
 
