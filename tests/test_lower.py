@@ -462,6 +462,16 @@ def test_checkpoint_hook_given_as_a_hook_resumes_and_only_one_may(tmp_path, monk
                   hooks=[lower.checkpoint_hook(tmp_path)])
 
 
+def test_restore_lower_state_reads_the_latest_chunk_and_refuses_an_empty_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no saved chunk of the search"):
+        restore_lower_state(toy_searcher(), problems(2), None, jax.random.key(0), 3, tmp_path)
+    res = run_lower(toy_searcher(), LAYOUT, problems(2), None, jax.random.key(0), 3, checkpoint_dir=tmp_path,
+                    stop_after=2)
+    saved = restore_lower_state(toy_searcher(), problems(2), None, jax.random.key(0), 3, tmp_path)
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(res.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_progress_hook_counts_the_chunks_restored_ones_included(tmp_path):
     from hm3jax.search.lower import progress_hook
 
