@@ -32,7 +32,7 @@ def commit_points(monkeypatch, kill_at: int | None = None, on_commit=None):
 
     from hm3jax import report, train
     from hm3jax.run import store
-    from hm3jax.search import lower
+    from hm3jax.search import hooks
 
     seen: list[str] = []
 
@@ -63,7 +63,7 @@ def commit_points(monkeypatch, kill_at: int | None = None, on_commit=None):
     wrap(ocp.StandardCheckpointer, "save", lambda self, path, *a: f"stage {os.path.basename(path)} arrays",
          after=stage_arrays)
     wrap(store.StageStore, "save", lambda self, name, tree: f"stage {name} digest")
-    wrap(lower, "_save_chunk",
+    wrap(hooks, "_save_chunk",
          lambda mngr, step, tree: f"chunk {os.path.basename(os.fspath(mngr.directory))} {step}")
     wrap(report, "write_json_atomic", lambda path, *a, **k: os.path.basename(path))
     wrap(report, "_write_via_temp", lambda path, *a, **k: os.path.basename(path))

@@ -444,12 +444,12 @@ def test_a_failing_hook_stops_the_run_after_the_checkpoint_and_resuming_continue
 
 
 def test_checkpoint_hook_given_as_a_hook_resumes_and_only_one_may(tmp_path, monkeypatch):
-    from hm3jax.search import lower
+    from hm3jax.search import hooks, lower
 
     saved = []
-    orig = lower._save_chunk
-    # every chunk checkpoint goes through _save_chunk (tests/killpoints.py wraps it)
-    monkeypatch.setattr(lower, "_save_chunk", lambda mngr, step, tree: (saved.append(step), orig(mngr, step, tree)))
+    orig = hooks._save_chunk
+    # every chunk checkpoint goes through hooks._save_chunk (tests/killpoints.py wraps it)
+    monkeypatch.setattr(hooks, "_save_chunk", lambda mngr, step, tree: (saved.append(step), orig(mngr, step, tree)))
     run_lower(toy_searcher(), LAYOUT, problems(2), None, jax.random.key(0), 3,
               hooks=[lower.checkpoint_hook(tmp_path)], stop_after=2)
     assert saved == [1, 2]
@@ -460,6 +460,16 @@ def test_checkpoint_hook_given_as_a_hook_resumes_and_only_one_may(tmp_path, monk
     with pytest.raises(ValueError, match="more than one hook restores a checkpoint"):
         run_lower(toy_searcher(), LAYOUT, problems(2), None, jax.random.key(0), 3, checkpoint_dir=tmp_path,
                   hooks=[lower.checkpoint_hook(tmp_path)])
+
+
+def test_restore_lower_state_reads_the_latest_chunk_and_refuses_an_empty_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no saved chunk of the search"):
+        restore_lower_state(toy_searcher(), problems(2), None, jax.random.key(0), 3, tmp_path)
+    res = run_lower(toy_searcher(), LAYOUT, problems(2), None, jax.random.key(0), 3, checkpoint_dir=tmp_path,
+                    stop_after=2)
+    saved = restore_lower_state(toy_searcher(), problems(2), None, jax.random.key(0), 3, tmp_path)
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(res.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_progress_hook_counts_the_chunks_restored_ones_included(tmp_path):
@@ -476,9 +486,12 @@ def test_progress_hook_counts_the_chunks_restored_ones_included(tmp_path):
 
 def test_search_base_is_the_one_home_of_the_protocol():
     from hm3jax import settings
-    from hm3jax.search import base, lower, path_baselines, ppo
+    from hm3jax.search import base, hooks, lower, path_baselines, ppo
 
     # the old import paths name the same objects
+    for name in ("ChunkInfo", "ChunkCheckpointer", "Hook", "ProgressBar", "checkpoint_hook", "log_hook",
+                 "progress_hook"):
+        assert getattr(lower, name) is getattr(hooks, name)
     assert ppo.ChunkMetrics is base.ChunkMetrics and ppo.Trainer is base.Trainer
     assert lower.ChunkMetrics is base.ChunkMetrics and path_baselines.Trainer is base.Trainer
     assert ppo.raw_key is base.raw_key and ppo.wrap_key is base.wrap_key

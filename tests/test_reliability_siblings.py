@@ -128,7 +128,7 @@ def test_a_full_disk_at_a_chunk_checkpoint_keeps_the_previous_one(tmp_path, monk
     import orbax.checkpoint as ocp
 
     from hm3jax.io.atomic import CheckpointWriteError
-    from hm3jax.search.lower import _save_chunk
+    from hm3jax.search.hooks import _save_chunk
 
     ckpt = tmp_path / "checkpoints" / "lower"
     opts = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)

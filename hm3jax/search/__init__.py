@@ -3,7 +3,8 @@
 Lower level: `base` (the Searcher protocol every path search implements: init, chunk, best;
 ChunkMetrics), `env` (the path MDP), `agent` (GRU actor-critic, categorical / Wolpertinger heads),
 `ppo` (make_train, vmapped over preferences, bound from pure functions), `lower` (pool, model scorer,
-run_lower and its hooks), `path_baselines` (random and evolutionary path search at equal budgets).
+run_lower), `hooks` (run_lower's checkpoint / log / progress hooks, ChunkInfo), `path_baselines`
+(random and evolutionary path search at equal budgets).
 """
 
 from hm3jax.search.agent import AgentConfig
