@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from path_search import PREFS3, load, search_setup
+from path_search import PREFS3, env_config, load, lower_config, search_setup
 
 from hm3jax.models import forward_path
 from hm3jax.models.pool import LayerPool
@@ -44,8 +44,6 @@ from hm3jax.moo import tchebycheff
 from hm3jax.objectives import make_suite_batch
 from hm3jax.objectives.scoring import exact_match, token_logprobs
 from hm3jax.search import env as en
-from hm3jax.search.env import EnvConfig
-from hm3jax.search.lower import LowerConfig
 
 SCORES = ("exact", "prob", "loglik")
 
@@ -129,8 +127,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     cfg, models, tok, suite = load(args.zoo_dir)
     batch, heldout = make_suite_batch(suite, "search", tok), make_suite_batch(suite, "heldout", tok)
-    env = EnvConfig(actions="edit", reward="tchebycheff", search_minibatch=48, length_penalty=0.0)
-    data, held, _, layout, _ = search_setup(cfg, models, batch, heldout, PREFS3, LowerConfig(env=env),
+    env = env_config(actions="edit", reward="tchebycheff", search_minibatch=48, length_penalty=0.0)
+    data, held, _, layout, _ = search_setup(cfg, models, batch, heldout, PREFS3, lower_config(env=env),
                                                     jax.random.key(args.seed))
     K = layout.num_experts
     rng = np.random.default_rng(args.seed)

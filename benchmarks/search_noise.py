@@ -19,12 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from path_search import PREFS3, load, search_setup
+from path_search import PREFS3, env_config, load, lower_config, search_setup
 
 from hm3jax.objectives import TASK_NAMES, make_suite_batch
 from hm3jax.search import env as en
-from hm3jax.search.env import EnvConfig
-from hm3jax.search.lower import LowerConfig, make_model_scorer
+from hm3jax.search.lower import make_model_scorer
 
 
 def main(argv=None) -> int:
@@ -35,8 +34,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cfg, models, tok, suite = load(args.zoo_dir)
     batch, heldout = make_suite_batch(suite, "search", tok), make_suite_batch(suite, "heldout", tok)
-    env = EnvConfig(actions="edit", reward="tchebycheff", search_minibatch=args.rows, length_penalty=0.0)
-    lc = LowerConfig(env=env)
+    env = env_config(actions="edit", reward="tchebycheff", search_minibatch=args.rows, length_penalty=0.0)
+    lc = lower_config(env=env)
     data, _, problems, layout, _up = search_setup(cfg, models, batch, heldout, PREFS3, lc, jax.random.key(0))
     scorer = make_model_scorer(cfg, len(TASK_NAMES), lc)
     K, L = layout.num_experts, layout.num_layers

@@ -55,9 +55,8 @@ def suggest_key(message: str, config_class: type) -> str:
 
 def tidy_help(parser, defaults) -> None:
     """--help without draccus's per-section "Config file for X" options (each listed twice), with
-    each option's default read from `defaults` (a whole config, e.g. RunConfig(): a run's defaults,
-    not those of the bare sections); the verbosity flags of hm3jax.train, which it takes before the
-    config, in the epilog."""
+    each option's default read from `defaults` (a whole config, e.g. RunConfig(): a run's defaults);
+    the verbosity flags of hm3jax.train, which it takes before the config, in the epilog."""
     groups = [parser._actions] + [g._group_actions for g in parser._action_groups]  # draccus keeps
     for actions in groups:  # an overridden option in its group, for the help: both are hidden
         for action in actions:

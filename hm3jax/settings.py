@@ -53,7 +53,7 @@ def require(ok: bool, field: str, allowed: str, value) -> None:
 class UpperConfig:
     """Parameter-level merge settings (all fields are config keys under `upper.`)."""
 
-    method: str = "dare_ties"
+    method: str = "auto"
     """One of task_arithmetic, ties, dare_ties, or "auto": per preference, the one whose merge scores
     the lowest Tchebycheff value on the search split (so the parameter level never starts behind the
     best of them)."""
@@ -93,7 +93,7 @@ class UpperConfig:
 class EnvConfig:
     """The path MDP (config keys under `lower.env.`)."""
 
-    actions: str = "free"
+    actions: str = "edit"
     """"free" (any pool layer or STOP at each step, the paper's) or "edit" (per position of the
     merged model: keep its layer, take an expert's layer there, skip, repeat the last one)."""
     t_max: int | None = None
@@ -101,14 +101,14 @@ class EnvConfig:
     actions only (an edit path has one step per position)."""
     stop: bool = True
     """Offer a STOP action (the paper has none: its paths always run T_max steps); free actions."""
-    reward: str = "weighted_sum"
+    reward: str = "tchebycheff"
     """"weighted_sum" (the paper's Σ_k λ_k f_k) or "tchebycheff" (-max_k λ_k |f_k - z*_k|)."""
     reward_timing: str = "spread"
     """"spread" (the paper: R / T on each of the T steps) or "end" (R on the last step)."""
     length_penalty: float = 0.002
     """β1, subtracted per layer in the path (R = scalarised score - β1·T). The default 0.002 lets a
     layer stay only if it gains a fifth of a point of weighted exact match."""
-    search_minibatch: int = 96
+    search_minibatch: int = 48
     """Rows of the search split that score every candidate path, split evenly over the tasks: one
     fixed stratified draw for the whole search, so a path's score never changes and a path sampled
     again is read from the search's cache (search.cache) instead of scored."""
@@ -119,7 +119,7 @@ class EnvConfig:
     stand-in for exact match on which every row tells how near a path is, where exact match on a
     few rows mostly ties). Its Tchebycheff ideal point is the best expert's on the search split.
     The search's answer is still chosen by lower.objective on the whole search split."""
-    rescore_top: int = 2
+    rescore_top: int = 8
     """Per preference, how many of the best paths found (by their search-row reward) are re-scored on
     the whole search split at the end of a search, with the upper level's own answer (the identity
     path); the best of them there is the search's answer."""
@@ -158,7 +158,7 @@ class AgentConfig:
     """Hidden width of the actor, critic and Q heads (one hidden layer each), an integer >= 1."""
     condition: bool = True
     """Feed λ to the encoder and the heads (required for a shared agent)."""
-    identity_prob: float = 0.5
+    identity_prob: float = 0.8
     """Initial per-step probability of the identity action (categorical head), in [0, 1)."""
     knn: int = 4
     """M', candidates the Wolpertinger head looks up around its proto-action, an integer >= 1."""
@@ -183,25 +183,25 @@ class AgentConfig:
 class PPOConfig:
     """PPO settings (config keys under `lower.ppo.`)."""
 
-    mode: str = "per_preference"
+    mode: str = "conditioned"
     """"per_preference" (N vmapped agents) or "conditioned" (one λ-conditioned agent)."""
-    num_envs: int = 32
+    num_envs: int = 64
     """Paths sampled (rolled out) per preference per iteration; a path sampled before is read from the
     search's cache (search.cache) and costs nothing, so many rollouts are cheap. An integer >= 1, a
     multiple of minibatches."""
-    new_paths: int | None = None
+    new_paths: int | None = 16
     """Most DISTINCT new paths scored per preference per iteration (the unit of the search budget:
     iterations x new_paths distinct paths at most); None = num_envs, else an integer in [1, num_envs]."""
-    iterations: int = 64
+    iterations: int = 24
     """PPO iterations in all, an integer >= 1 and a multiple of chunk_iterations."""
     chunk_iterations: int = 8
     """Iterations per jitted chunk (one log line / checkpoint / progress tick), an integer >= 1."""
     epochs: int = 4
     """PPO passes over each rollout batch, an integer >= 1."""
-    minibatches: int = 4
+    minibatches: int = 2
     """Minibatches per PPO pass (the minibatches split the episodes; num_envs must be a multiple of
     minibatches)."""
-    baseline: str = "critic"
+    baseline: str = "pomo"
     """"critic" (GAE on the value network, the paper's) or "pomo" (each path's advantage is its reward
     minus the mean reward of the preference's rollouts in the iteration, POMO's shared baseline; the
     value network is still trained and logged)."""
@@ -215,24 +215,24 @@ class PPOConfig:
     """c1, the weight of the value and Q losses, >= 0."""
     ent_coef: float = 0.01
     """c2, the weight of the entropy bonus, >= 0."""
-    sil_coef: float = 0.0
+    sil_coef: float = 0.5
     """Weight of self-imitation: the negative log-likelihood of the `sil_elites` best paths found so
     far for each preference (categorical head), >= 0; 0 turns it off."""
     sil_elites: int = 4
     """How many of the best cached paths are imitated (and, with `explore`, varied), an integer >= 1."""
-    explore: int = 0
+    explore: int = 64
     """Neighbours of the best paths found (one of the `sil_elites` best with one or more steps re-drawn
     at random) drawn per preference per iteration: a local search around the policy's best answers
     (as EAS / COMPASS search around a trained policy at test time). They are scored with the budget
     the agent's own samples leave (a converged policy re-samples paths it has scored) and with the
     `local_share` reserved for them, enter the cache and the imitated elites, and never the PPO loss
     (they are off-policy). An integer >= 0; 0 off."""
-    local_share: float = 0.0
+    local_share: float = 0.5
     """Fraction of each iteration's new paths offered to the neighbours first (the rest go to the
     agent's samples first), in [0, 1]; needs explore > 0."""
-    lr: float = 1e-3
+    lr: float = 3e-3
     """Adam learning rate of the encoder and actor."""
-    critic_lr: float = 1e-3
+    critic_lr: float = 3e-3
     """Adam learning rate of the value and Q heads, > 0."""
     max_grad_norm: float = 0.5
     """Global gradient-norm clip of each update, > 0."""
@@ -342,9 +342,10 @@ class LowerConfig:
                  "an integer >= 1", self.score_chunk)
 
 
-# The default run's search (RunConfig's `lower` when a config has no `lower:` section at all; a
-# section given starts from LowerConfig's own field defaults, draccus's rule, as configs/smoke.yaml's
-# does), sized so `python -m hm3jax.train` finishes in minutes on a 2-core CPU:
+# One set of defaults: the field defaults of EnvConfig, AgentConfig and PPOConfig are the default
+# run's search, so LowerConfig() is RunConfig's `lower` when a config has no `lower:` section, and a
+# section given (which draccus fills from the same field defaults) changes only the keys it names.
+# Sized so `python -m hm3jax.train` finishes in minutes on a 2-core CPU:
 # edit actions around the upper level's merge; one λ-conditioned agent for every preference; 64
 # rollouts per preference per iteration of which at most 16 new distinct paths are scored (half of
 # them offered to neighbours of the best paths first), 24 iterations: 384 distinct paths per
@@ -352,15 +353,15 @@ class LowerConfig:
 # minimises and the report compares); POMO baseline and self-imitation of the best. The answer is
 # the best of the 8 best paths (by search-row reward) re-scored on the whole search split: 48 rows
 # rank the edits that pay too noisily to trust their first pick, while their top 8 hold most of the
-# gain (benchmarks/README.md, sixth round).
-DEFAULT_LOWER = LowerConfig(
-    env=EnvConfig(actions="edit", reward="tchebycheff", search_minibatch=48, rescore_top=8),
-    agent=AgentConfig(identity_prob=0.8),
-    ppo=PPOConfig(mode="conditioned", num_envs=64, new_paths=16, iterations=24, chunk_iterations=8,
-                  minibatches=2, baseline="pomo", sil_coef=0.5, explore=64, local_share=0.5, lr=3e-3,
-                  critic_lr=3e-3))
-# The default upper level picks TA / TIES / DARE-TIES per preference on the search split.
-DEFAULT_UPPER = UpperConfig(method="auto")
+# gain (benchmarks/README.md, sixth round). The paper's search (free actions, weighted-sum reward,
+# one agent per preference, critic baseline) is written out in the paper-scale configs/*.yaml.
+# A section that sets lower.ppo.num_envs below 16 sets new_paths too (at most num_envs), and one
+# that sets lower.env.t_max sets actions: free (an edit path has one step per position).
+# DEFAULT_LOWER and DEFAULT_UPPER name these defaults for the code that imports them.
+DEFAULT_LOWER = LowerConfig()
+# The default upper level (UpperConfig()) picks TA / TIES / DARE-TIES per preference on the search
+# split ("auto").
+DEFAULT_UPPER = UpperConfig()
 
 
 # ------------------------------------------------------------------------------------ mesh.

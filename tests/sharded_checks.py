@@ -128,10 +128,9 @@ def check_scoring() -> None:
 def check_search() -> None:
     """One PPO chunk of the lower level (per-preference agents, model scorer) with the state and
     problems split over data=4 and the pool over fsdp=2 equals the single-device chunk."""
-    from hm3jax.search.agent import AgentConfig
-    from hm3jax.search.env import EnvConfig
-    from hm3jax.search.lower import LowerConfig, build_search, make_lower_train, make_model_scorer
-    from hm3jax.search.ppo import PPOConfig
+    from old_lower_defaults import old_agent, old_env, old_lower, old_ppo
+
+    from hm3jax.search.lower import build_search, make_lower_train, make_model_scorer
     from hm3jax.search.sharded import place_search
 
     pool, _, batch = _pool_and_batch()
@@ -140,9 +139,9 @@ def check_search() -> None:
               for i in range(3)]
     models.append(jax.tree.map(lambda x: x * 1.01, models[0]))  # 2 experts + 2 merged (one per preference)
     batch = batch._replace(task_id=batch.task_id % k)
-    lc = LowerConfig(env=EnvConfig(search_minibatch=4), agent=AgentConfig(embed_dim=8, hidden_dim=16, mlp_dim=16),
-                     ppo=PPOConfig(num_envs=4, minibatches=1, iterations=1, chunk_iterations=1),
-                     objective="loglik", score_chunk=4)
+    lc = old_lower(env=old_env(search_minibatch=4), agent=old_agent(embed_dim=8, hidden_dim=16, mlp_dim=16),
+                   ppo=old_ppo(num_envs=4, minibatches=1, iterations=1, chunk_iterations=1),
+                   objective="loglik", score_chunk=4)
     prefs = np.asarray([[0.8, 0.2], [0.3, 0.7]], np.float32)
     data, problems, layout = build_search(CFG, models[:k], models[k:], batch, prefs, np.zeros(k), lc)
     trainer = make_lower_train(lc, layout, make_model_scorer(CFG, k, lc))

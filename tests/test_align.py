@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from old_lower_defaults import old_lower
 
 from hm3jax.models import forward_path, init_params
 from hm3jax.models.align import init_align_params
@@ -13,7 +14,7 @@ from hm3jax.models.config import ModelConfig
 from hm3jax.models.pool import build_pool, shell_of
 from hm3jax.objectives.batch import Batch
 from hm3jax.search.align import AlignConfig, coral_gap, fit_alignment, pool_alignment
-from hm3jax.search.lower import LowerConfig, build_search, make_model_scorer
+from hm3jax.search.lower import build_search, make_model_scorer
 
 CFG = ModelConfig(model_type="llama", vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
                   num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True)
@@ -89,7 +90,7 @@ def test_fit_shrinks_the_gap_and_the_scorer_runs_paths_with_the_maps(pool_models
     assert float(coral_gap(handed_over(fit.alignment), target)) < float(coral_gap(handed_over(None), target))
 
     # The lower level's scorer runs every path with the maps: its scores equal forward_path's.
-    lc = LowerConfig(align=cfg)
+    lc = old_lower(align=cfg)
     data, _, _ = build_search(CFG, experts, merged, batch, np.full((1, K), 0.5), np.ones(K), lc, base)
     data = data._replace(align=fit.alignment)
     paths = jnp.asarray([[0, L + 1, 2 * L + 2], [2 * L, 2 * L + 1, 2 * L + 2]])

@@ -11,12 +11,16 @@ import pytest
 
 from hm3jax.config import (
     CONFIG_FILE,
+    DEFAULT_LOWER,
+    DEFAULT_UPPER,
     CheckpointSource,
+    LowerConfig,
     ModelsConfig,
     RunConfig,
     RunConfigError,
     TaskFiles,
     TasksConfig,
+    UpperConfig,
     ZooSource,
     load_run_config,
     parse_run_config,
@@ -220,6 +224,25 @@ def test_default_yaml_is_the_dataclass_defaults():
     # `python -m hm3jax.train` without arguments runs RunConfig(): keep configs/default.yaml equal
     assert validate(parse_run_config(["--config_path", os.path.join(CONFIGS, "default.yaml")])) == \
         validate(RunConfig())
+
+
+def test_a_lower_or_upper_section_changes_only_the_keys_it_gives(tmp_path):
+    """One set of defaults: the sections' field defaults are the default run's (LowerConfig() ==
+    DEFAULT_LOWER, UpperConfig() == DEFAULT_UPPER), so a config whose `lower:` section sets one key
+    (draccus fills a section given from its class's field defaults) keeps every other setting of the
+    default run: edit actions, the conditioned agent, POMO, rescore_top 8, ..."""
+    assert LowerConfig() == DEFAULT_LOWER == RunConfig().lower
+    assert UpperConfig() == DEFAULT_UPPER == RunConfig().upper
+    got = parse_run_config(["--config_path", _yaml(tmp_path, "lower:\n  ppo:\n    iterations: 48\n")]).lower
+    assert got == dataclasses.replace(DEFAULT_LOWER, ppo=dataclasses.replace(DEFAULT_LOWER.ppo, iterations=48))
+    # a key of another subsection, of the upper level, and a command-line override without a file
+    both = _yaml(tmp_path, "upper:\n  density: 0.5\nlower:\n  env:\n    rescore_top: 4\n")
+    cfg = parse_run_config(["--config_path", both, "--lower.agent.identity_prob", "0.6"])
+    assert cfg.upper == dataclasses.replace(DEFAULT_UPPER, density=0.5)
+    assert cfg.lower == dataclasses.replace(DEFAULT_LOWER, env=dataclasses.replace(DEFAULT_LOWER.env, rescore_top=4),
+                                            agent=dataclasses.replace(DEFAULT_LOWER.agent, identity_prob=0.6))
+    cfg = parse_run_config(["--lower.ppo.iterations", "48", "--upper.density", "0.5"])
+    assert cfg.lower == got and cfg.upper == dataclasses.replace(DEFAULT_UPPER, density=0.5)
 
 
 def test_unusable_zoo_dir_is_an_error_before_the_run_dir_exists(tmp_path, capsys, monkeypatch):

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from old_lower_defaults import old_agent, old_env, old_ppo
 
 from hm3jax.search.agent import AgentConfig
 from hm3jax.search.env import EnvConfig, PathLayout, PathProblem, Scorer
@@ -21,14 +22,14 @@ from hm3jax.search.ppo import PPOConfig, make_train
 from hm3jax.settings import UpperConfig
 
 K, L = 2, 3
-ENV = EnvConfig(stop=False, length_penalty=0.0)
+ENV = old_env(stop=False, length_penalty=0.0)
 LAYOUT = PathLayout.make(ENV, K, L)
 # local actions: expert 0 = 0..2, expert 1 = 3..5, merged = 6..8 (the identity path, favoured at start)
 TARGETS = jnp.asarray([[0, 1, 2], [5, 4, 3]])
 PREFS = jnp.asarray([[0.8, 0.2], [0.2, 0.8], [0.7, 0.3], [0.3, 0.7]])
 OPTIMUM = np.asarray([[0, 1, 2], [5, 4, 3], [0, 1, 2], [5, 4, 3]])
 BEST_REWARD = np.asarray([0.8, 0.8, 0.7, 0.7])
-PPO = PPOConfig(num_envs=32, iterations=40, chunk_iterations=8, lr=3e-3, critic_lr=3e-3)
+PPO = old_ppo(num_envs=32, iterations=40, chunk_iterations=8, lr=3e-3, critic_lr=3e-3)
 CHUNKS = PPO.num_chunks
 
 
@@ -50,8 +51,8 @@ _TRAINERS = {}
 
 def trainer(head, mode):
     if (head, mode) not in _TRAINERS:
-        agent = AgentConfig(head=head, proto_std=0.4, knn=8, epsilon=0.2, hidden_dim=32, mlp_dim=32,
-                            embed_dim=16)
+        agent = old_agent(head=head, proto_std=0.4, knn=8, epsilon=0.2, hidden_dim=32, mlp_dim=32,
+                          embed_dim=16)
         ppo = PPOConfig(**{**PPO.__dict__, "mode": mode})
         _TRAINERS[head, mode] = make_train(ENV, agent, ppo, LAYOUT, SCORER)
     return _TRAINERS[head, mode]
@@ -69,7 +70,7 @@ def test_identity_path_is_likely_at_the_start():
     identity_prob ** L, and every other path far less."""
     from hm3jax.search import agent as ag
 
-    cfg = AgentConfig(hidden_dim=32, mlp_dim=32, embed_dim=16)
+    cfg = old_agent(hidden_dim=32, mlp_dim=32, embed_dim=16)
     params = ag.init_agent(cfg, LAYOUT, 4, K, jax.random.key(1))
     p = jax.tree.map(lambda x: x[0], problems(1))
     path_prob = jax.jit(lambda a: jnp.exp(ag.evaluate(cfg, LAYOUT, params, p, a, jnp.zeros((L, 1)))[0].sum()))
@@ -174,14 +175,14 @@ def test_path_baselines_on_the_synthetic_reward(method):
 
 
 def test_canonical_paths_end_at_stop():
-    layout = PathLayout.make(EnvConfig(t_max=4, stop=True), 2, 2)
+    layout = PathLayout.make(old_env(t_max=4, stop=True), 2, 2)
     genes = jnp.asarray([[0, 6, 1, 2], [6, 6, 6, 6], [1, 2, 3, 4]])
     assert canonical(layout, genes).tolist() == [[0, 6, -1, -1], [6, -1, -1, -1], [1, 2, 3, 4]]
 
 
 @pytest.mark.parametrize("make,field,match", [
     (lambda: EnvConfig(reward="sum"), "lower.env.reward", "one of weighted_sum, tchebycheff"),
-    (lambda: EnvConfig(t_max=0), "lower.env.t_max", "None or an integer >= 1"),
+    (lambda: EnvConfig(actions="free", t_max=0), "lower.env.t_max", "None or an integer >= 1"),
     (lambda: EnvConfig(length_penalty=-1.0), "lower.env.length_penalty", ">= 0"),
     (lambda: EnvConfig(search_minibatch=0), "lower.env.search_minibatch", "an integer >= 1"),
     (lambda: AgentConfig(head="dqn"), "lower.agent.head", "one of categorical, wolpertinger"),
@@ -217,7 +218,7 @@ def test_config_errors_name_the_field(make, field, match):
 
 def test_conditioned_mode_needs_a_conditioned_agent():
     with pytest.raises(ValueError, match="lower.agent.condition must be True"):
-        make_train(ENV, AgentConfig(condition=False), PPOConfig(mode="conditioned"), LAYOUT, SCORER)
+        make_train(ENV, old_agent(condition=False), old_ppo(mode="conditioned"), LAYOUT, SCORER)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def test_conditioned_mode_needs_a_conditioned_agent():
 # K = 3 experts of L = 6 layers; objective k's target is the merge's identity path with expert k's
 # layer at two positions, so the optimum of a preference leaning to k is a small edit of the merge.
 EK, EL = 3, 6
-EDIT_ENV = EnvConfig(actions="edit", length_penalty=0.0)
+EDIT_ENV = old_env(actions="edit", length_penalty=0.0)
 EDIT = PathLayout.make(EDIT_ENV, EK, EL)
 _MERGED = EK * EL + np.arange(EL)
 _SWAPS = {0: (1, 4), 1: (0, 3), 2: (2, 5)}
@@ -239,8 +240,8 @@ def _edit_match(data, paths, block, key=None):
 
 
 EDIT_SCORER = Scorer(lambda d, p, b, k: _edit_match(d, p, b), lambda d, p, b: _edit_match(d, p, b))
-EDIT_PPO = PPOConfig(num_envs=64, new_paths=16, iterations=16, chunk_iterations=8, minibatches=2,
-                     baseline="pomo", sil_coef=0.5, explore=64, lr=3e-3, critic_lr=3e-3)
+EDIT_PPO = old_ppo(num_envs=64, new_paths=16, iterations=16, chunk_iterations=8, minibatches=2,
+                   baseline="pomo", sil_coef=0.5, explore=64, lr=3e-3, critic_lr=3e-3)
 
 
 def edit_problems(prefs=EDIT_PREFS):
@@ -254,7 +255,7 @@ _EDIT_TRAINERS = {}
 
 def edit_trainer(mode):
     if mode not in _EDIT_TRAINERS:
-        agent = AgentConfig(hidden_dim=32, mlp_dim=32, embed_dim=16, identity_prob=0.7)
+        agent = old_agent(hidden_dim=32, mlp_dim=32, embed_dim=16, identity_prob=0.7)
         _EDIT_TRAINERS[mode] = make_train(EDIT_ENV, agent, PPOConfig(**{**EDIT_PPO.__dict__, "mode": mode}),
                                           EDIT, EDIT_SCORER)
     return _EDIT_TRAINERS[mode]
@@ -501,10 +502,10 @@ def test_search_base_is_the_one_home_of_the_protocol():
 
 def test_make_train_refuses_the_wolpertinger_head_with_edit_actions():
     with pytest.raises(ValueError, match="lower.agent.head must be 'categorical' with lower.env.actions 'edit'"):
-        make_train(EDIT_ENV, AgentConfig(head="wolpertinger"), PPOConfig(), EDIT, EDIT_SCORER)
+        make_train(EDIT_ENV, old_agent(head="wolpertinger"), old_ppo(), EDIT, EDIT_SCORER)
 
 
-TINY_AGENT = AgentConfig(hidden_dim=16, mlp_dim=16, embed_dim=8, identity_prob=0.7)
+TINY_AGENT = old_agent(hidden_dim=16, mlp_dim=16, embed_dim=8, identity_prob=0.7)
 
 
 def test_ppo_loss_alone_at_the_behaviour_policy():
@@ -514,7 +515,7 @@ def test_ppo_loss_alone_at_the_behaviour_policy():
     from hm3jax.search import ppo as pp
     from hm3jax.search.agent import init_agent
 
-    cfg = PPOConfig(num_envs=8, ent_coef=0.01)
+    cfg = old_ppo(num_envs=8, ent_coef=0.01)
     probs = edit_problems()
     params = init_agent(TINY_AGENT, EDIT, probs.summary.shape[-1], EK, jax.random.key(1))
     traj = jax.jit(pp.rollout, static_argnums=(0, 1, 2))(TINY_AGENT, EDIT, 8, params, probs, jax.random.key(2))
@@ -538,8 +539,8 @@ def test_trainer_chunk_is_the_module_level_pieces_composed(mode):
     from hm3jax.search import cache as pc
     from hm3jax.search import ppo as pp
 
-    cfg = PPOConfig(mode=mode, num_envs=8, new_paths=4, iterations=1, chunk_iterations=1, minibatches=2,
-                    baseline="pomo", sil_coef=0.5, explore=8, local_share=0.5)
+    cfg = old_ppo(mode=mode, num_envs=8, new_paths=4, iterations=1, chunk_iterations=1, minibatches=2,
+                  baseline="pomo", sil_coef=0.5, explore=8, local_share=0.5)
     tr = make_train(EDIT_ENV, TINY_AGENT, cfg, EDIT, EDIT_SCORER)
     probs = edit_problems()
     state0 = tr.init(jax.random.key(0), probs)

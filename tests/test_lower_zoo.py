@@ -8,31 +8,28 @@ import pytest
 
 from hm3jax.models import LayerPool, forward_path
 from hm3jax.objectives import TASK_NAMES, make_path_scorer, make_suite_batch
-from hm3jax.search.agent import AgentConfig
-from hm3jax.search.env import EnvConfig
 from hm3jax.search.lower import (
-    LowerConfig,
     build_search,
     make_lower_train,
     make_model_scorer,
     minibatch_rows,
     run_lower,
 )
-from hm3jax.search.ppo import PPOConfig
 from hm3jax.search.upper import merge_for_preference
 
 try:
     from hm3jax.zoo import BASE, SMALL
 except ImportError:  # before the zoo package existed
     from hm3jax.zoo import BASE, SMALL
+from old_lower_defaults import old_agent, old_env, old_lower, old_ppo
 
 PREFS = np.asarray([[0.6, 0.2, 0.2], [0.2, 0.2, 0.6]], np.float32)
 # loglik: the small zoo's merges have ~0 exact match, a flat reward; the answer log-likelihood is not
-CFG = LowerConfig(env=EnvConfig(search_minibatch=48),
-                  agent=AgentConfig(embed_dim=16, hidden_dim=32, mlp_dim=32),
-                  ppo=PPOConfig(num_envs=16, minibatches=2, iterations=24, chunk_iterations=4, lr=3e-3,
-                                critic_lr=3e-3),
-                  objective="loglik")
+CFG = old_lower(env=old_env(search_minibatch=48),
+                agent=old_agent(embed_dim=16, hidden_dim=32, mlp_dim=32),
+                ppo=old_ppo(num_envs=16, minibatches=2, iterations=24, chunk_iterations=4, lr=3e-3,
+                            critic_lr=3e-3),
+                objective="loglik")
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +77,12 @@ def test_conditioned_agent_answers_an_unseen_preference_with_a_fresh_forward_sco
     experts = [models[t] for t in TASK_NAMES]
     prefs = np.concatenate([PREFS, np.asarray([[0.3, 0.5, 0.2]], np.float32)])
     merged = [merge_for_preference("task_arithmetic", models[BASE], experts, p, jax.random.key(0)) for p in prefs]
-    lc = LowerConfig(env=EnvConfig(actions="edit", search_minibatch=48),
-                     agent=AgentConfig(embed_dim=16, hidden_dim=32, mlp_dim=32, identity_prob=0.8),
-                     ppo=PPOConfig(mode="conditioned", num_envs=16, new_paths=8, minibatches=2, iterations=8,
-                                   chunk_iterations=4, baseline="pomo", sil_coef=0.5, explore=16,
-                                   local_share=0.5, lr=3e-3, critic_lr=3e-3),
-                     objective="loglik")
+    lc = old_lower(env=old_env(actions="edit", search_minibatch=48),
+                   agent=old_agent(embed_dim=16, hidden_dim=32, mlp_dim=32, identity_prob=0.8),
+                   ppo=old_ppo(mode="conditioned", num_envs=16, new_paths=8, minibatches=2, iterations=8,
+                               chunk_iterations=4, baseline="pomo", sil_coef=0.5, explore=16,
+                               local_share=0.5, lr=3e-3, critic_lr=3e-3),
+                   objective="loglik")
     data, problems, layout = build_search(cfg, experts, merged, batch, prefs, np.zeros(3), lc, base=models[BASE])
     scorer = make_model_scorer(cfg, len(TASK_NAMES), lc)
     trainer = make_lower_train(lc, layout, scorer)
@@ -119,12 +116,12 @@ def test_search_rows_scored_by_answer_probability_and_the_answer_by_exact_match(
     batch = make_suite_batch(SMALL.suite(), "search", tokenizer)
     experts = [models[t] for t in TASK_NAMES]
     merged = [merge_for_preference("task_arithmetic", models[BASE], experts, p, jax.random.key(0)) for p in PREFS]
-    lc = LowerConfig(env=EnvConfig(actions="edit", search_minibatch=48, search_score="answer_prob",
-                                   reward="tchebycheff", length_penalty=0.0),
-                     agent=AgentConfig(embed_dim=16, hidden_dim=32, mlp_dim=32, identity_prob=0.8),
-                     ppo=PPOConfig(mode="conditioned", num_envs=16, new_paths=8, minibatches=2, iterations=8,
-                                   chunk_iterations=4, baseline="pomo", sil_coef=0.5, explore=16,
-                                   local_share=0.5, lr=3e-3, critic_lr=3e-3))
+    lc = old_lower(env=old_env(actions="edit", search_minibatch=48, search_score="answer_prob",
+                               reward="tchebycheff", length_penalty=0.0),
+                   agent=old_agent(embed_dim=16, hidden_dim=32, mlp_dim=32, identity_prob=0.8),
+                   ppo=old_ppo(mode="conditioned", num_envs=16, new_paths=8, minibatches=2, iterations=8,
+                               chunk_iterations=4, baseline="pomo", sil_coef=0.5, explore=16,
+                               local_share=0.5, lr=3e-3, critic_lr=3e-3))
     ideal = np.ones(3, np.float32)
     data, problems, layout = build_search(cfg, experts, merged, batch, PREFS, ideal, lc, base=models[BASE])
     prob = jax.jit(make_params_scorer(cfg, batch, 3, "answer_prob", 128))

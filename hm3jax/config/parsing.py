@@ -31,7 +31,7 @@ def _draccus_message(e: BaseException) -> str:
 def run_config_parser(config_path: str | os.PathLike | None = None,
                       prog: str = "python -m hm3jax.train") -> draccus.argparsing.ArgumentParser:
     """draccus's parser of RunConfig (reading `config_path` when the arguments give no --config_path),
-    its help tidied by confighelp.tidy_help with a run's defaults (DEFAULT_UPPER, DEFAULT_LOWER)."""
+    its help tidied by confighelp.tidy_help with a run's defaults (RunConfig())."""
     parser = draccus.argparsing.ArgumentParser(config_class=RunConfig, config_path=config_path, exit_on_error=False,
                                                prog=prog)
     tidy_help(parser.parser, RunConfig())

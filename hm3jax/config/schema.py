@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from hm3jax.settings import DEFAULT_LOWER, DEFAULT_UPPER, LowerConfig, MeshConfig, UpperConfig
+from hm3jax.settings import LowerConfig, MeshConfig, UpperConfig
 
 CONFIG_FILE = "config.yaml"
 ZOO_CONFIGS = ("default", "small")
@@ -150,9 +150,9 @@ class RunConfig:
     """The tasks (one per expert)."""
     preferences: PreferencesConfig = dataclasses.field(default_factory=PreferencesConfig)
     """The preference vectors."""
-    upper: UpperConfig = dataclasses.field(default_factory=lambda: DEFAULT_UPPER)
+    upper: UpperConfig = dataclasses.field(default_factory=UpperConfig)
     """Upper level: parameter-space merge per preference (hm3jax.search.upper.UpperConfig)."""
-    lower: LowerConfig = dataclasses.field(default_factory=lambda: DEFAULT_LOWER)
+    lower: LowerConfig = dataclasses.field(default_factory=LowerConfig)
     """Lower level: the layer-path search (hm3jax.search.lower.LowerConfig: env, agent, ppo); the
     random and evolutionary path searches of the report run at the same budget of scored paths."""
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
