@@ -39,19 +39,16 @@ import numpy as np
 from hm3jax.moo import dirichlet, tchebycheff
 from hm3jax.objectives import TASK_NAMES, make_suite_batch, pad_rows
 from hm3jax.search import env as en
-from hm3jax.search.agent import AgentConfig
 from hm3jax.search.align import fit_alignment
 from hm3jax.search.baselines import make_scorer
-from hm3jax.search.env import EnvConfig
 from hm3jax.search.lower import (
-    LowerConfig,
     build_search,
     make_lower_train,
     make_model_scorer,
 )
 from hm3jax.search.path_baselines import PathSearchConfig, make_path_search
-from hm3jax.search.ppo import PPOConfig
 from hm3jax.search.upper import UpperConfig, run_upper_many
+from hm3jax.settings import old_agent, old_env, old_lower, old_ppo
 
 PREFS3 = np.asarray([[0.6, 0.2, 0.2], [0.2, 0.6, 0.2], [0.2, 0.2, 0.6]], np.float32)
 
@@ -59,28 +56,7 @@ PREFS3 = np.asarray([[0.6, 0.2, 0.2], [0.2, 0.6, 0.2], [0.2, 0.2, 0.6]], np.floa
 # before the fields became the default run's search (LowerConfig() == DEFAULT_LOWER): pinned where a
 # benchmark sets no value, so its settings stay as they were. search_fidelity.py and
 # search_noise.py build their configs here too.
-OLD_ENV = dict(actions="free", reward="weighted_sum", search_minibatch=96, rescore_top=2)
-OLD_AGENT = dict(identity_prob=0.5)
-OLD_PPO = dict(mode="per_preference", num_envs=32, new_paths=None, iterations=64, minibatches=4,
-               baseline="critic", sil_coef=0.0, explore=0, local_share=0.0, lr=1e-3, critic_lr=1e-3)
-
-
-def env_config(**kw) -> EnvConfig:
-    return EnvConfig(**{**OLD_ENV, **kw})
-
-
-def agent_config(**kw) -> AgentConfig:
-    return AgentConfig(**{**OLD_AGENT, **kw})
-
-
-def ppo_config(**kw) -> PPOConfig:
-    return PPOConfig(**{**OLD_PPO, **kw})
-
-
-def lower_config(env: EnvConfig | None = None, agent: AgentConfig | None = None, ppo: PPOConfig | None = None,
-                 **kw) -> LowerConfig:
-    return LowerConfig(env=env_config() if env is None else env, agent=agent_config() if agent is None else agent,
-                       ppo=ppo_config() if ppo is None else ppo, **kw)
+env_config, agent_config, ppo_config, lower_config = old_env, old_agent, old_ppo, old_lower
 
 
 def load(zoo_dir):

@@ -359,6 +359,36 @@ class LowerConfig:
 # that sets lower.env.t_max sets actions: free (an edit path has one step per position).
 # DEFAULT_LOWER and DEFAULT_UPPER name these defaults for the code that imports them.
 DEFAULT_LOWER = LowerConfig()
+# The lower-level field defaults from before they became the default run's (above): the settings
+# the synthetic tests were tuned on and the earlier benchmark JSONs were written with. Each builder
+# is its config class with the old value of every field whose default moved, under the keywords
+# given; a section left None gets its old defaults.
+OLD_LOWER_FIELDS = {
+    "env": dict(actions="free", reward="weighted_sum", search_minibatch=96, rescore_top=2),
+    "agent": dict(identity_prob=0.5),
+    "ppo": dict(mode="per_preference", num_envs=32, new_paths=None, iterations=64, minibatches=4,
+                baseline="critic", sil_coef=0.0, explore=0, local_share=0.0, lr=1e-3, critic_lr=1e-3),
+}
+
+
+def old_env(**kw) -> EnvConfig:
+    return EnvConfig(**{**OLD_LOWER_FIELDS["env"], **kw})
+
+
+def old_agent(**kw) -> AgentConfig:
+    return AgentConfig(**{**OLD_LOWER_FIELDS["agent"], **kw})
+
+
+def old_ppo(**kw) -> PPOConfig:
+    return PPOConfig(**{**OLD_LOWER_FIELDS["ppo"], **kw})
+
+
+def old_lower(env: EnvConfig | None = None, agent: AgentConfig | None = None, ppo: PPOConfig | None = None,
+              **kw) -> LowerConfig:
+    return LowerConfig(env=old_env() if env is None else env, agent=old_agent() if agent is None else agent,
+                       ppo=old_ppo() if ppo is None else ppo, **kw)
+
+
 # The default upper level (UpperConfig()) picks TA / TIES / DARE-TIES per preference on the search
 # split ("auto").
 DEFAULT_UPPER = UpperConfig()
