@@ -209,9 +209,10 @@ def full_tcheby(scorer, layout, data, problems, cands, env):
     full = jax.jit(scorer.full)
     t, s, pick = [], [], []
     for i in range(cands.shape[0]):
-        g = en.to_global(layout, jnp.asarray(cands[i]), i)
-        sc = np.asarray(full(data, g, jnp.asarray(i, jnp.int32)))
         p = jax.tree.map(lambda x, i=i: x[i], problems)
+        # the merged block of row i's preference (not i: regime (b) asks preferences n_train.. of the pool)
+        g = en.to_global(layout, jnp.asarray(cands[i]), p.block)
+        sc = np.asarray(full(data, g, jnp.asarray(p.block, jnp.int32)))
         rew = np.asarray(en.terminal_reward(env, jnp.asarray(sc), p, en.path_length(layout, jnp.asarray(cands[i]))))
         j = int(np.argmax(rew))
         pick.append(j)
