@@ -203,6 +203,21 @@ def best_at(state, budgets, layout, n_rescore=2):
     return out
 
 
+def race_at(state, budgets, layout, n_rescore, every):
+    """Per budget b: the candidates of a racing answer [N, n_rescore * (boundaries) + 1, T]: after
+    every `every` distinct paths (and at b), the n_rescore best so far by search-row reward are re-scored on the
+    whole split and the best re-scored path is kept, so the answer never gets worse with the budget.
+    It is the union of best_at's candidates at every boundary up to b (duplicates are harmless: the
+    answer is the argmax)."""
+    out = {}
+    for b in budgets:
+        ends = sorted({*range(every, b + 1, every), b})  # the boundaries, and the budget itself
+        parts = [best_at(state, [c], layout, n_rescore)[c][:, :-1] for c in ends]
+        ident = best_at(state, [b], layout, 1)[b][:, -1:]
+        out[b] = np.concatenate([*parts, ident], axis=1)
+    return out
+
+
 def full_tcheby(scorer, layout, data, problems, cands, env):
     """(Tchebycheff [N] on the whole split of each preference's best candidate by full-split reward,
     chosen candidate index [N]) for candidates [N, n, T]; also returns the scores [N, K]."""
@@ -248,6 +263,15 @@ def per_preference(cfg, models, batch, heldout, args, seed):
                 th, _, _ = full_tcheby(scorer, layout, held, problems, chosen[:, None], env)
                 key = str(b) if top == args.rescore_top else f"{b}/top{top}"
                 row[key] = {"search": ts.tolist(), "heldout": th.tolist(), "paths": chosen.tolist()}
+        if args.race_every:  # the same searches, answered by the racing rule (re-score every race_every paths)
+            for b, cands in race_at(state, budgets, layout, args.rescore_top, args.race_every).items():
+                ts, _, pick = full_tcheby(scorer, layout, data, problems, cands, env)
+                chosen = np.stack([cands[i, j] for i, j in enumerate(pick)])
+                th, _, _ = full_tcheby(scorer, layout, held, problems, chosen[:, None], env)
+                row[f"{b}/race"] = {"search": ts.tolist(), "heldout": th.tolist(), "paths": chosen.tolist()}
+            print(f"  seed {seed} {name} (race every {args.race_every}, top {args.rescore_top}): " + "; ".join(
+                f"{b}: {np.round(row[f'{b}/race']['search'], 4).tolist()} (held-out "
+                f"{np.round(row[f'{b}/race']['heldout'], 4).tolist()})" for b in budgets), flush=True)
         res[name] = row
         for top in tops:
             suffix = "" if top == args.rescore_top else f"/top{top}"
@@ -317,14 +341,15 @@ def amortised(cfg, models, batch, heldout, args, seed):
     return out
 
 
-def summarise(runs, key, budgets):
-    """Mean and spread (min, max) over seeds of each method's mean Tchebycheff value at each budget."""
+def summarise(runs, key, budgets, suffix=""):
+    """Mean and spread (min, max) over seeds of each method's mean Tchebycheff value at each budget
+    (`suffix`: "/race" or "/topN" for the other answers of the same searches)."""
     lines = []
     names = [k for k in runs[0][key] if isinstance(runs[0][key][k], dict) and "seconds" in runs[0][key][k]]
     for name in names:
         cells = []
         for b in budgets:
-            vals = np.asarray([r[key][name][str(b)]["search"] for r in runs])  # [seeds, prefs]
+            vals = np.asarray([r[key][name][str(b) + suffix]["search"] for r in runs])  # [seeds, prefs]
             per_pref = vals.mean(0)
             cells.append(f"{vals.mean():.4f} [{vals.mean(1).min():.4f}, {vals.mean(1).max():.4f}] ("
                          + "/".join(f"{x:.3f}" for x in per_pref) + ")")
@@ -354,6 +379,8 @@ def main(argv=None) -> int:
                     help="best paths (by search-row reward) re-scored on the whole search split for the answer")
     ap.add_argument("--also-rescore-top", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
                     help="regime (a): also answer the same searches with these re-scoring counts, e.g. 8")
+    ap.add_argument("--race-every", type=int, default=0,
+                    help="regime (a): also answer with the racing rule, re-scoring the --rescore-top best every N paths")
     ap.add_argument("--search-score", choices=("objective", "answer_prob"), default="objective",
                     help="lower.env.search_score: what scores a path on the search rows")
     ap.add_argument("--envs", type=int, default=16)
@@ -385,6 +412,9 @@ def main(argv=None) -> int:
         print("| method | " + " | ".join(f"{b} paths" for b in budgets) + " |")
         print("|---|" + "---|" * len(budgets))
         print("\n".join(summarise(out["runs"], "a", budgets)))
+        for suffix in [f"/top{t}" for t in args.also_rescore_top] + (["/race"] if args.race_every else []):
+            print(f"answered by {suffix[1:]}:")
+            print("\n".join(summarise(out["runs"], "a", budgets, suffix)))
     if "b" in args.regimes:
         for k in out["runs"][0]["b"]:
             if isinstance(out["runs"][0]["b"][k], dict):
