@@ -123,6 +123,12 @@ class EnvConfig:
     """Per preference, how many of the best paths found (by their search-row reward) are re-scored on
     the whole search split at the end of a search, with the upper level's own answer (the identity
     path); the best of them there is the search's answer."""
+    rescore_each_chunk: bool = False
+    """Re-score the rescore_top best paths found so far on the whole search split after every chunk
+    too, not only at the end, and keep the best seen there (a racing answer): the answer can then
+    only get better with more iterations, where the end-only rule can lose a good early path to
+    later ones that look better on the few search rows. Costs rescore_top whole-split scorings per
+    preference per chunk; the search itself is unchanged."""
 
     def __post_init__(self):
         require(self.actions in ACTIONS, "lower.env.actions", f"one of {', '.join(ACTIONS)}", self.actions)
@@ -130,6 +136,8 @@ class EnvConfig:
                  "None with lower.env.actions edit (one step per layer of the merged model)", self.t_max)
         require(self.t_max is None or (isinstance(self.t_max, int) and self.t_max >= 1),
                  "lower.env.t_max", "None or an integer >= 1", self.t_max)
+        require(isinstance(self.rescore_each_chunk, bool), "lower.env.rescore_each_chunk", "true or false",
+                 self.rescore_each_chunk)
         require(self.reward in REWARDS, "lower.env.reward", f"one of {', '.join(REWARDS)}", self.reward)
         require(self.reward_timing in REWARD_TIMINGS, "lower.env.reward_timing",
                  f"one of {', '.join(REWARD_TIMINGS)}", self.reward_timing)

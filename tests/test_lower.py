@@ -174,6 +174,45 @@ def test_path_baselines_on_the_synthetic_reward(method):
     assert np.all(np.diff(scored, axis=0) >= 0)
 
 
+def _misleading_rows(data, paths, block, key=None):
+    # the search rows: the true score plus a fixed error per path of up to +-0.3, so the paths that
+    # look best on the rows are often not the best on the whole split (as with few real rows)
+    h = jnp.sum(jnp.maximum(paths, 0) * jnp.asarray([7, 13, 29]), -1) % 11
+    return _match(data, paths, block) + 0.06 * (h[:, None] - 5).astype(jnp.float32)
+
+
+@pytest.mark.parametrize("searcher", ["random", pytest.param("ppo", marks=pytest.mark.slow)])  # ppo: ~30 s compile
+def test_the_racing_answer_keeps_the_best_rescored_path_and_leaves_the_search_alone(searcher):
+    """lower.env.rescore_each_chunk: after every chunk the best re-scored path so far is the answer,
+    so it never gets worse with more chunks; the search (its cache) is the same as without; and it
+    keeps an early path that the end-only rule loses to later row-noise winners."""
+    scorer = Scorer(lambda d, p, b, k: _misleading_rows(d, p, b), lambda d, p, b: _match(d, p, b))
+    race_env = old_env(stop=False, length_penalty=0.0, rescore_each_chunk=True)
+    if searcher == "random":
+        cfg = PathSearchConfig(method="random", population=8, iterations=16, chunk_iterations=2)
+        end, race = (make_path_search(cfg, e, LAYOUT, scorer) for e in (ENV, race_env))
+    else:
+        cfg = old_ppo(num_envs=16, new_paths=8, iterations=16, chunk_iterations=2, minibatches=2)
+        agent = old_agent(hidden_dim=32, mlp_dim=32, embed_dim=16)
+        end, race = (make_train(e, agent, cfg, LAYOUT, scorer) for e in (ENV, race_env))
+    probs = problems()
+    s_end = s_race = end.init(jax.random.key(2), probs)
+    kept = np.full(4, -np.inf, np.float32)
+    for _ in range(cfg.num_chunks):
+        s_end, _ = end.chunk(s_end, probs, None)
+        s_race, _ = race.chunk(s_race, probs, None)
+        for a, b in zip(jax.tree.leaves(s_end.cache), jax.tree.leaves(s_race.cache)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        # the end-only rule, asked now, and the best of what it answered at every chunk so far
+        kept = np.maximum(kept, np.asarray(end.best(end.finish(s_end, probs, None)).reward))
+        np.testing.assert_array_equal(np.asarray(race.best(s_race).reward), kept)
+    final_end = np.asarray(end.best(end.finish(s_end, probs, None)).reward)
+    np.testing.assert_array_equal(np.asarray(race.best(race.finish(s_race, probs, None)).reward), kept)  # idempotent
+    assert np.all(kept >= final_end), (kept, final_end)
+    if searcher == "random":  # with this key the end-only rule loses an early path (found by trying keys)
+        assert np.any(kept > final_end), (kept, final_end)
+
+
 def test_canonical_paths_end_at_stop():
     layout = PathLayout.make(old_env(t_max=4, stop=True), 2, 2)
     genes = jnp.asarray([[0, 6, 1, 2], [6, 6, 6, 6], [1, 2, 3, 4]])
@@ -185,6 +224,7 @@ def test_canonical_paths_end_at_stop():
     (lambda: EnvConfig(actions="free", t_max=0), "lower.env.t_max", "None or an integer >= 1"),
     (lambda: EnvConfig(length_penalty=-1.0), "lower.env.length_penalty", ">= 0"),
     (lambda: EnvConfig(search_minibatch=0), "lower.env.search_minibatch", "an integer >= 1"),
+    (lambda: EnvConfig(rescore_each_chunk="yes"), "lower.env.rescore_each_chunk", "true or false"),
     (lambda: AgentConfig(head="dqn"), "lower.agent.head", "one of categorical, wolpertinger"),
     (lambda: AgentConfig(epsilon=1.5), "lower.agent.epsilon", r"in \[0, 1\]"),
     (lambda: AgentConfig(identity_prob=1.0), "lower.agent.identity_prob", r"in \[0, 1\)"),

@@ -45,8 +45,13 @@ def reference(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def tokens(gguf_path):
-    tok = load_tokenizer(gguf_path)
+def tok(gguf_path):
+    """Our tokenizer of the file, parsed once for the module (~5 s each time)."""
+    return load_tokenizer(gguf_path)
+
+
+@pytest.fixture(scope="module")
+def tokens(tok):
     ids = tok(["The quick brown fox jumps over the lazy dog because it wanted to.",
                PARAGRAPH])["input_ids"]
     n = min(len(i) for i in ids)
@@ -76,10 +81,10 @@ def test_gguf_tensors_and_config_match_transformers(ours, reference):
         assert np.max(np.abs(got - sd[name].numpy())) <= 1e-6, name
 
 
-def test_gguf_tokenizer(gguf_path, tmp_path):
+def test_gguf_tokenizer(gguf_path, tok, tmp_path):
     ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf_path), gguf_file=GGUF_NAME)
     ids = ref("Hello world")["input_ids"]
-    assert load_tokenizer(gguf_path)("Hello world")["input_ids"] == ids
+    assert tok("Hello world")["input_ids"] == ids
     cfg = tiny_cfg()
     save_pretrained(tmp_path / "m", cfg, random_params(cfg), tokenizer_from=gguf_path)
     assert load_tokenizer(tmp_path / "m")("Hello world")["input_ids"] == ids
@@ -94,9 +99,9 @@ def test_smollm2_logits_match_transformers_gguf(ours, reference, tokens):
     assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.99
 
 
-def test_smollm2_perplexity_is_sensible(ours, gguf_path):
+def test_smollm2_perplexity_is_sensible(ours, tok):
     cfg, params = ours
-    ids = load_tokenizer(gguf_path)(PARAGRAPH)["input_ids"]
+    ids = tok(PARAGRAPH)["input_ids"]
     ppl = perplexity(cfg, params, ids)
     # a 135M instruct model on plain English news prose: far below uniform (49152), well above 1
     assert 3.0 < ppl < 100.0
@@ -104,7 +109,7 @@ def test_smollm2_perplexity_is_sensible(ours, gguf_path):
     assert perplexity(cfg, params, shuffled) > 5 * ppl
 
 
-def test_smollm2_save_then_transformers_reproduces_logits(ours, gguf_path, tokens, tmp_path):
+def test_smollm2_save_then_transformers_reproduces_logits(ours, gguf_path, tok, tokens, tmp_path):
     cfg, params = ours
     out = tmp_path / "smollm2"
     save_pretrained(out, cfg, params, tokenizer_from=gguf_path, max_shard_size="100MB")
@@ -116,17 +121,15 @@ def test_smollm2_save_then_transformers_reproduces_logits(ours, gguf_path, token
         ref = model(torch.tensor(tokens)).logits.numpy()
     got = np.asarray(forward(cfg, params, jnp.asarray(tokens)))
     assert np.abs(got - ref).max() <= 1e-3
-    tok = transformers.AutoTokenizer.from_pretrained(out)
-    assert tok(PARAGRAPH)["input_ids"] == load_tokenizer(gguf_path)(PARAGRAPH)["input_ids"]
+    assert transformers.AutoTokenizer.from_pretrained(out)(PARAGRAPH)["input_ids"] == tok(PARAGRAPH)["input_ids"]
     cfg2, params2 = load_pretrained(out)
     assert cfg2 == cfg
     np.testing.assert_array_equal(np.asarray(params2["layers"]["mlp"]["up_proj"]["weight"]),
                                   np.asarray(params["layers"]["mlp"]["up_proj"]["weight"]))
 
 
-def test_smollm2_greedy_matches_transformers(ours, reference, gguf_path):
+def test_smollm2_greedy_matches_transformers(ours, reference, tok):
     cfg, params = ours
-    tok = load_tokenizer(gguf_path)
     rows = tok(["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th"])
     tokens, mask = left_padded(rows["input_ids"])
     n = 12

@@ -177,6 +177,8 @@ def make_path_search(cfg: PathSearchConfig, env: en.EnvConfig, layout: PathLayou
 
     def chunk(state, problems, data):
         state, m = jax.vmap(one_chunk, in_axes=(0, 0, None))(state, problems, data)
+        if env.rescore_each_chunk:  # the racing answer, as in ppo.make_train
+            state = finish(state, problems, data)
         return state, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), m)
 
     def train(key, problems, data):

@@ -16,7 +16,8 @@ the cache; advantages from GAE on the critic (a reverse scan) or POMO's shared m
 `epochs` x `minibatches` clipped-PPO updates as scans, with optional self-imitation of the best paths
 found. At the end of the search (`finish`) the cache's best paths and the upper level's own answer
 (the identity path) are re-scored on the whole search split and the best per preference is kept
-(BestPaths, search-split scores).
+(BestPaths, search-split scores); with lower.env.rescore_each_chunk this happens after every chunk
+too, and the best kept across them is the answer (a racing answer).
 
 Two modes (PPOConfig.mode):
 - "per_preference": the paper's N independent agents, one per λ; the single-agent program is
@@ -371,16 +372,20 @@ def make_train(env: en.EnvConfig, agent: ag.AgentConfig, ppo: PPOConfig, layout:
             return jax.vmap(init_one)(keys, expand(problems))
         return init_one(wrap_key(key), problems)
 
-    def chunk(state, problems, data):
-        if per_pref:
-            state, m = jax.vmap(chunk_one, in_axes=(0, 0, None))(state, expand(problems), data)
-            return state, jax.tree.map(lambda x: jnp.swapaxes(x[:, :, 0], 0, 1), m)
-        return chunk_one(state, problems, data)
-
     def finish(state, problems, data):
         if per_pref:
             return jax.vmap(finish_one, in_axes=(0, 0, None))(state, expand(problems), data)
         return finish_one(state, problems, data)
+
+    def chunk(state, problems, data):
+        if per_pref:
+            state, m = jax.vmap(chunk_one, in_axes=(0, 0, None))(state, expand(problems), data)
+            m = jax.tree.map(lambda x: jnp.swapaxes(x[:, :, 0], 0, 1), m)
+        else:
+            state, m = chunk_one(state, problems, data)
+        if env.rescore_each_chunk:  # the racing answer: finish is idempotent and keeps the best so far
+            state = finish(state, problems, data)
+        return state, m
 
     def train(key, problems, data):
         state = init(key, problems)
