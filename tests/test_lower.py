@@ -182,10 +182,10 @@ def _misleading_rows(data, paths, block, key=None):
 
 
 @pytest.mark.parametrize("searcher", ["random", pytest.param("ppo", marks=pytest.mark.slow)])  # ppo: ~30 s compile
-def test_the_racing_answer_keeps_the_best_rescored_path_and_leaves_the_search_alone(searcher):
+def test_the_racing_answer_keeps_the_best_rescored_path_and_leaves_the_search_alone(searcher, tmp_path):
     """lower.env.rescore_each_chunk: after every chunk the best re-scored path so far is the answer,
     so it never gets worse with more chunks; the search (its cache) is the same as without; and it
-    keeps an early path that the end-only rule loses to later row-noise winners."""
+    keeps an early path that the end-only rule loses to later row-noise winners; resumed == unbroken."""
     scorer = Scorer(lambda d, p, b, k: _misleading_rows(d, p, b), lambda d, p, b: _match(d, p, b))
     race_env = old_env(stop=False, length_penalty=0.0, rescore_each_chunk=True)
     if searcher == "random":
@@ -211,6 +211,12 @@ def test_the_racing_answer_keeps_the_best_rescored_path_and_leaves_the_search_al
     assert np.all(kept >= final_end), (kept, final_end)
     if searcher == "random":  # with this key the end-only rule loses an early path (found by trying keys)
         assert np.any(kept > final_end), (kept, final_end)
+    # the racing answer lives in the checkpointed state: a resumed run answers as the unbroken one
+    run = lambda **kw: run_lower(race, LAYOUT, probs, None, jax.random.key(2), cfg.num_chunks, **kw)
+    run(checkpoint_dir=tmp_path, stop_after=cfg.num_chunks // 2 + 1)
+    resumed = run(checkpoint_dir=tmp_path)
+    np.testing.assert_array_equal(resumed.best.reward, kept)
+    np.testing.assert_array_equal(resumed.best.path, np.asarray(race.best(s_race).path))
 
 
 def test_canonical_paths_end_at_stop():
