@@ -209,12 +209,12 @@ def race_at(state, budgets, layout, n_rescore, every):
     whole split and the best re-scored path is kept, so the answer never gets worse with the budget.
     It is the union of best_at's candidates at every boundary up to b (duplicates are harmless: the
     answer is the argmax)."""
+    at = best_at(state, sorted({*range(every, max(budgets) + 1, every), *budgets}), layout, n_rescore)
     out = {}
     for b in budgets:
-        ends = sorted({*range(every, b + 1, every), b})  # the boundaries, and the budget itself
-        parts = [best_at(state, [c], layout, n_rescore)[c][:, :-1] for c in ends]
-        ident = best_at(state, [b], layout, 1)[b][:, -1:]
-        out[b] = np.concatenate([*parts, ident], axis=1)
+        ends = [c for c in at if c <= b and (c % every == 0 or c == b)]  # the boundaries, and b itself
+        # each boundary's n_rescore best without its identity column, then the identity path once
+        out[b] = np.concatenate([*(at[c][:, :-1] for c in ends), at[b][:, -1:]], axis=1)
     return out
 
 
