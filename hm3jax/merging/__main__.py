@@ -24,8 +24,9 @@ import warnings
 from hm3jax.io import interrupt
 from hm3jax.io.atomic import OutputExistsError, StaleTempWarning
 from hm3jax.log import setup_logging
+from hm3jax.merging.finite import NonFiniteWarning
 from hm3jax.merging.recipe import IgnoredKeyWarning
-from hm3jax.merging.stream import NonFiniteWarning, RandomMasksNotice, merge_recipe
+from hm3jax.merging.stream import RandomMasksNotice, merge_recipe
 
 # mergekit-yaml's options (mergekit 0.1.5, mergekit/options.py) that have no effect here, and why.
 # Booleans come as --x / --no-x, as in mergekit; the rest take a value.

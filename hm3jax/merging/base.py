@@ -16,7 +16,7 @@ flattens, leaf by leaf. Two hooks say what a leaf is, with the HF layout of mode
 default: `is_stacked` (the leaves under "layers" stack L tensors on axis 0 and are merged per layer, so
 a TIES trim keeps the top-k of each layer's tensor, as a per-tensor merge tool does) and `tensor_name`
 (the name whose CRC seeds a random method's per-tensor key). Every tensor's merge runs through one
-module-level jitted function, `merge_leaf`, shared with the out-of-core merge (merging/stream.py).
+module-level jitted function, `merge_leaf`, shared with the out-of-core merge (merging/pipeline.py).
 """
 
 from __future__ import annotations
