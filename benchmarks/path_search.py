@@ -236,6 +236,27 @@ def full_tcheby(scorer, layout, data, problems, cands, env):
     return np.asarray(t), np.asarray(s), pick
 
 
+def answer(scorer, layout, data, held, problems, cands, env, with_paths=False):
+    """A search's answer among candidates [N, n, T]: each preference's best candidate by reward on the
+    whole search split (`data`), re-scored on the held-out split (`held`), as {"search": Tchebycheff
+    [N] on the search split, "heldout": the same paths' on the held-out split[, "paths": those local
+    paths [N, T]]}."""
+    ts, _, pick = full_tcheby(scorer, layout, data, problems, cands, env)
+    chosen = np.stack([cands[i, j] for i, j in enumerate(pick)])
+    th, _, _ = full_tcheby(scorer, layout, held, problems, chosen[:, None], env)
+    out = {"search": ts.tolist(), "heldout": th.tolist()}
+    if with_paths:
+        out["paths"] = chosen.tolist()
+    return out
+
+
+def answers_line(row, budgets, suffix=""):
+    """"b: [search per preference] (held-out [...])" for each budget of a regime (a) row's answers
+    `str(b) + suffix`, rounded to 4 digits."""
+    return "; ".join(f"{b}: {np.round(row[str(b) + suffix]['search'], 4).tolist()} (held-out "
+                     f"{np.round(row[str(b) + suffix]['heldout'], 4).tolist()})" for b in budgets)
+
+
 def per_preference(cfg, models, batch, heldout, args, seed):
     """Regime (a): each method searches the 3 preferences with `args.budget` distinct paths each;
     the best path after 64 / 256 / 1024 paths, re-scored on the whole search split (and held out)."""
@@ -255,29 +276,19 @@ def per_preference(cfg, models, batch, heldout, args, seed):
         jax.block_until_ready(state)
         secs = time.perf_counter() - t0
         row = {"seconds": secs, "distinct": np.asarray(m.paths_scored[-1]).tolist()}
-        tops = [args.rescore_top, *args.also_rescore_top]
-        for top in tops:  # the same searches, answered with `top` paths re-scored on the whole split
+        # the same searches, answered with `top` paths re-scored on the whole split (key suffix)
+        tops = [(top, "" if top == args.rescore_top else f"/top{top}") for top in [args.rescore_top, *args.also_rescore_top]]
+        for top, suffix in tops:
             for b, cands in best_at(state, budgets, layout, top).items():
-                ts, _, pick = full_tcheby(scorer, layout, data, problems, cands, env)
-                chosen = np.stack([cands[i, j] for i, j in enumerate(pick)])
-                th, _, _ = full_tcheby(scorer, layout, held, problems, chosen[:, None], env)
-                key = str(b) if top == args.rescore_top else f"{b}/top{top}"
-                row[key] = {"search": ts.tolist(), "heldout": th.tolist(), "paths": chosen.tolist()}
+                row[str(b) + suffix] = answer(scorer, layout, data, held, problems, cands, env, with_paths=True)
         if args.race_every:  # the same searches, answered by the racing rule (re-score every race_every paths)
             for b, cands in race_at(state, budgets, layout, args.rescore_top, args.race_every).items():
-                ts, _, pick = full_tcheby(scorer, layout, data, problems, cands, env)
-                chosen = np.stack([cands[i, j] for i, j in enumerate(pick)])
-                th, _, _ = full_tcheby(scorer, layout, held, problems, chosen[:, None], env)
-                row[f"{b}/race"] = {"search": ts.tolist(), "heldout": th.tolist(), "paths": chosen.tolist()}
-            print(f"  seed {seed} {name} (race every {args.race_every}, top {args.rescore_top}): " + "; ".join(
-                f"{b}: {np.round(row[f'{b}/race']['search'], 4).tolist()} (held-out "
-                f"{np.round(row[f'{b}/race']['heldout'], 4).tolist()})" for b in budgets), flush=True)
+                row[f"{b}/race"] = answer(scorer, layout, data, held, problems, cands, env, with_paths=True)
+            print(f"  seed {seed} {name} (race every {args.race_every}, top {args.rescore_top}): "
+                  + answers_line(row, budgets, "/race"), flush=True)
         res[name] = row
-        for top in tops:
-            suffix = "" if top == args.rescore_top else f"/top{top}"
-            print(f"  seed {seed} {name} (top {top}): {secs:.0f} s; " + "; ".join(
-                f"{b}: {np.round(row[str(b) + suffix]['search'], 4).tolist()} (held-out "
-                f"{np.round(row[str(b) + suffix]['heldout'], 4).tolist()})" for b in budgets), flush=True)
+        for top, suffix in tops:
+            print(f"  seed {seed} {name} (top {top}): {secs:.0f} s; " + answers_line(row, budgets, suffix), flush=True)
     return res
 
 
@@ -312,9 +323,7 @@ def amortised(cfg, models, batch, heldout, args, seed):
     # zero-shot: the agent's most likely path for each unseen preference, no path scored to choose it
     genes = tr.greedy(state.params, test_probs)
     zero = np.asarray(en.decode(layout, genes))
-    ts, _, _ = full_tcheby(scorer, layout, data, test_probs, zero[:, None], env)
-    th, _, _ = full_tcheby(scorer, layout, held, test_probs, zero[:, None], env)
-    out["hm3 0"] = {"search": ts.tolist(), "heldout": th.tolist()}
+    out["hm3 0"] = answer(scorer, layout, data, held, test_probs, zero[:, None], env)  # its only candidate
     for extra in (16, 64):
         its = extra // per_it
         ft = make_lower_train(lower_config(env=env, agent=agent, ppo=ppo_config(
@@ -323,19 +332,13 @@ def amortised(cfg, models, batch, heldout, args, seed):
         s1, _ = ft.chunk(s1, test_probs, data)
         # the zero-shot path counts as a candidate too (it is the agent's answer before the search)
         cands = np.concatenate([best_at(s1, [extra], layout, args.rescore_top)[extra], zero[:, None]], axis=1)
-        ts, _, pick = full_tcheby(scorer, layout, data, test_probs, cands, env)
-        chosen = np.stack([cands[i, j] for i, j in enumerate(pick)])
-        th, _, _ = full_tcheby(scorer, layout, held, test_probs, chosen[:, None], env)
-        out[f"hm3 {extra}"] = {"search": ts.tolist(), "heldout": th.tolist()}
+        out[f"hm3 {extra}"] = answer(scorer, layout, data, held, test_probs, cands, env)
         sc = PathSearchConfig(method="evolution", population=per_it, candidates=4 * per_it, iterations=its,
                               chunk_iterations=its)
         ev = make_path_search(sc, env, layout, scorer)
         s2, _ = ev.chunk(ev.init(jax.random.key(500 + seed), test_probs), test_probs, data)
         cands = best_at(s2, [extra], layout, args.rescore_top)[extra]
-        ts, _, pick = full_tcheby(scorer, layout, data, test_probs, cands, env)
-        chosen = np.stack([cands[i, j] for i, j in enumerate(pick)])
-        th, _, _ = full_tcheby(scorer, layout, held, test_probs, chosen[:, None], env)
-        out[f"evolution {extra}"] = {"search": ts.tolist(), "heldout": th.tolist()}
+        out[f"evolution {extra}"] = answer(scorer, layout, data, held, test_probs, cands, env)
     print(f"  seed {seed} amortised: train {train_s:.0f} s; " + "; ".join(
         f"{k}: {np.mean(v['search']):.4f}" for k, v in out.items() if isinstance(v, dict)), flush=True)
     return out

@@ -368,9 +368,11 @@ class LowerConfig:
 # DEFAULT_LOWER and DEFAULT_UPPER name these defaults for the code that imports them.
 DEFAULT_LOWER = LowerConfig()
 # The lower-level field defaults from before they became the default run's (above): the settings
-# the synthetic tests were tuned on and the earlier benchmark JSONs were written with. Each builder
-# is its config class with the old value of every field whose default moved, under the keywords
-# given; a section left None gets its old defaults.
+# the tests were tuned on and the earlier benchmark JSONs were written with. The tests that build an
+# EnvConfig, AgentConfig, PPOConfig or LowerConfig, and the benchmarks that set no value, build them
+# with these builders, so their settings stay as they were. Each builder is its config class with the
+# old value of every field whose default moved, under the keywords given; a section left None gets
+# its old defaults.
 OLD_LOWER_FIELDS = {
     "env": dict(actions="free", reward="weighted_sum", search_minibatch=96, rescore_top=2),
     "agent": dict(identity_prob=0.5),

@@ -128,10 +128,9 @@ def check_scoring() -> None:
 def check_search() -> None:
     """One PPO chunk of the lower level (per-preference agents, model scorer) with the state and
     problems split over data=4 and the pool over fsdp=2 equals the single-device chunk."""
-    from old_lower_defaults import old_agent, old_env, old_lower, old_ppo
-
     from hm3jax.search.lower import build_search, make_lower_train, make_model_scorer
     from hm3jax.search.sharded import place_search
+    from hm3jax.settings import old_agent, old_env, old_lower, old_ppo
 
     pool, _, batch = _pool_and_batch()
     k = 2

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from old_lower_defaults import old_lower
 
 from hm3jax.models import forward_path, init_params
 from hm3jax.models.align import init_align_params
@@ -15,6 +14,7 @@ from hm3jax.models.pool import build_pool, shell_of
 from hm3jax.objectives.batch import Batch
 from hm3jax.search.align import AlignConfig, coral_gap, fit_alignment, pool_alignment
 from hm3jax.search.lower import build_search, make_model_scorer
+from hm3jax.settings import old_lower
 
 CFG = ModelConfig(model_type="llama", vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
                   num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True)

@@ -12,14 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from old_lower_defaults import old_agent, old_env, old_ppo
 
 from hm3jax.search.agent import AgentConfig
 from hm3jax.search.env import EnvConfig, PathLayout, PathProblem, Scorer
 from hm3jax.search.lower import LowerConfig, propose, restore_lower_state, run_lower
 from hm3jax.search.path_baselines import PathSearchConfig, canonical, make_path_search
 from hm3jax.search.ppo import PPOConfig, make_train
-from hm3jax.settings import UpperConfig
+from hm3jax.settings import UpperConfig, old_agent, old_env, old_ppo
 
 K, L = 2, 3
 ENV = old_env(stop=False, length_penalty=0.0)
