@@ -49,6 +49,7 @@ from hm3jax.search.lower import (
 from hm3jax.search.path_baselines import PathSearchConfig, make_path_search
 from hm3jax.search.upper import UpperConfig, run_upper_many
 from hm3jax.settings import old_agent, old_env, old_lower, old_ppo
+from hm3jax.zoo import ZooConfig, load_zoo, read_manifest
 
 PREFS3 = np.asarray([[0.6, 0.2, 0.2], [0.2, 0.6, 0.2], [0.2, 0.2, 0.6]], np.float32)
 
@@ -60,13 +61,7 @@ env_config, agent_config, ppo_config, lower_config = old_env, old_agent, old_ppo
 
 
 def load(zoo_dir):
-    try:
-        from hm3jax.zoo import ZooConfig, load_zoo, read_manifest
-        suite = ZooConfig.from_dict(read_manifest(zoo_dir)["config"]).suite()
-    except ImportError:
-        from hm3jax.objectives import tasks
-        from hm3jax.zoo import load_zoo
-        suite = tasks()
+    suite = ZooConfig.from_dict(read_manifest(zoo_dir)["config"]).suite()
     cfg, models, tok = load_zoo(zoo_dir)
     return cfg, models, tok, suite
 
@@ -390,6 +385,9 @@ def main(argv=None) -> int:
     ap.add_argument("--t-max", type=int, default=None)
     args = ap.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if "a" in args.regimes and args.budget < args.per_it * args.chunk:
+        ap.error(f"--budget {args.budget} is below one chunk's paths (--per-it {args.per_it} x --chunk "
+                 f"{args.chunk} = {args.per_it * args.chunk}): regime (a) would run no search")
     cfg, models, tok, suite = load(args.zoo_dir)
     batch = make_suite_batch(suite, "search", tok)
     heldout = make_suite_batch(suite, "heldout", tok)

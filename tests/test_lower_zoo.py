@@ -17,11 +17,7 @@ from hm3jax.search.lower import (
 )
 from hm3jax.search.upper import merge_for_preference
 from hm3jax.settings import old_agent, old_env, old_lower, old_ppo
-
-try:
-    from hm3jax.zoo import BASE, SMALL
-except ImportError:  # before the zoo package existed
-    from hm3jax.zoo import BASE, SMALL
+from hm3jax.zoo import BASE, SMALL
 
 PREFS = np.asarray([[0.6, 0.2, 0.2], [0.2, 0.2, 0.6]], np.float32)
 # loglik: the small zoo's merges have ~0 exact match, a flat reward; the answer log-likelihood is not
