@@ -2,7 +2,7 @@
 
     python benchmarks/path_search.py ZOO_DIR [--seeds 0,1,2] [--budget 1024] [--per-it 16] [--rows 48]
         [--actions edit|free] [--methods "hm3 conditioned,hm3 per-λ,evolution,random"] [--regimes a,b]
-        [--train-prefs 16] [--train-budget 256] [--tag SUFFIX] [--throughput]
+        [--train-prefs 64] [--train-budget 256] [--tag SUFFIX] [--throughput]
 
 Every method scores candidates on the same fixed search rows (`--rows`, stratified over the tasks),
 keeps every distinct path it scored in a path cache (a path drawn again costs nothing) and scores at
@@ -272,7 +272,8 @@ def per_preference(cfg, models, batch, heldout, args, seed):
         secs = time.perf_counter() - t0
         row = {"seconds": secs, "distinct": np.asarray(m.paths_scored[-1]).tolist()}
         # the same searches, answered with `top` paths re-scored on the whole split (key suffix)
-        tops = [(top, "" if top == args.rescore_top else f"/top{top}") for top in [args.rescore_top, *args.also_rescore_top]]
+        tops = [(top, "" if top == args.rescore_top else f"/top{top}")
+                for top in [args.rescore_top, *args.also_rescore_top]]
         for top, suffix in tops:
             for b, cands in best_at(state, budgets, layout, top).items():
                 row[str(b) + suffix] = answer(scorer, layout, data, held, problems, cands, env, with_paths=True)
@@ -367,7 +368,8 @@ def main(argv=None) -> int:
     ap.add_argument("--actions", choices=("free", "edit"), default="edit")
     ap.add_argument("--methods", default="hm3 conditioned,hm3 per-λ,evolution,random")
     ap.add_argument("--local-share", type=float, default=0.5, help="HM3's lower.ppo.local_share")
-    ap.add_argument("--train-prefs", type=int, default=16)
+    ap.add_argument("--train-prefs", type=int, default=64,
+                    help="regime (b): sampled preferences the conditioned agent trains on")
     ap.add_argument("--train-budget", type=int, default=256)
     ap.add_argument("--regimes", default="a,b")
     ap.add_argument("--tag", default="")
