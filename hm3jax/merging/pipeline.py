@@ -182,7 +182,8 @@ def run_plan(plan: MergePlan, readers: dict[str, CheckpointReader], out_dir: str
             arrays, load_s = fut.result()
             if failure:
                 raise failure[0]
-            timing = TensorTiming(job.name, tuple(job.shape), str(job_dtypes(plan, job)[1]), load_s, 0.0, 0.0)
+            load, out = job_dtypes(plan, job)
+            timing = TensorTiming(job.name, tuple(job.shape), str(out), load_s, 0.0, 0.0)
             if job.buffer:  # copied, not merged
                 done.put((job.name, arrays[0], timing))
                 del arrays
@@ -190,7 +191,6 @@ def run_plan(plan: MergePlan, readers: dict[str, CheckpointReader], out_dir: str
             base = arrays[job.base] if job.base is not None else None
             models = tuple(a for i, a in enumerate(arrays) if i != job.base)
             static, traced, weights = job_arguments(method, job)
-            load, out = job_dtypes(plan, job)
             rng = tensor_key(root, job.name) if root is not None else None
             started = time.perf_counter()
             in_flight = merge_leaf(base, models, weights, rng, None, traced, merge_tensor=method.merge_tensor,
